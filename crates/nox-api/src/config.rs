@@ -1,0 +1,116 @@
+//! Server configuration: one plain struct, read from flags and environment
+//! variables by clap and passed down explicitly (no global state).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::secret::Secret;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Where the server keeps its state and how it reaches PostgreSQL.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StorageConfig {
+    /// Directory for the embedded PostgreSQL cluster (`pg/`), the users'
+    /// sandboxes and the audit spool.
+    #[arg(long, env = "NOX_DATA_DIR", default_value = "./nox-data")]
+    pub data_dir: PathBuf,
+
+    /// PostgreSQL connection URL. When unset, Nox runs its own PostgreSQL
+    /// from the system binaries with its data in <NOX_DATA_DIR>/pg.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<Secret>,
+
+    /// Maximum number of pooled database connections.
+    #[arg(long, env = "NOX_DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: usize,
+}
+
+/// The Nox API server.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "nox-server", version, about, long_about = None)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "NOX_BIND_ADDR", default_value = "127.0.0.1")]
+    pub bind_addr: IpAddr,
+
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "NOX_PORT", default_value_t = 8082)]
+    pub port: u16,
+
+    #[command(flatten)]
+    pub storage: StorageConfig,
+
+    /// Number of HTTP worker threads (default: one per core).
+    #[arg(long, env = "NOX_WORKERS")]
+    pub workers: Option<usize>,
+
+    /// Log output format.
+    #[arg(long, env = "NOX_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Do not apply pending migrations at start-up (run `nox-migrate up`).
+    #[arg(long, env = "NOX_NO_MIGRATE")]
+    pub no_migrate: bool,
+
+    /// Seconds to let in-flight requests finish after SIGTERM or SIGINT.
+    #[arg(long, env = "NOX_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Config {
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_secs)
+    }
+
+    /// A configuration for tests and embedding: defaults, a free port and
+    /// the given database.
+    pub fn for_database(database_url: &str, data_dir: PathBuf) -> Config {
+        let mut config = Config::parse_from(["nox-server"]);
+        config.port = 0;
+        config.storage.data_dir = data_dir;
+        config.storage.database_url = Some(Secret::new(database_url));
+        config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let config = Config::try_parse_from(["nox-server"]).expect("defaults parse");
+        assert_eq!(config.port, 8082);
+        assert_eq!(config.bind_addr.to_string(), "127.0.0.1");
+        assert_eq!(config.storage.data_dir, PathBuf::from("./nox-data"));
+        assert_eq!(config.log_format, LogFormat::Text);
+        assert!(!config.no_migrate);
+    }
+
+    #[test]
+    fn database_url_is_redacted_in_debug_output() {
+        let config = Config::try_parse_from([
+            "nox-server",
+            "--database-url",
+            "postgres://nox:s3cret@db/nox",
+        ])
+        .expect("parses");
+        assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        assert!(Config::try_parse_from(["nox-server", "--port", "70000"]).is_err());
+        assert!(Config::try_parse_from(["nox-server", "--log-format", "xml"]).is_err());
+    }
+}

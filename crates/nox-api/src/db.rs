@@ -1,0 +1,122 @@
+//! Reaching PostgreSQL: the `DATABASE_URL` server, or the embedded cluster
+//! started from the system binaries when no URL is given.
+
+use std::str::FromStr;
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use nox_audit_store::{Migrator, PoolOptions, build_pool};
+use nox_pg_embed::Cluster;
+
+use crate::config::StorageConfig;
+use crate::schema;
+
+/// The database name Nox uses inside its embedded cluster.
+const EMBEDDED_DATABASE: &str = "nox";
+
+/// A connection target, plus the embedded cluster when Nox runs its own.
+/// Dropping it stops a cluster this process started.
+#[derive(Debug)]
+pub struct Database {
+    pub pg_config: tokio_postgres::Config,
+    cluster: Option<Cluster>,
+}
+
+impl Database {
+    /// Resolves the target; starts the embedded cluster if needed. Blocking:
+    /// call it before serving, or from `spawn_blocking`.
+    pub fn open_blocking(storage: &StorageConfig) -> anyhow::Result<Database> {
+        if let Some(url) = &storage.database_url {
+            // The parse error never echoes the URL, which may hold a password.
+            let pg_config = tokio_postgres::Config::from_str(url.expose())
+                .map_err(|_| anyhow::anyhow!("DATABASE_URL is not a valid PostgreSQL URL"))?;
+            return Ok(Database {
+                pg_config,
+                cluster: None,
+            });
+        }
+        let cluster = Cluster::start(&storage.data_dir.join("pg"))?;
+        let mut pg_config = tokio_postgres::Config::new();
+        pg_config
+            .host_path(cluster.socket_dir())
+            .port(nox_pg_embed::SOCKET_PORT)
+            .user(nox_pg_embed::SUPERUSER)
+            .dbname(EMBEDDED_DATABASE);
+        Ok(Database {
+            pg_config,
+            cluster: Some(cluster),
+        })
+    }
+
+    /// Async wrapper around [`Database::open_blocking`] that also creates the
+    /// embedded cluster's database on first use.
+    pub async fn open(storage: &StorageConfig) -> anyhow::Result<Database> {
+        let storage = storage.clone();
+        let database = tokio::task::spawn_blocking(move || Database::open_blocking(&storage))
+            .await
+            .context("the database start-up task failed")??;
+        if database.cluster.is_some() {
+            database.create_embedded_database().await?;
+        }
+        Ok(database)
+    }
+
+    pub fn is_embedded(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    async fn create_embedded_database(&self) -> anyhow::Result<()> {
+        let mut maintenance = self.pg_config.clone();
+        maintenance.dbname("postgres");
+        let client = connect(&maintenance).await?;
+        let exists = client
+            .query_opt(
+                "SELECT 1 FROM pg_database WHERE datname = $1",
+                &[&EMBEDDED_DATABASE],
+            )
+            .await?
+            .is_some();
+        if !exists {
+            client
+                .batch_execute(&format!("CREATE DATABASE {EMBEDDED_DATABASE}"))
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub fn pool(&self, size: usize) -> anyhow::Result<Pool> {
+        let options = PoolOptions {
+            max_size: size,
+            ..PoolOptions::default()
+        };
+        build_pool(self.pg_config.clone(), &options).context("building the connection pool")
+    }
+
+    /// Applies every pending migration; returns the versions applied.
+    pub async fn migrate(&self) -> anyhow::Result<Vec<i64>> {
+        let mut client = connect(&self.pg_config).await?;
+        Ok(Migrator::new(schema::MIGRATIONS).up(&mut client).await?)
+    }
+
+    /// Stops the embedded cluster if this process started it.
+    pub fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(mut cluster) = self.cluster.take() {
+            cluster.stop()?;
+        }
+        Ok(())
+    }
+}
+
+/// One dedicated connection (not pooled), for migrations and maintenance.
+pub async fn connect(pg_config: &tokio_postgres::Config) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = pg_config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .context("connecting to PostgreSQL")?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::warn!(%error, "database connection closed with an error");
+        }
+    });
+    Ok(client)
+}

@@ -1,0 +1,162 @@
+//! The one mapping from errors to HTTP responses: every error a client sees
+//! is JSON `{"detail": "...", "code": "..."}` with the matching status.
+//! Internal details (SQL, panics, IO paths) are logged, never sent.
+
+use actix_web::body::MessageBody;
+use actix_web::dev::ServiceResponse;
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
+use actix_web::{HttpResponse, ResponseError, web};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// The body of every error response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// A human-readable message.
+    pub detail: String,
+    /// A stable snake_case code for programs.
+    pub code: &'static str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    InvalidParameter(String),
+    #[error("{0}")]
+    ServiceUnavailable(String),
+    /// Anything unexpected: logged with its cause chain, answered as 500.
+    #[error("internal server error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn internal(error: impl Into<anyhow::Error>) -> Self {
+        ApiError::Internal(error.into())
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::NotFound(_) => "not_found",
+            ApiError::InvalidParameter(_) => "invalid_parameter",
+            ApiError::ServiceUnavailable(_) => "service_unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::InvalidParameter(_) => StatusCode::BAD_REQUEST,
+            ApiError::ServiceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        if let ApiError::Internal(source) = self {
+            tracing::error!(error = format!("{source:#}"), "internal error");
+        }
+        json_error(self.status_code(), self.to_string(), self.code())
+    }
+}
+
+pub fn json_error(
+    status: StatusCode,
+    detail: impl Into<String>,
+    code: &'static str,
+) -> HttpResponse {
+    HttpResponse::build(status).json(ErrorBody {
+        detail: detail.into(),
+        code,
+    })
+}
+
+/// The code used for a status when nothing more specific is known.
+fn code_for_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "invalid_parameter",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        408 => "timeout",
+        409 => "conflict",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        429 => "rate_limited",
+        503 => "service_unavailable",
+        _ if status.is_client_error() => "bad_request",
+        _ => "internal",
+    }
+}
+
+/// The default service: unknown routes get a JSON 404.
+pub async fn not_found() -> HttpResponse {
+    json_error(StatusCode::NOT_FOUND, "Not Found", "not_found")
+}
+
+/// Rewrites any error response that is not already JSON (actix's own 405s,
+/// extractor and payload errors) into the `{"detail","code"}` shape. Client
+/// errors keep actix's message, which describes the input; server errors get
+/// a generic one.
+pub fn json_error_handlers<B: MessageBody + 'static>() -> ErrorHandlers<B> {
+    ErrorHandlers::new().default_handler(|response: ServiceResponse<B>| {
+        let is_json = response
+            .response()
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|value| value.as_bytes().starts_with(b"application/json"));
+        if is_json {
+            return Ok(ErrorHandlerResponse::Response(
+                response.map_into_left_body(),
+            ));
+        }
+        let status = response.status();
+        let detail = match response.response().error() {
+            Some(error) if status.is_client_error() => error.to_string(),
+            _ => status
+                .canonical_reason()
+                .unwrap_or("Request failed")
+                .to_owned(),
+        };
+        let (request, old) = response.into_parts();
+        let mut new = json_error(status, detail, code_for_status(status));
+        // Keep headers such as `Allow` or `Retry-After` that explain the error.
+        for (name, value) in old.headers() {
+            if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+                new.headers_mut().insert(name.clone(), value.clone());
+            }
+        }
+        new.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        Ok(ErrorHandlerResponse::Response(
+            ServiceResponse::new(request, new).map_into_right_body::<B>(),
+        ))
+    })
+}
+
+/// Makes query-string, path and JSON-body extraction failures answer 400
+/// `invalid_parameter` with the parser's message.
+pub fn configure_extractors(config: &mut web::ServiceConfig) {
+    config
+        .app_data(
+            web::QueryConfig::default()
+                .error_handler(|error, _| ApiError::InvalidParameter(error.to_string()).into()),
+        )
+        .app_data(
+            web::PathConfig::default()
+                .error_handler(|error, _| ApiError::InvalidParameter(error.to_string()).into()),
+        )
+        .app_data(
+            web::JsonConfig::default()
+                .error_handler(|error, _| ApiError::InvalidParameter(error.to_string()).into()),
+        );
+}

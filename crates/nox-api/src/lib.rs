@@ -1,0 +1,19 @@
+//! The Nox HTTP API as a library: the server binary is a thin wrapper around
+//! [`run`], and the integration tests build the same app through [`app`].
+
+pub mod app;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod health;
+pub mod openapi;
+pub mod schema;
+pub mod secret;
+pub mod telemetry;
+
+pub use app::{AppState, run, serve};
+pub use config::Config;
+pub use error::ApiError;
+
+/// The version reported by `/health` and the OpenAPI document.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

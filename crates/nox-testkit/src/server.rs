@@ -1,0 +1,289 @@
+//! Choosing the PostgreSQL server and handing out per-test databases.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use nox_api::schema::MIGRATIONS;
+use nox_audit_store::Migrator;
+use sha2::{Digest, Sha256};
+use tokio::sync::OnceCell;
+use tokio_postgres::{Client, Config, NoTls};
+
+/// Serialises template creation across concurrent test processes.
+const TEMPLATE_LOCK_KEY: i64 = 0x6e6f_785f_7470_6c00; // "nox_tpl\0"
+
+#[derive(Debug)]
+struct Harness {
+    /// Connects to the server's `postgres` database.
+    admin: Config,
+    template: String,
+}
+
+static HARNESS: OnceCell<Harness> = OnceCell::const_new();
+
+async fn harness() -> anyhow::Result<&'static Harness> {
+    HARNESS
+        .get_or_try_init(|| async {
+            let admin = choose_server().await?;
+            let template = ensure_template(&admin).await?;
+            Ok(Harness { admin, template })
+        })
+        .await
+}
+
+async fn choose_server() -> anyhow::Result<Config> {
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        let mut config = Config::from_str(&url)
+            .map_err(|_| anyhow::anyhow!("DATABASE_URL is not a valid PostgreSQL URL"))?;
+        config.dbname("postgres");
+        return Ok(config);
+    }
+    let mut local = Config::new();
+    local
+        .host("127.0.0.1")
+        .port(5432)
+        .user("postgres")
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(2));
+    if local.connect(NoTls).await.is_ok() {
+        return Ok(local);
+    }
+    eprintln!(
+        "nox-testkit: no DATABASE_URL and no PostgreSQL on 127.0.0.1:5432; starting a throwaway cluster"
+    );
+    let socket_dir = tokio::task::spawn_blocking(start_throwaway_cluster).await??;
+    let mut config = Config::new();
+    config
+        .host_path(&socket_dir)
+        .port(nox_pg_embed::SOCKET_PORT)
+        .user(nox_pg_embed::SUPERUSER)
+        .dbname("postgres");
+    Ok(config)
+}
+
+/// Starts a cluster in `/tmp/nox-testpg-<pid>` on a thread that lives as
+/// long as the process, so the cluster gets its shutdown signal exactly when
+/// the test process exits (see `Cluster::start_ephemeral`).
+fn start_throwaway_cluster() -> anyhow::Result<PathBuf> {
+    remove_stale_clusters();
+    let dir = std::env::temp_dir().join(format!("nox-testpg-{}", std::process::id()));
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("nox-test-postgres".into())
+        .spawn(move || {
+            match nox_pg_embed::Cluster::start_ephemeral(&dir) {
+                Ok(cluster) => {
+                    let _ = sender.send(Ok(cluster.socket_dir().to_path_buf()));
+                    // Keep the cluster (and this thread) alive until exit.
+                    loop {
+                        std::thread::park();
+                    }
+                }
+                Err(error) => {
+                    let _ = sender.send(Err(error));
+                }
+            }
+        })?;
+    Ok(receiver
+        .recv()
+        .context("the cluster thread died")?
+        .context("starting a throwaway PostgreSQL cluster")?)
+}
+
+/// Removes clusters left by test processes that no longer exist.
+fn remove_stale_clusters() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("nox-testpg-"))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+        if !alive {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// The template's name changes whenever the migrations do.
+fn template_name() -> String {
+    let mut hasher = Sha256::new();
+    for migration in MIGRATIONS {
+        hasher.update(migration.version.to_be_bytes());
+        hasher.update(migration.checksum().as_bytes());
+    }
+    format!("nox_tpl_{}", &hex::encode(hasher.finalize())[..16])
+}
+
+async fn ensure_template(admin: &Config) -> anyhow::Result<String> {
+    let name = template_name();
+    let client = connect(admin).await?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&TEMPLATE_LOCK_KEY])
+        .await?;
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await?
+        .is_some();
+    if !exists {
+        // Build under a temporary name and rename when complete, so a crash
+        // midway never leaves a half-migrated template behind.
+        let building = format!("{name}_building");
+        client
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {building} WITH (FORCE); CREATE DATABASE {building}"
+            ))
+            .await?;
+        {
+            let mut config = admin.clone();
+            config.dbname(&building);
+            let mut template = connect(&config).await?;
+            Migrator::new(MIGRATIONS)
+                .up(&mut template)
+                .await
+                .context("migrating the template database")?;
+        }
+        // Renaming waits for our just-closed connection to go away.
+        client
+            .batch_execute(&format!("ALTER DATABASE {building} RENAME TO {name}"))
+            .await?;
+    }
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&TEMPLATE_LOCK_KEY])
+        .await?;
+    Ok(name)
+}
+
+async fn connect(config: &Config) -> anyhow::Result<Client> {
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .context("connecting to the test PostgreSQL server")?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// A fresh database with every migration applied, dropped on drop.
+#[derive(Debug)]
+pub struct TestDb {
+    pub name: String,
+    pub config: Config,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        match TestDb::try_new().await {
+            Ok(db) => db,
+            Err(error) => panic!("cannot create a test database: {error:#}"),
+        }
+    }
+
+    async fn try_new() -> anyhow::Result<TestDb> {
+        let harness = harness().await?;
+        let name = format!("nox_test_{}", uuid::Uuid::new_v4().simple());
+        let client = connect(&harness.admin).await?;
+        client
+            .batch_execute(&format!(
+                "CREATE DATABASE {name} TEMPLATE {}",
+                harness.template
+            ))
+            .await?;
+        let mut config = harness.admin.clone();
+        config.dbname(&name);
+        Ok(TestDb { name, config })
+    }
+
+    /// A connection string for this database (libpq key/value form, which
+    /// also works for Unix socket hosts), e.g. to pass as `DATABASE_URL`.
+    pub fn url(&self) -> String {
+        conninfo(&self.config)
+    }
+
+    pub async fn client(&self) -> Client {
+        match connect(&self.config).await {
+            Ok(client) => client,
+            Err(error) => panic!("{error:#}"),
+        }
+    }
+
+    /// Drops the database now (terminating its connections), as a test of
+    /// "the database went away" needs.
+    pub async fn drop_now(&self) -> anyhow::Result<()> {
+        let harness = harness().await?;
+        let client = connect(&harness.admin).await?;
+        client
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await?;
+        Ok(())
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop cannot await: do it on a thread with its own small runtime.
+        let result = std::thread::spawn(move || -> anyhow::Result<()> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let harness = harness().await?;
+                let client = connect(&harness.admin).await?;
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await?;
+                Ok(())
+            })
+        })
+        .join();
+        if let Ok(Err(error)) = result {
+            eprintln!("nox-testkit: could not drop {}: {error:#}", self.name);
+        }
+    }
+}
+
+/// Renders a connection config as a libpq key/value string.
+pub fn conninfo(config: &Config) -> String {
+    fn quote(value: &str) -> String {
+        format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+    }
+    let mut parts = Vec::new();
+    if let Some(host) = config.get_hosts().first() {
+        let host = match host {
+            tokio_postgres::config::Host::Tcp(name) => name.clone(),
+            tokio_postgres::config::Host::Unix(path) => path_str(path),
+        };
+        parts.push(format!("host={}", quote(&host)));
+    }
+    if let Some(port) = config.get_ports().first() {
+        parts.push(format!("port={port}"));
+    }
+    if let Some(user) = config.get_user() {
+        parts.push(format!("user={}", quote(user)));
+    }
+    if let Some(password) = config.get_password() {
+        parts.push(format!(
+            "password={}",
+            quote(&String::from_utf8_lossy(password))
+        ));
+    }
+    if let Some(dbname) = config.get_dbname() {
+        parts.push(format!("dbname={}", quote(dbname)));
+    }
+    parts.join(" ")
+}
+
+fn path_str(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}

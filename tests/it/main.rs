@@ -1,0 +1,4 @@
+//! Integration tests against a real PostgreSQL and the real app over HTTP.
+
+mod http_basics;
+mod migrations;
