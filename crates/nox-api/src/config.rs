@@ -30,6 +30,11 @@ pub struct StorageConfig {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<Secret>,
 
+    /// Directory holding initdb, pg_ctl and postgres for the embedded
+    /// cluster (default: search PATH, then /usr/lib/postgresql/*/bin).
+    #[arg(long, env = "NOX_PG_BIN_DIR")]
+    pub pg_bin_dir: Option<PathBuf>,
+
     /// Maximum number of pooled database connections.
     #[arg(long, env = "NOX_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: usize,

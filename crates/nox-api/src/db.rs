@@ -35,7 +35,7 @@ impl Database {
                 cluster: None,
             });
         }
-        let cluster = Cluster::start(&storage.data_dir.join("pg"))?;
+        let cluster = Cluster::start(&storage.data_dir.join("pg"), storage.pg_bin_dir.as_deref())?;
         let mut pg_config = tokio_postgres::Config::new();
         pg_config
             .host_path(cluster.socket_dir())

@@ -5,23 +5,12 @@
 
 use nox_audit_store::Migration;
 
-macro_rules! migration {
-    ($version:literal, $name:literal) => {
-        Migration {
-            version: $version,
-            name: $name,
-            sql: include_str!(concat!(
-                "../../../migrations/",
-                stringify!($version),
-                "_",
-                $name,
-                ".sql"
-            )),
-        }
-    };
-}
-
-pub const MIGRATIONS: &[Migration] = &[migration!(0001, "identity")];
+/// In version order. The test below checks this list against the files.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "identity",
+    sql: include_str!("../../../migrations/0001_identity.sql"),
+}];
 
 #[cfg(test)]
 mod tests {

@@ -43,6 +43,10 @@ pub enum EmbedError {
     )]
     BinariesNotFound,
     #[error(
+        "the PostgreSQL binary directory {0} lacks initdb, pg_ctl, postgres or pg_isready: install PostgreSQL or set DATABASE_URL"
+    )]
+    BinariesNotFoundIn(PathBuf),
+    #[error(
         "the PostgreSQL data directory {data_dir} is not reachable by the user '{user}' that must run the cluster: {blocked} is not traversable for it; choose a NOX_DATA_DIR outside it (for example /var/lib/nox) or set DATABASE_URL"
     )]
     NotTraversable {
@@ -82,9 +86,19 @@ pub struct Binaries {
 }
 
 impl Binaries {
-    /// Looks on `PATH` first, then under `/usr/lib/postgresql/<version>/bin`,
-    /// newest version first (Debian does not put the server binaries on PATH).
-    pub fn find() -> Result<Self, EmbedError> {
+    /// Uses `bin_dir` when given; otherwise looks on `PATH` first, then
+    /// under `/usr/lib/postgresql/<version>/bin`, newest version first
+    /// (Debian does not put the server binaries on PATH).
+    pub fn find(bin_dir: Option<&Path>) -> Result<Self, EmbedError> {
+        if let Some(dir) = bin_dir {
+            return if has_tools(dir) {
+                Ok(Binaries {
+                    bin_dir: dir.to_path_buf(),
+                })
+            } else {
+                Err(EmbedError::BinariesNotFoundIn(dir.to_path_buf()))
+            };
+        }
         let on_path = std::env::var_os("PATH")
             .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
             .unwrap_or_default();
@@ -97,15 +111,11 @@ impl Binaries {
                 Some((version, entry.path().join("bin")))
             })
             .collect();
-        versioned.sort_by(|a, b| b.0.cmp(&a.0));
+        versioned.sort_by_key(|(version, _)| std::cmp::Reverse(*version));
         on_path
             .into_iter()
             .chain(versioned.into_iter().map(|(_, dir)| dir))
-            .find(|dir| {
-                ["initdb", "pg_ctl", "postgres", "pg_isready"]
-                    .iter()
-                    .all(|tool| dir.join(tool).is_file())
-            })
+            .find(|dir| has_tools(dir))
             .map(|bin_dir| Binaries { bin_dir })
             .ok_or(EmbedError::BinariesNotFound)
     }
@@ -113,6 +123,12 @@ impl Binaries {
     fn tool(&self, name: &str) -> PathBuf {
         self.bin_dir.join(name)
     }
+}
+
+fn has_tools(dir: &Path) -> bool {
+    ["initdb", "pg_ctl", "postgres", "pg_isready"]
+        .iter()
+        .all(|tool| dir.join(tool).is_file())
 }
 
 /// The OS user the cluster's processes run as.
@@ -168,8 +184,8 @@ impl Cluster {
     /// through `pg_ctl`, or attaches to it when another live process already
     /// started it. A cluster left running by a process that died is adopted,
     /// so whoever holds the returned handle stops it.
-    pub fn start(data_dir: &Path) -> Result<Cluster, EmbedError> {
-        let mut cluster = Cluster::prepare(data_dir, "")?;
+    pub fn start(data_dir: &Path, bin_dir: Option<&Path>) -> Result<Cluster, EmbedError> {
+        let mut cluster = Cluster::prepare(data_dir, bin_dir, "")?;
         if cluster.is_running()? {
             match cluster.owner_pid() {
                 Some(pid) if pid != std::process::id() && process_alive(pid) => {
@@ -206,7 +222,7 @@ impl Cluster {
     /// lives as long as the process (the test harness does). Durability
     /// settings are off: it is for tests.
     pub fn start_ephemeral(data_dir: &Path) -> Result<Cluster, EmbedError> {
-        let mut cluster = Cluster::prepare(data_dir, EPHEMERAL_SETTINGS)?;
+        let mut cluster = Cluster::prepare(data_dir, None, EPHEMERAL_SETTINGS)?;
         let log = fs::File::create(cluster.data_dir.join("server.log"))
             .map_err(io_err("creating the PostgreSQL log file"))?;
         if let Some(run_as) = &cluster.run_as {
@@ -252,8 +268,12 @@ impl Cluster {
 
     /// Checks binaries, the service user, paths and permissions, and runs
     /// `initdb` if the cluster does not exist yet.
-    fn prepare(data_dir: &Path, extra_settings: &str) -> Result<Cluster, EmbedError> {
-        let binaries = Binaries::find()?;
+    fn prepare(
+        data_dir: &Path,
+        bin_dir: Option<&Path>,
+        extra_settings: &str,
+    ) -> Result<Cluster, EmbedError> {
+        let binaries = Binaries::find(bin_dir)?;
         let run_as = RunAs::for_current_process()?;
         fs::create_dir_all(data_dir).map_err(io_err(format!("creating {}", data_dir.display())))?;
         let data_dir = data_dir

@@ -86,10 +86,10 @@ fn start_throwaway_cluster() -> anyhow::Result<PathBuf> {
                 }
             }
         })?;
-    Ok(receiver
+    receiver
         .recv()
         .context("the cluster thread died")?
-        .context("starting a throwaway PostgreSQL cluster")?)
+        .context("starting a throwaway PostgreSQL cluster")
 }
 
 /// Removes clusters left by test processes that no longer exist.
@@ -138,9 +138,10 @@ async fn ensure_template(admin: &Config) -> anyhow::Result<String> {
         // midway never leaves a half-migrated template behind.
         let building = format!("{name}_building");
         client
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {building} WITH (FORCE); CREATE DATABASE {building}"
-            ))
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"))
+            .await?;
+        client
+            .batch_execute(&format!("CREATE DATABASE {building}"))
             .await?;
         {
             let mut config = admin.clone();
@@ -186,15 +187,25 @@ impl TestDb {
         }
     }
 
+    /// A database with no schema at all, for testing migrations themselves.
+    pub async fn empty() -> TestDb {
+        match TestDb::try_new_from("template0").await {
+            Ok(db) => db,
+            Err(error) => panic!("cannot create a test database: {error:#}"),
+        }
+    }
+
     async fn try_new() -> anyhow::Result<TestDb> {
+        let harness = harness().await?;
+        TestDb::try_new_from(&harness.template).await
+    }
+
+    async fn try_new_from(template: &str) -> anyhow::Result<TestDb> {
         let harness = harness().await?;
         let name = format!("nox_test_{}", uuid::Uuid::new_v4().simple());
         let client = connect(&harness.admin).await?;
         client
-            .batch_execute(&format!(
-                "CREATE DATABASE {name} TEMPLATE {}",
-                harness.template
-            ))
+            .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
             .await?;
         let mut config = harness.admin.clone();
         config.dbname(&name);

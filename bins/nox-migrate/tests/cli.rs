@@ -1,0 +1,141 @@
+//! `nox-migrate` as a user runs it: a real process against a real database.
+
+use std::process::{Command, Output};
+
+use nox_testkit::TestDb;
+
+fn nox_migrate(db: &TestDb, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nox-migrate"))
+        .args(args)
+        .env("DATABASE_URL", db.url())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run nox-migrate")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+async fn applied_count(db: &TestDb) -> i64 {
+    db.client()
+        .await
+        .query_one("SELECT count(*) FROM schema_migrations", &[])
+        .await
+        .expect("count")
+        .get(0)
+}
+
+#[tokio::test]
+async fn up_twice_applies_once_then_nothing() {
+    let db = TestDb::empty().await;
+    let first = nox_migrate(&db, &["up"]);
+    assert!(first.status.success(), "{first:?}");
+    assert!(
+        stdout(&first).contains("applied 0001 identity"),
+        "{}",
+        stdout(&first)
+    );
+
+    let second = nox_migrate(&db, &["up"]);
+    assert!(second.status.success(), "{second:?}");
+    assert!(
+        stdout(&second).contains("nothing to apply"),
+        "{}",
+        stdout(&second)
+    );
+    assert_eq!(
+        applied_count(&db).await,
+        nox_api::schema::MIGRATIONS.len() as i64
+    );
+
+    let status = nox_migrate(&db, &["status"]);
+    assert!(status.status.success(), "{status:?}");
+    let text = stdout(&status);
+    for migration in nox_api::schema::MIGRATIONS {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{:04} ", migration.version)))
+            .unwrap_or_else(|| panic!("no line for {}: {text}", migration.name));
+        assert!(line.contains(" applied "), "{line}");
+    }
+}
+
+#[tokio::test]
+async fn status_before_up_shows_pending() {
+    let db = TestDb::empty().await;
+    let status = nox_migrate(&db, &["status"]);
+    assert!(status.status.success(), "{status:?}");
+    assert!(stdout(&status).contains(" pending "), "{}", stdout(&status));
+}
+
+#[tokio::test]
+async fn two_processes_migrating_at_once_both_succeed_and_apply_once() {
+    let db = TestDb::empty().await;
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_nox-migrate"))
+            .arg("up")
+            .env("DATABASE_URL", db.url())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn nox-migrate")
+    };
+    let (a, b) = (spawn(), spawn());
+    let (a, b) = (
+        a.wait_with_output().expect("wait"),
+        b.wait_with_output().expect("wait"),
+    );
+    assert!(a.status.success() && b.status.success(), "{a:?} {b:?}");
+    let applied_lines = stdout(&a)
+        .lines()
+        .chain(stdout(&b).lines())
+        .filter(|l| l.starts_with("applied "))
+        .count();
+    assert_eq!(applied_lines, nox_api::schema::MIGRATIONS.len());
+    assert_eq!(
+        applied_count(&db).await,
+        nox_api::schema::MIGRATIONS.len() as i64
+    );
+}
+
+#[tokio::test]
+async fn a_tampered_checksum_fails_status_and_up() {
+    let db = TestDb::new().await;
+    db.client()
+        .await
+        .execute(
+            "UPDATE schema_migrations SET checksum = 'edited' WHERE version = 1",
+            &[],
+        )
+        .await
+        .expect("tamper");
+    let status = nox_migrate(&db, &["status"]);
+    assert!(!status.status.success());
+    assert!(
+        stdout(&status).contains("checksum-mismatch"),
+        "{}",
+        stdout(&status)
+    );
+
+    let up = nox_migrate(&db, &["up"]);
+    assert!(!up.status.success());
+    let stderr = String::from_utf8_lossy(&up.stderr);
+    assert!(stderr.contains("must never change"), "{stderr}");
+}
+
+#[test]
+fn a_bad_database_url_is_one_clear_line_without_the_password() {
+    let output = Command::new(env!("CARGO_BIN_EXE_nox-migrate"))
+        .arg("up")
+        .env("DATABASE_URL", "postgres://nox:hunter2@[bad")
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("DATABASE_URL is not a valid PostgreSQL URL"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}

@@ -1,0 +1,283 @@
+//! `nox-server` as an operator runs it: a real process, real signals.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use nox_testkit::TestDb;
+
+/// A running `nox-server` whose stderr is collected line by line.
+struct Server {
+    child: Child,
+    lines: Receiver<String>,
+    log: Vec<String>,
+    base: String,
+}
+
+impl Server {
+    fn start(envs: &[(&str, &str)]) -> Server {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nox-server"));
+        command
+            .env_remove("DATABASE_URL")
+            .env("NOX_PORT", "0")
+            .env("NOX_WORKERS", "1")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (key, value) in envs {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("spawn nox-server");
+        let stderr = child.stderr.take().expect("stderr");
+        let (sender, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut server = Server {
+            child,
+            lines,
+            log: Vec::new(),
+            base: String::new(),
+        };
+        let line = server
+            .wait_for_line("listening on http://", Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("server did not start: {:#?}", server.log));
+        let address = line
+            .split("listening on http://")
+            .nth(1)
+            .expect("address")
+            .split_whitespace()
+            .next()
+            .expect("address");
+        server.base = format!("http://{address}");
+        server
+    }
+
+    fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if line.contains(needle) {
+                        return Some(line);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), signal).expect("signal");
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // Collect the rest of the log for assertions.
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.log.push(line);
+                }
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not exit: {:#?}",
+                self.log
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn get(url: &str) -> (u16, serde_json::Value) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let response = reqwest::get(url).await.expect("request");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("json"))
+    })
+}
+
+#[tokio::test]
+async fn sigterm_and_sigint_stop_the_server_gracefully_with_exit_0() {
+    let db = TestDb::new().await;
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+        let url = db.url();
+        let (status, log) = tokio::task::spawn_blocking(move || {
+            let mut server = Server::start(&[("DATABASE_URL", &url)]);
+            let (code, body) = get(&format!("{}/health", server.base));
+            assert_eq!((code, &body["database"]), (200, &serde_json::json!("up")));
+            server.signal(signal);
+            let status = server.wait_exit(Duration::from_secs(30));
+            (status, server.log.clone())
+        })
+        .await
+        .expect("join");
+        assert!(status.success(), "{signal}: {status:?} {log:#?}");
+        assert!(
+            log.iter().any(|l| l.contains("shutting down gracefully")),
+            "{log:#?}"
+        );
+    }
+}
+
+/// The README's run command on the embedded default: it creates a cluster,
+/// serves, stops it with the server, and reuses it on the next start.
+#[test]
+fn embedded_postgres_is_created_stopped_and_reused() {
+    let root = tempfile::tempdir().expect("tempdir");
+    // The cluster may run as another user (when we are root): let it in.
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let data_dir = root.path().join("data");
+    let data_dir_str = data_dir.to_str().expect("utf-8 path");
+    let pg = data_dir.join("pg");
+
+    let mut first = Server::start(&[("NOX_DATA_DIR", data_dir_str)]);
+    let (code, body) = get(&format!("{}/health", first.base));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["database"], "up");
+    assert!(pg.join("postmaster.pid").exists(), "the cluster runs");
+    first.signal(Signal::SIGTERM);
+    assert!(
+        first.wait_exit(Duration::from_secs(60)).success(),
+        "{:#?}",
+        first.log
+    );
+    assert!(
+        first
+            .log
+            .iter()
+            .any(|l| l.contains("creating the embedded PostgreSQL cluster")),
+        "{:#?}",
+        first.log
+    );
+    assert!(
+        !pg.join("postmaster.pid").exists(),
+        "PostgreSQL must be stopped with the server: {:#?}",
+        first.log
+    );
+    assert_no_postgres_for(&pg);
+
+    let mut second = Server::start(&[("NOX_DATA_DIR", data_dir_str)]);
+    let (code, _) = get(&format!("{}/health", second.base));
+    assert_eq!(code, 200);
+    second.signal(Signal::SIGTERM);
+    assert!(second.wait_exit(Duration::from_secs(60)).success());
+    assert!(
+        !second
+            .log
+            .iter()
+            .any(|l| l.contains("creating the embedded")),
+        "the second start must reuse the cluster: {:#?}",
+        second.log
+    );
+    assert!(
+        second
+            .log
+            .iter()
+            .any(|l| l.contains("schema is current applied=0")),
+        "the reused cluster keeps its schema: {:#?}",
+        second.log
+    );
+    assert_no_postgres_for(&pg);
+}
+
+/// No process has the cluster's data directory on its command line.
+fn assert_no_postgres_for(pg: &Path) {
+    let needle = pg.to_str().expect("utf-8");
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            assert!(
+                !(cmdline.contains("postgres") && cmdline.contains(needle)),
+                "still running: {cmdline}"
+            );
+        }
+    }
+}
+
+#[test]
+fn missing_postgres_binaries_are_one_clear_line() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_nox-server"));
+    command
+        .env("NOX_DATA_DIR", root.path().join("data"))
+        .env("NOX_PG_BIN_DIR", root.path().join("no-such-bin"));
+    let (success, stderr) = run_expecting_exit(command);
+    assert!(!success, "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("nox-server: ") && last.contains("install PostgreSQL or set DATABASE_URL"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_untraversable_data_dir_is_reported_clearly_when_root() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: only root hands the cluster to another user");
+        return;
+    }
+    // A root-owned 0700 directory: the service user cannot enter it.
+    let root = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_nox-server"));
+    command.env("NOX_DATA_DIR", root.path().join("data"));
+    let (success, stderr) = run_expecting_exit(command);
+    assert!(!success, "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("is not traversable") && last.contains(root.path().to_str().expect("utf-8")),
+        "{stderr}"
+    );
+}
+
+/// Runs a server that is expected to exit on its own; kills it (and fails)
+/// if it is still running after 60 s. Returns success and stderr.
+fn run_expecting_exit(mut command: Command) -> (bool, String) {
+    let mut child = command
+        .env_remove("DATABASE_URL")
+        .env("NOX_PORT", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn nox-server");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("nox-server kept running although it should have refused to start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    (status.success(), stderr)
+}
