@@ -8,7 +8,8 @@ CREATE TABLE users (
     name        text NOT NULL UNIQUE CHECK (name ~ '^[a-z0-9_.-]{1,64}$'),
     email       text CHECK (email IS NULL OR length(email) <= 254),
     role        text NOT NULL CHECK (role IN ('user', 'auditor', 'admin')),
-    tier        text NOT NULL DEFAULT 'standard',
+    tier        text NOT NULL DEFAULT 'standard'
+                CHECK (tier IN ('free', 'standard', 'premium', 'developer', 'unlimited')),
     is_active   boolean NOT NULL DEFAULT true,
     created_at  timestamptz NOT NULL DEFAULT now(),
     updated_at  timestamptz NOT NULL DEFAULT now()

@@ -75,7 +75,25 @@ async fn openapi_document_lists_every_endpoint() {
         "{doc}"
     );
     assert_eq!(doc["info"]["version"], nox_api::VERSION);
-    for path in ["/health", "/openapi.json"] {
-        assert!(doc["paths"][path]["get"].is_object(), "missing {path}");
+    for (path, method) in [
+        ("/health", "get"),
+        ("/openapi.json", "get"),
+        ("/me", "get"),
+        ("/admin/users", "get"),
+        ("/admin/users", "post"),
+        ("/admin/users/{id}", "get"),
+        ("/admin/users/{id}", "patch"),
+        ("/admin/users/{id}/tokens", "get"),
+        ("/admin/users/{id}/tokens", "post"),
+        ("/admin/tokens/{id}", "delete"),
+    ] {
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "missing {method} {path}"
+        );
     }
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
 }

@@ -1,4 +1,5 @@
 //! Integration tests against a real PostgreSQL and the real app over HTTP.
 
 mod http_basics;
+mod identity;
 mod migrations;

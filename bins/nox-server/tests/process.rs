@@ -11,28 +11,40 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use nox_testkit::TestDb;
 
-/// A running `nox-server` whose stderr is collected line by line.
+/// A running `nox-server` whose stderr (the log) is collected line by line,
+/// and whose stdout is collected whole.
 struct Server {
     child: Child,
     lines: Receiver<String>,
     log: Vec<String>,
+    stdout: Option<std::thread::JoinHandle<String>>,
     base: String,
+    _default_data_dir: tempfile::TempDir,
 }
 
 impl Server {
     fn start(envs: &[(&str, &str)]) -> Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_nox-server"));
+        let default_data_dir = tempfile::tempdir().expect("tempdir");
         command
             .env_remove("DATABASE_URL")
+            // Never the default ./nox-data inside the source tree.
+            .env("NOX_DATA_DIR", default_data_dir.path())
             .env("NOX_PORT", "0")
             .env("NOX_WORKERS", "1")
             .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for (key, value) in envs {
             command.env(key, value);
         }
         let mut child = command.spawn().expect("spawn nox-server");
+        let mut stdout = child.stdout.take().expect("stdout");
+        let stdout = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
+            text
+        });
         let stderr = child.stderr.take().expect("stderr");
         let (sender, lines) = channel();
         std::thread::spawn(move || {
@@ -46,7 +58,9 @@ impl Server {
             child,
             lines,
             log: Vec::new(),
+            stdout: Some(stdout),
             base: String::new(),
+            _default_data_dir: default_data_dir,
         };
         let line = server
             .wait_for_line("listening on http://", Duration::from_secs(60))
@@ -99,6 +113,16 @@ impl Server {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+impl Server {
+    /// Everything the server printed on stdout; call after it exited.
+    fn take_stdout(&mut self) -> String {
+        self.stdout
+            .take()
+            .map(|reader| reader.join().expect("stdout reader"))
+            .unwrap_or_default()
     }
 }
 
@@ -258,8 +282,12 @@ fn an_untraversable_data_dir_is_reported_clearly_when_root() {
 /// Runs a server that is expected to exit on its own; kills it (and fails)
 /// if it is still running after 60 s. Returns success and stderr.
 fn run_expecting_exit(mut command: Command) -> (bool, String) {
+    command.env_remove("DATABASE_URL");
+    run_expecting_exit_keeping_env(command)
+}
+
+fn run_expecting_exit_keeping_env(mut command: Command) -> (bool, String) {
     let mut child = command
-        .env_remove("DATABASE_URL")
         .env("NOX_PORT", "0")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -280,4 +308,59 @@ fn run_expecting_exit(mut command: Command) -> (bool, String) {
     std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
         .expect("read stderr");
     (status.success(), stderr)
+}
+
+#[tokio::test]
+async fn a_generated_admin_token_is_printed_once_and_never_logged() {
+    let db = TestDb::new().await;
+    let url = db.url();
+    let data_dir = tempfile::tempdir().expect("tempdir");
+    let data = data_dir.path().to_str().expect("utf-8").to_owned();
+    let (stdout, log, second_stdout) = tokio::task::spawn_blocking(move || {
+        let envs = [
+            ("DATABASE_URL", url.as_str()),
+            ("NOX_DATA_DIR", data.as_str()),
+        ];
+        let mut first = Server::start(&envs);
+        first.signal(Signal::SIGTERM);
+        let status = first.wait_exit(Duration::from_secs(30));
+        assert!(status.success(), "{status:?} {:#?}", first.log);
+        let log = first.log.join("\n");
+        let stdout = first.take_stdout();
+        let mut second = Server::start(&envs);
+        second.signal(Signal::SIGTERM);
+        assert!(second.wait_exit(Duration::from_secs(30)).success());
+        (stdout, log, second.take_stdout())
+    })
+    .await
+    .expect("join");
+    let token = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("admin token: "))
+        .unwrap_or_else(|| panic!("no admin token line in {stdout:?}"));
+    assert!(token.starts_with("nox_") && token.len() == 68, "{token}");
+    assert!(!log.contains(token), "the token reached the log");
+    assert!(
+        !second_stdout.contains("admin token"),
+        "an existing admin gets no new token: {second_stdout}"
+    );
+}
+
+#[tokio::test]
+async fn a_short_admin_token_is_refused_at_start() {
+    let db = TestDb::new().await;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_nox-server"));
+    command
+        .env("NOX_ADMIN_TOKEN", "short-secret")
+        .env("NOX_DATA_DIR", std::env::temp_dir().join("nox-unused"));
+    let url = db.url();
+    let (success, stderr) = tokio::task::spawn_blocking(move || {
+        command.env("DATABASE_URL", url);
+        run_expecting_exit_keeping_env(command)
+    })
+    .await
+    .expect("join");
+    assert!(!success);
+    assert!(stderr.contains("at least 32 characters"), "{stderr}");
+    assert!(!stderr.contains("short-secret"), "{stderr}");
 }

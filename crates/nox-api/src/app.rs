@@ -3,45 +3,88 @@
 //! Shared state is built once in [`run`] (or by a test), outside
 //! `HttpServer::new`'s factory, which actix runs once per worker.
 
+use std::io::Write;
 use std::net::TcpListener;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
 
 use actix_web::dev::{Server, ServerHandle};
+use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
 use deadpool_postgres::Pool;
+use nox_auth::{Authenticator, Secret};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
+use crate::auth::resolve_identity;
 use crate::config::Config;
 use crate::db::Database;
 use crate::error::{configure_extractors, json_error_handlers, not_found};
-use crate::{health, openapi};
+use crate::{health, openapi, users};
 
 /// State shared by every worker.
 #[derive(Debug)]
 pub struct AppState {
     pub pool: Pool,
+    pub authenticator: Authenticator,
     /// The OpenAPI document, rendered once.
     pub openapi: String,
 }
 
 impl AppState {
-    pub fn new(pool: Pool) -> Self {
-        AppState {
-            pool,
-            openapi: openapi::render(),
+    /// Builds the shared state and makes sure an admin exists: on a database
+    /// with none, creates the user `admin` with the operator's token, or with
+    /// a generated one that is printed once and saved to
+    /// `<NOX_DATA_DIR>/admin-token`.
+    pub async fn build(config: &Config, database: &Database) -> anyhow::Result<AppState> {
+        let admin_token = config.admin_token()?;
+        let pool = database.pool(config.storage.db_pool_size)?;
+        let generated = nox_auth::store::bootstrap_admin(&pool, admin_token)
+            .await
+            .context("creating the first admin")?;
+        if let Some(token) = generated {
+            announce_admin_token(&token, &config.storage.data_dir)?;
         }
+        Ok(AppState {
+            pool,
+            authenticator: Authenticator::new(config.auth_cache_ttl()),
+            openapi: openapi::render(),
+        })
     }
+}
+
+/// Shows a generated admin token exactly once (stdout, never the log) and
+/// keeps it in a file only root and the server's user can read.
+fn announce_admin_token(token: &Secret, data_dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let path = data_dir.join("admin-token");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    // `mode` applies only to a new file: tighten an existing one too.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    writeln!(file, "{}", token.expose())?;
+    println!("admin token: {}", token.expose());
+    tracing::info!(file = %path.display(), "generated the first admin's token (printed on stdout)");
+    Ok(())
 }
 
 /// Registers every route; shared by the server and the tests.
 pub fn routes(config: &mut web::ServiceConfig) {
     config
         .service(health::health)
-        .service(openapi::openapi_json);
+        .service(openapi::openapi_json)
+        .configure(users::routes);
 }
 
 /// Starts serving on `listener`. The returned server is a future that
 /// completes once the server has stopped; it does not react to signals
-/// (see [`stop_on_signal`]).
+/// (see [`ShutdownSignals`]).
 pub fn serve(
     listener: TcpListener,
     state: web::Data<AppState>,
@@ -53,6 +96,7 @@ pub fn serve(
             .configure(configure_extractors)
             .configure(routes)
             .default_service(web::to(not_found))
+            .wrap(from_fn(resolve_identity))
             .wrap(json_error_handlers())
     })
     .shutdown_timeout(config.shutdown_timeout_secs)
@@ -63,28 +107,42 @@ pub fn serve(
     Ok(server.listen(listener)?.run())
 }
 
-/// Waits for SIGTERM or SIGINT, then stops the server gracefully: it stops
-/// accepting and lets in-flight requests finish within the shutdown timeout.
-pub async fn stop_on_signal(handle: ServerHandle) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot listen for shutdown signals");
-        return;
-    };
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!(signal = name, "shutting down gracefully");
-    handle.stop(true).await;
+/// SIGTERM and SIGINT, listened for from the very start of [`run`], so a
+/// signal that arrives while the server is still starting is not lost (nor
+/// kills the process with the embedded PostgreSQL still running).
+#[derive(Debug)]
+pub struct ShutdownSignals {
+    term: Signal,
+    int: Signal,
+}
+
+impl ShutdownSignals {
+    pub fn install() -> std::io::Result<Self> {
+        Ok(ShutdownSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for a signal, then stops the server gracefully: it stops
+    /// accepting and lets in-flight requests finish within the shutdown
+    /// timeout.
+    pub async fn stop_server_on_signal(mut self, handle: ServerHandle) {
+        let name = tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "shutting down gracefully");
+        handle.stop(true).await;
+    }
 }
 
 /// Runs the server until a shutdown signal: opens (or starts) the database,
 /// applies migrations, serves, then drains and stops what it started.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let signals = ShutdownSignals::install().context("listening for shutdown signals")?;
+    // Refuse a bad admin token before starting anything.
+    config.admin_token()?;
     let database = Database::open(&config.storage).await?;
     if database.is_embedded() {
         tracing::info!(data_dir = %config.storage.data_dir.display(), "using the embedded PostgreSQL");
@@ -95,15 +153,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let applied = database.migrate().await?;
         tracing::info!(applied = applied.len(), "schema is current");
     }
-    let pool = database.pool(config.storage.db_pool_size)?;
-    let state = web::Data::new(AppState::new(pool));
+    let state = web::Data::new(AppState::build(&config, &database).await?);
 
     let listener = TcpListener::bind((config.bind_addr, config.port))
         .with_context(|| format!("binding {}:{}", config.bind_addr, config.port))?;
     let address = listener.local_addr()?;
     let server = serve(listener, state.clone(), &config)?;
     tracing::info!("listening on http://{address}");
-    tokio::spawn(stop_on_signal(server.handle()));
+    tokio::spawn(signals.stop_server_on_signal(server.handle()));
     server.await.context("the HTTP server failed")?;
 
     state.pool.close();

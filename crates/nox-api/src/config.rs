@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-use crate::secret::Secret;
+use nox_auth::Secret;
+
+/// Operator-chosen admin tokens shorter than this are refused.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -67,6 +70,22 @@ pub struct Config {
     #[arg(long, env = "NOX_NO_MIGRATE")]
     pub no_migrate: bool,
 
+    /// Token of the first admin, created on a start with no admin (at least
+    /// 32 characters). When unset, one is generated, printed once and written
+    /// to <NOX_DATA_DIR>/admin-token.
+    #[arg(long, env = "NOX_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret>,
+
+    /// The older API's name for NOX_ADMIN_TOKEN, accepted when that is unset.
+    #[arg(long, env = "NOX_API_TOKEN", hide_env_values = true, hide = true)]
+    pub legacy_api_token: Option<Secret>,
+
+    /// How long a resolved token is trusted before it is checked against the
+    /// database again: the longest a revocation made on another server
+    /// instance takes to apply (the instance that makes it applies it at once).
+    #[arg(long, env = "NOX_AUTH_CACHE_TTL_MS", default_value_t = 4000)]
+    pub auth_cache_ttl_ms: u64,
+
     /// Seconds to let in-flight requests finish after SIGTERM or SIGINT.
     #[arg(long, env = "NOX_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     pub shutdown_timeout_secs: u64,
@@ -75,6 +94,24 @@ pub struct Config {
 impl Config {
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout_secs)
+    }
+
+    /// The first admin's token, if the operator gave one; refused when
+    /// shorter than 32 characters.
+    pub fn admin_token(&self) -> anyhow::Result<Option<&Secret>> {
+        let token = self.admin_token.as_ref().or(self.legacy_api_token.as_ref());
+        if let Some(token) = token
+            && token.expose().chars().count() < MIN_ADMIN_TOKEN_CHARS
+        {
+            anyhow::bail!(
+                "NOX_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_CHARS} characters long"
+            );
+        }
+        Ok(token)
+    }
+
+    pub fn auth_cache_ttl(&self) -> Duration {
+        Duration::from_millis(self.auth_cache_ttl_ms)
     }
 
     /// A configuration for tests and embedding: defaults, a free port and
@@ -111,6 +148,26 @@ mod tests {
         ])
         .expect("parses");
         assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn short_admin_tokens_are_refused_and_the_old_name_is_accepted() {
+        let short =
+            Config::try_parse_from(["nox-server", "--admin-token", "too-short"]).expect("parses");
+        assert!(short.admin_token().is_err());
+        let legacy = Config::try_parse_from([
+            "nox-server",
+            "--legacy-api-token",
+            "0123456789abcdef0123456789abcdef",
+        ])
+        .expect("parses");
+        assert_eq!(
+            legacy
+                .admin_token()
+                .expect("long enough")
+                .map(Secret::expose),
+            Some("0123456789abcdef0123456789abcdef")
+        );
     }
 
     #[test]

@@ -23,7 +23,13 @@ pub struct ErrorBody {
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     InvalidParameter(String),
     #[error("{0}")]
@@ -40,7 +46,10 @@ impl ApiError {
 
     pub fn code(&self) -> &'static str {
         match self {
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
             ApiError::InvalidParameter(_) => "invalid_parameter",
             ApiError::ServiceUnavailable(_) => "service_unavailable",
             ApiError::Internal(_) => "internal",
@@ -51,7 +60,10 @@ impl ApiError {
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::InvalidParameter(_) => StatusCode::BAD_REQUEST,
             ApiError::ServiceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -62,7 +74,28 @@ impl ResponseError for ApiError {
         if let ApiError::Internal(source) = self {
             tracing::error!(error = format!("{source:#}"), "internal error");
         }
-        json_error(self.status_code(), self.to_string(), self.code())
+        let mut response = json_error(self.status_code(), self.to_string(), self.code());
+        if let ApiError::Unauthorized(_) = self {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<nox_auth::StoreError> for ApiError {
+    fn from(error: nox_auth::StoreError) -> Self {
+        use nox_auth::StoreError;
+        if error.is_unavailable() {
+            tracing::warn!(error = format!("{error:#}"), "database unavailable");
+            return ApiError::ServiceUnavailable("the database is unavailable".into());
+        }
+        match error {
+            StoreError::NotFound(what) => ApiError::NotFound(format!("{what} not found")),
+            StoreError::Conflict(detail) => ApiError::Conflict(detail),
+            other => ApiError::internal(other),
+        }
     }
 }
 

@@ -2,14 +2,15 @@
 //! [`run`], and the integration tests build the same app through [`app`].
 
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod db;
 pub mod error;
 pub mod health;
 pub mod openapi;
 pub mod schema;
-pub mod secret;
 pub mod telemetry;
+pub mod users;
 
 pub use app::{AppState, run, serve};
 pub use config::Config;

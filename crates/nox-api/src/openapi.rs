@@ -1,7 +1,8 @@
 //! `GET /openapi.json`: the OpenAPI 3 document every endpoint joins.
 
 use actix_web::{HttpResponse, get, web};
-use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
 
 use crate::app::AppState;
 
@@ -11,11 +12,37 @@ use crate::app::AppState;
         title = "Nox API",
         description = "Sandboxed files and command execution with an audit trail."
     ),
-    paths(crate::health::health, openapi_json),
-    components(schemas(crate::error::ErrorBody))
+    paths(
+        crate::health::health,
+        openapi_json,
+        crate::users::me,
+        crate::users::create_user,
+        crate::users::list_users,
+        crate::users::get_user,
+        crate::users::update_user,
+        crate::users::create_token,
+        crate::users::list_tokens,
+        crate::users::revoke_token,
+    ),
+    components(schemas(crate::error::ErrorBody)),
+    modifiers(&BearerAuth)
 )]
 #[derive(Debug)]
 pub struct ApiDoc;
+
+/// Declares the `bearer` security scheme the endpoints refer to.
+#[derive(Debug)]
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
 
 /// The document, rendered once at start-up.
 pub fn render() -> String {

@@ -5,12 +5,15 @@
 
 use nox_audit_store::Migration;
 
-/// In version order. The test below checks this list against the files.
-pub const MIGRATIONS: &[Migration] = &[Migration {
+const IDENTITY: Migration = Migration {
     version: 1,
     name: "identity",
     sql: include_str!("../../../migrations/0001_identity.sql"),
-}];
+};
+
+/// Nox's own migrations and the audit crates', in version order. The test
+/// below checks this list against the files.
+pub const MIGRATIONS: &[Migration] = &[IDENTITY, nox_audit_store::schema::ADMIN_ACTIONS];
 
 #[cfg(test)]
 mod tests {

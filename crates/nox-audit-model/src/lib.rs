@@ -1,5 +1,7 @@
 //! The audit trail's data model: records, the action taxonomy, filters and
 //! cursors. Plain data and pure functions only; this crate does no IO, so any
 //! service (and any verifier) can depend on it cheaply.
-//!
-//! The audit pipeline issue fills it; until then it holds nothing.
+
+mod admin_action;
+
+pub use admin_action::{AdminAction, AdminActionType};

@@ -5,9 +5,14 @@
 //! - [`migrate`]: an ordered, checksummed, lock-protected migration runner
 //!   that takes migrations as data, so a service embedding the audit crates
 //!   runs the same SQL Nox does.
+//! - [`schema`]: the audit tables' migrations, as data.
+//! - [`admin_actions`]: recording admin mutations inside the caller's
+//!   transaction.
 
+pub mod admin_actions;
 pub mod migrate;
 pub mod pool;
+pub mod schema;
 
 pub use migrate::{MigrateError, Migration, MigrationState, MigrationStatus, Migrator};
 pub use pool::{PoolOptions, build_pool};

@@ -1,10 +1,17 @@
 //! The real Nox app, served in-process on a random port.
 
 use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
 
 use actix_web::dev::ServerHandle;
 use actix_web::web;
 use nox_api::{AppState, Config};
+use nox_auth::Secret;
+use reqwest::{Method, RequestBuilder};
+
+/// The bootstrap admin's token in every test app (unless a test changes the
+/// configuration).
+pub const TEST_ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef-0123456789";
 
 use crate::server::TestDb;
 
@@ -12,7 +19,7 @@ use crate::server::TestDb;
 #[derive(Debug)]
 pub struct TestApp {
     pub address: SocketAddr,
-    pub db: TestDb,
+    pub db: Arc<TestDb>,
     pub data_dir: tempfile::TempDir,
     pub client: reqwest::Client,
     handle: ServerHandle,
@@ -25,15 +32,32 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
-        match self.client.get(self.url(path)).send().await {
-            Ok(response) => response,
-            Err(error) => panic!("GET {path} failed: {error}"),
-        }
+        send(self.client.get(self.url(path))).await
+    }
+
+    /// A request carrying `Authorization: Bearer <token>`.
+    pub fn request(&self, method: Method, path: &str, token: &str) -> RequestBuilder {
+        self.client
+            .request(method, self.url(path))
+            .bearer_auth(token)
+    }
+
+    /// GET with a token.
+    pub async fn get_as(&self, path: &str, token: &str) -> reqwest::Response {
+        send(self.request(Method::GET, path, token)).await
     }
 
     /// Stops the server gracefully and waits for it.
     pub async fn stop(&self) {
         self.handle.stop(true).await;
+    }
+}
+
+/// Sends a request; a transport failure fails the test.
+pub async fn send(request: RequestBuilder) -> reqwest::Response {
+    match request.send().await {
+        Ok(response) => response,
+        Err(error) => panic!("request failed: {error}"),
     }
 }
 
@@ -51,9 +75,15 @@ pub async fn spawn_app() -> TestApp {
 
 /// Serves the app after `adjust` has changed the configuration.
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
-    let db = TestDb::new().await;
+    spawn_app_on(Arc::new(TestDb::new().await), adjust).await
+}
+
+/// Serves another app instance on an existing database, as a second server
+/// sharing one PostgreSQL would.
+pub async fn spawn_app_on(db: Arc<TestDb>, adjust: impl FnOnce(&mut Config)) -> TestApp {
     let data_dir = tempfile::tempdir().expect("a temporary data dir");
     let mut config = Config::for_database(&db.url(), data_dir.path().to_path_buf());
+    config.admin_token = Some(Secret::new(TEST_ADMIN_TOKEN));
     config.workers = Some(1);
     config.shutdown_timeout_secs = 5;
     adjust(&mut config);
@@ -61,10 +91,11 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
     let database = nox_api::db::Database::open(&config.storage)
         .await
         .expect("open the test database");
-    let pool = database
-        .pool(config.storage.db_pool_size)
-        .expect("build the pool");
-    let state = web::Data::new(AppState::new(pool));
+    let state = web::Data::new(
+        AppState::build(&config, &database)
+            .await
+            .expect("build the app state"),
+    );
     let listener = TcpListener::bind(("127.0.0.1", 0)).expect("bind a free port");
     let address = listener.local_addr().expect("local address");
     let server = nox_api::serve(listener, state, &config).expect("start the server");

@@ -1,4 +1,4 @@
-//! A string that must never be printed: its `Debug` and `Display` are redacted.
+//! A string that must never be printed (tokens, database URLs): its `Debug` and `Display` are redacted.
 
 use std::fmt;
 use std::str::FromStr;

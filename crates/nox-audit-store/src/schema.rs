@@ -1,0 +1,13 @@
+//! The audit tables' migrations. A host service runs these with
+//! [`crate::Migrator`]; Nox includes them in its own ordered list.
+
+use crate::Migration;
+
+pub const ADMIN_ACTIONS: Migration = Migration {
+    version: 2,
+    name: "audit_admin_actions",
+    sql: include_str!("../../../migrations/0002_audit_admin_actions.sql"),
+};
+
+/// Every audit migration, in version order.
+pub const MIGRATIONS: &[Migration] = &[ADMIN_ACTIONS];
