@@ -364,3 +364,19 @@ async fn a_short_admin_token_is_refused_at_start() {
     assert!(stderr.contains("at least 32 characters"), "{stderr}");
     assert!(!stderr.contains("short-secret"), "{stderr}");
 }
+
+#[tokio::test]
+async fn no_migrate_on_an_unmigrated_database_is_refused_clearly() {
+    let db = TestDb::empty().await;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_nox-server"));
+    command
+        .arg("--no-migrate")
+        .env("DATABASE_URL", db.url())
+        .env("NOX_DATA_DIR", std::env::temp_dir().join("nox-unused"));
+    let (success, stderr) =
+        tokio::task::spawn_blocking(move || run_expecting_exit_keeping_env(command))
+            .await
+            .expect("join");
+    assert!(!success);
+    assert!(stderr.contains("nox-migrate up"), "{stderr}");
+}

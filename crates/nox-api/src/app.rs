@@ -148,7 +148,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(data_dir = %config.storage.data_dir.display(), "using the embedded PostgreSQL");
     }
     if config.no_migrate {
-        tracing::info!("not applying migrations (--no-migrate)");
+        let pending = database.pending_migrations().await?;
+        if pending > 0 {
+            anyhow::bail!(
+                "the database schema is not current ({pending} migrations pending or changed): run `nox-migrate up`, or start without --no-migrate"
+            );
+        }
+        tracing::info!("schema is current (--no-migrate: not applying migrations)");
     } else {
         let applied = database.migrate().await?;
         tracing::info!(applied = applied.len(), "schema is current");

@@ -45,7 +45,12 @@ pub struct StorageConfig {
 
 /// The Nox API server.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "nox-server", version, about, long_about = None)]
+#[command(
+    name = "nox-server",
+    version,
+    about = "The Nox API server: per-user sandboxes with an audit trail in PostgreSQL.",
+    long_about = None
+)]
 pub struct Config {
     /// Address to listen on.
     #[arg(long, env = "NOX_BIND_ADDR", default_value = "127.0.0.1")]

@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
-use nox_audit_store::{Migrator, PoolOptions, build_pool};
+use nox_audit_store::{MigrationState, Migrator, PoolOptions, build_pool};
 use nox_pg_embed::Cluster;
 
 use crate::config::StorageConfig;
@@ -96,6 +96,16 @@ impl Database {
     pub async fn migrate(&self) -> anyhow::Result<Vec<i64>> {
         let mut client = connect(&self.pg_config).await?;
         Ok(Migrator::new(schema::MIGRATIONS).up(&mut client).await?)
+    }
+
+    /// How many migrations are not applied as this binary knows them.
+    pub async fn pending_migrations(&self) -> anyhow::Result<usize> {
+        let client = connect(&self.pg_config).await?;
+        let statuses = Migrator::new(schema::MIGRATIONS).status(&client).await?;
+        Ok(statuses
+            .iter()
+            .filter(|s| s.state != MigrationState::Applied && s.state != MigrationState::Unknown)
+            .count())
     }
 
     /// Stops the embedded cluster if this process started it.

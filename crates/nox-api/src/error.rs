@@ -4,6 +4,7 @@
 
 use actix_web::body::MessageBody;
 use actix_web::dev::ServiceResponse;
+use actix_web::error::JsonPayloadError;
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
@@ -188,8 +189,13 @@ pub fn configure_extractors(config: &mut web::ServiceConfig) {
             web::PathConfig::default()
                 .error_handler(|error, _| ApiError::InvalidParameter(error.to_string()).into()),
         )
-        .app_data(
-            web::JsonConfig::default()
-                .error_handler(|error, _| ApiError::InvalidParameter(error.to_string()).into()),
-        );
+        .app_data(web::JsonConfig::default().error_handler(|error, _| {
+            let detail = match error {
+                JsonPayloadError::ContentType => {
+                    "the body must be JSON, sent with Content-Type: application/json".to_owned()
+                }
+                other => format!("invalid JSON body: {other}"),
+            };
+            ApiError::InvalidParameter(detail).into()
+        }));
 }

@@ -6,6 +6,7 @@ use nox_audit_model::{AdminAction, AdminActionType};
 use nox_audit_store::admin_actions;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
@@ -101,7 +102,7 @@ fn token_values(token: &TokenInfo) -> Value {
         "token_id": token.id,
         "prefix": token.prefix,
         "name": token.name,
-        "expires_at": token.expires_at.map(|t| t.unix_timestamp()),
+        "expires_at": token.expires_at.and_then(|t| t.format(&Rfc3339).ok()),
     })
 }
 
