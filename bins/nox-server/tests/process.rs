@@ -145,6 +145,24 @@ fn get(url: &str) -> (u16, serde_json::Value) {
     })
 }
 
+fn post_json(url: &str, token: &str, body: serde_json::Value) -> serde_json::Value {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let response = reqwest::Client::new()
+            .post(url)
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        assert!(response.status().is_success(), "{}", response.status());
+        response.json().await.expect("json")
+    })
+}
+
 #[tokio::test]
 async fn sigterm_and_sigint_stop_the_server_gracefully_with_exit_0() {
     let db = TestDb::new().await;
@@ -322,11 +340,23 @@ async fn a_generated_admin_token_is_printed_once_and_never_logged() {
             ("NOX_DATA_DIR", data.as_str()),
         ];
         let mut first = Server::start(&envs);
+        // Create a user and a token over HTTP: their secrets must not reach
+        // the log either.
+        let admin_token = std::fs::read_to_string(std::path::Path::new(&data).join("admin-token"))
+            .expect("admin-token file");
+        let created = post_json(
+            &format!("{}/admin/users", first.base),
+            admin_token.trim(),
+            serde_json::json!({"name": "alice"}),
+        );
+        let user_token = created["token"].as_str().expect("token").to_owned();
         first.signal(Signal::SIGTERM);
         let status = first.wait_exit(Duration::from_secs(30));
         assert!(status.success(), "{status:?} {:#?}", first.log);
         let log = first.log.join("\n");
+        assert!(!log.contains(&user_token), "a user token reached the log");
         let stdout = first.take_stdout();
+        assert!(!stdout.contains(&user_token), "a user token reached stdout");
         let mut second = Server::start(&envs);
         second.signal(Signal::SIGTERM);
         assert!(second.wait_exit(Duration::from_secs(30)).success());
