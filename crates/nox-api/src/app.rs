@@ -7,12 +7,16 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::sync::Arc;
 
 use actix_web::dev::{Server, ServerHandle};
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
 use deadpool_postgres::Pool;
+use nox_audit_actix::{Audit, AuditConfig};
+use nox_audit_model::{Clock, NOX_TAXONOMY, SystemClock};
+use nox_audit_store::{AuditMode, AuditSink, AuditWriter, Spool, WriterConfig};
 use nox_auth::{Authenticator, Secret};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
@@ -27,16 +31,36 @@ use crate::{health, openapi, users};
 pub struct AppState {
     pub pool: Pool,
     pub authenticator: Authenticator,
+    /// Where audit records go.
+    pub audit: AuditSink,
+    pub audit_config: AuditConfig,
     /// The OpenAPI document, rendered once.
     pub openapi: String,
 }
 
+/// What [`AppState::build`] starts besides the state: the audit writer task,
+/// which must be shut down after the server so queued records are written.
+#[derive(Debug)]
+pub struct Background {
+    pub audit_writer: AuditWriter,
+}
+
+impl Background {
+    pub async fn shutdown(self) {
+        self.audit_writer.shutdown().await;
+    }
+}
+
 impl AppState {
-    /// Builds the shared state and makes sure an admin exists: on a database
-    /// with none, creates the user `admin` with the operator's token, or with
-    /// a generated one that is printed once and saved to
-    /// `<NOX_DATA_DIR>/admin-token`.
-    pub async fn build(config: &Config, database: &Database) -> anyhow::Result<AppState> {
+    /// Builds the shared state, starts the audit writer and makes sure an
+    /// admin exists: on a database with none, creates the user `admin` with
+    /// the operator's token, or with a generated one that is printed once
+    /// and saved to `<NOX_DATA_DIR>/admin-token`.
+    pub async fn build(
+        config: &Config,
+        database: &Database,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<(AppState, Background)> {
         let admin_token = config.admin_token()?;
         let pool = database.pool(config.storage.db_pool_size)?;
         let generated = nox_auth::store::bootstrap_admin(&pool, admin_token)
@@ -45,13 +69,44 @@ impl AppState {
         if let Some(token) = generated {
             announce_admin_token(&token, &config.storage.data_dir)?;
         }
-        Ok(AppState {
+        let spool_dir = config.storage.data_dir.join("audit-spool");
+        let spool = Spool::open(&spool_dir)
+            .with_context(|| format!("opening the audit spool {}", spool_dir.display()))?;
+        if config.audit_mode == AuditMode::Off {
+            tracing::warn!(
+                "NOX_AUDIT_MODE=off: requests are NOT audited; use this for benchmarks only"
+            );
+        }
+        let audit_writer = AuditWriter::start(
+            database.pool(AUDIT_WRITER_CONNECTIONS)?,
+            spool,
+            Arc::clone(&clock),
+            WriterConfig {
+                session_idle: time::Duration::seconds(config.session_idle_secs as i64),
+                ..WriterConfig::default()
+            },
+        );
+        let audit_config = AuditConfig {
+            taxonomy: NOX_TAXONOMY,
+            skip_paths: config.audit_skip_paths.clone(),
+            trusted_proxies: config.trusted_proxies.clone(),
+            mode: config.audit_mode,
+            clock,
+        };
+        let state = AppState {
             pool,
             authenticator: Authenticator::new(config.auth_cache_ttl()),
+            audit: audit_writer.sink(),
+            audit_config,
             openapi: openapi::render(),
-        })
+        };
+        Ok((state, Background { audit_writer }))
     }
 }
+
+/// The writer needs one connection; a second lets a spool replay and a
+/// partition check overlap a slow batch.
+const AUDIT_WRITER_CONNECTIONS: usize = 2;
 
 /// Shows a generated admin token exactly once (stdout, never the log) and
 /// keeps it in a file only root and the server's user can read.
@@ -90,7 +145,10 @@ pub fn serve(
     state: web::Data<AppState>,
     config: &Config,
 ) -> std::io::Result<Server> {
+    let audit = Audit::new(state.audit_config.clone(), state.audit.clone());
     let mut server = HttpServer::new(move || {
+        // Wrapped last, so outermost: the audit layer sees every request,
+        // including those inner layers refuse.
         App::new()
             .app_data(state.clone())
             .configure(configure_extractors)
@@ -98,6 +156,7 @@ pub fn serve(
             .default_service(web::to(not_found))
             .wrap(from_fn(resolve_identity))
             .wrap(json_error_handlers())
+            .wrap(audit.clone())
     })
     .shutdown_timeout(config.shutdown_timeout_secs)
     .disable_signals();
@@ -159,7 +218,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let applied = database.migrate().await?;
         tracing::info!(applied = applied.len(), "schema is current");
     }
-    let state = web::Data::new(AppState::build(&config, &database).await?);
+    let (state, background) = AppState::build(&config, &database, Arc::new(SystemClock)).await?;
+    let state = web::Data::new(state);
 
     let listener = TcpListener::bind((config.bind_addr, config.port))
         .with_context(|| format!("binding {}:{}", config.bind_addr, config.port))?;
@@ -169,6 +229,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(signals.stop_server_on_signal(server.handle()));
     server.await.context("the HTTP server failed")?;
 
+    // Write every queued audit record (and replay the spool if possible)
+    // before the database goes away.
+    background.shutdown().await;
     state.pool.close();
     tokio::task::spawn_blocking(move || database.shutdown())
         .await

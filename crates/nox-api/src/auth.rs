@@ -11,7 +11,7 @@ use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::http::header::AUTHORIZATION;
 use actix_web::middleware::Next;
 use actix_web::{FromRequest, HttpMessage, HttpRequest, web};
-use nox_auth::token::parse_bearer;
+use nox_auth::token::{self, parse_bearer};
 use nox_auth::{AuthFailure, Caller, Role};
 
 use crate::app::AppState;
@@ -55,7 +55,14 @@ pub async fn resolve_identity(
         Some(None) => Identity::Invalid,
         Some(Some(token)) => match request.app_data::<web::Data<AppState>>() {
             Some(state) => match state.authenticator.authenticate(&state.pool, &token).await {
-                Ok(caller) => Identity::Caller(caller),
+                Ok(caller) => {
+                    let session_token_hash = hex::encode(&token::hash(&token)[..8]);
+                    nox_audit_actix::record(&request, |details| {
+                        details.user_id = Some(caller.user_id);
+                        details.session_token_hash = Some(session_token_hash);
+                    });
+                    Identity::Caller(caller)
+                }
                 Err(AuthFailure::Invalid) => Identity::Invalid,
                 Err(AuthFailure::Unavailable) => Identity::Unavailable,
             },

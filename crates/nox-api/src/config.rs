@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use ipnet::IpNet;
+use nox_audit_store::AuditMode;
 use nox_auth::Secret;
 
 /// Operator-chosen admin tokens shorter than this are refused.
@@ -90,6 +92,31 @@ pub struct Config {
     /// instance takes to apply (the instance that makes it applies it at once).
     #[arg(long, env = "NOX_AUTH_CACHE_TTL_MS", default_value_t = 4000)]
     pub auth_cache_ttl_ms: u64,
+
+    /// `durable`: a response is sent only once its audit record is committed
+    /// (or spooled to disk); `buffered`: responses do not wait for the
+    /// record; `off`: no audit records at all (benchmarks only).
+    #[arg(long, env = "NOX_AUDIT_MODE", default_value = "durable")]
+    pub audit_mode: AuditMode,
+
+    /// Proxies (addresses or CIDRs, comma-separated) whose X-Forwarded-For
+    /// header is believed for the audit trail's client address.
+    #[arg(long, env = "NOX_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<IpNet>,
+
+    /// Seconds without activity after which an audit session
+    /// ends and the next request opens a new one.
+    #[arg(long, env = "NOX_SESSION_IDLE_SECS", default_value_t = 1800)]
+    pub session_idle_secs: u64,
+
+    /// Paths that are not audited (comma-separated, exact).
+    #[arg(
+        long,
+        env = "NOX_AUDIT_SKIP_PATHS",
+        value_delimiter = ',',
+        default_value = "/health,/metrics"
+    )]
+    pub audit_skip_paths: Vec<String>,
 
     /// Seconds to let in-flight requests finish after SIGTERM or SIGINT.
     #[arg(long, env = "NOX_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]

@@ -13,7 +13,11 @@ const IDENTITY: Migration = Migration {
 
 /// Nox's own migrations and the audit crates', in version order. The test
 /// below checks this list against the files.
-pub const MIGRATIONS: &[Migration] = &[IDENTITY, nox_audit_store::schema::ADMIN_ACTIONS];
+pub const MIGRATIONS: &[Migration] = &[
+    IDENTITY,
+    nox_audit_store::schema::ADMIN_ACTIONS,
+    nox_audit_store::schema::AUDIT_TRAIL,
+];
 
 #[cfg(test)]
 mod tests {

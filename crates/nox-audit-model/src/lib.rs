@@ -3,5 +3,11 @@
 //! service (and any verifier) can depend on it cheaply.
 
 mod admin_action;
+pub mod clock;
+pub mod record;
+pub mod taxonomy;
 
 pub use admin_action::{AdminAction, AdminActionType};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use record::{ACTION_COLUMNS, ActionRecord};
+pub use taxonomy::{ActionKind, NOX_TAXONOMY, Taxonomy};

@@ -8,11 +8,18 @@
 //! - [`schema`]: the audit tables' migrations, as data.
 //! - [`admin_actions`]: recording admin mutations inside the caller's
 //!   transaction.
+//! - [`writer`]: the batched, never-dropping writer of `audit_actions`, with
+//!   its [`spool`] and [`sessions`] tracking.
 
 pub mod admin_actions;
 pub mod migrate;
 pub mod pool;
 pub mod schema;
+pub mod sessions;
+pub mod spool;
+pub mod writer;
 
 pub use migrate::{MigrateError, Migration, MigrationState, MigrationStatus, Migrator};
 pub use pool::{PoolOptions, build_pool};
+pub use spool::Spool;
+pub use writer::{AuditMode, AuditSink, AuditWriter, SinkError, WriterConfig};

@@ -9,5 +9,11 @@ pub const ADMIN_ACTIONS: Migration = Migration {
     sql: include_str!("../../../migrations/0002_audit_admin_actions.sql"),
 };
 
+pub const AUDIT_TRAIL: Migration = Migration {
+    version: 3,
+    name: "audit_trail",
+    sql: include_str!("../../../migrations/0003_audit_trail.sql"),
+};
+
 /// Every audit migration, in version order.
-pub const MIGRATIONS: &[Migration] = &[ADMIN_ACTIONS];
+pub const MIGRATIONS: &[Migration] = &[ADMIN_ACTIONS, AUDIT_TRAIL];

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use actix_web::dev::ServerHandle;
 use actix_web::web;
+use nox_api::app::Background;
 use nox_api::{AppState, Config};
+use nox_audit_model::ManualClock;
 use nox_auth::Secret;
 use reqwest::{Method, RequestBuilder};
 
@@ -22,7 +24,11 @@ pub struct TestApp {
     pub db: Arc<TestDb>,
     pub data_dir: tempfile::TempDir,
     pub client: reqwest::Client,
+    /// The clock the audit layer stamps records with: advance it to move time.
+    pub clock: Arc<ManualClock>,
+    pub state: web::Data<AppState>,
     handle: ServerHandle,
+    background: tokio::sync::Mutex<Option<Background>>,
 }
 
 impl TestApp {
@@ -47,9 +53,12 @@ impl TestApp {
         send(self.request(Method::GET, path, token)).await
     }
 
-    /// Stops the server gracefully and waits for it.
+    /// Stops the server gracefully, then drains the audit writer.
     pub async fn stop(&self) {
         self.handle.stop(true).await;
+        if let Some(background) = self.background.lock().await.take() {
+            background.shutdown().await;
+        }
     }
 }
 
@@ -91,13 +100,14 @@ pub async fn spawn_app_on(db: Arc<TestDb>, adjust: impl FnOnce(&mut Config)) -> 
     let database = nox_api::db::Database::open(&config.storage)
         .await
         .expect("open the test database");
-    let state = web::Data::new(
-        AppState::build(&config, &database)
-            .await
-            .expect("build the app state"),
-    );
+    let clock = Arc::new(ManualClock::default());
+    let (state, background) = AppState::build(&config, &database, clock.clone())
+        .await
+        .expect("build the app state");
+    let state = web::Data::new(state);
     let listener = TcpListener::bind(("127.0.0.1", 0)).expect("bind a free port");
     let address = listener.local_addr().expect("local address");
+    let state_for_test = state.clone();
     let server = nox_api::serve(listener, state, &config).expect("start the server");
     let handle = server.handle();
     tokio::spawn(server);
@@ -106,6 +116,9 @@ pub async fn spawn_app_on(db: Arc<TestDb>, adjust: impl FnOnce(&mut Config)) -> 
         db,
         data_dir,
         client: reqwest::Client::new(),
+        clock,
+        state: state_for_test,
         handle,
+        background: tokio::sync::Mutex::new(Some(background)),
     }
 }

@@ -1,0 +1,21 @@
+//! actix-web middleware for the Nox audit trail: one `audit_actions` row per
+//! request, written through [`nox_audit_store::AuditWriter`].
+//!
+//! Mount [`Audit`] as the outermost layer (`wrap` it last) so requests that
+//! inner layers refuse are recorded too. Handlers add what only they know
+//! (a file path, a command's exit code) with [`record`]; the middleware
+//! fills in the rest: request id (`X-Request-ID`, kept when the client sends
+//! a valid UUID, echoed always), timing, the CPU the worker spent on the
+//! request, sizes, status, matched route and its classification by a
+//! [`nox_audit_model::Taxonomy`].
+//!
+//! See `examples/embed.rs` for a two-route service with its own taxonomy.
+
+mod client_ip;
+mod cpu;
+mod details;
+mod middleware;
+
+pub use client_ip::client_ip;
+pub use details::{AuditDetails, RequestId, record, request_id};
+pub use middleware::{Audit, AuditConfig, REQUEST_ID_HEADER};

@@ -1,0 +1,510 @@
+//! The audit middleware: mount it outermost, so requests refused by any
+//! inner layer (authentication, limits, routing) are recorded too.
+
+use std::cell::Cell;
+use std::future::{Ready, ready};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use actix_web::body::{BodySize, BoxBody, MessageBody};
+use actix_web::dev::{Payload, Service, ServiceRequest, ServiceResponse, Transform, forward_ready};
+use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use actix_web::http::{Method, StatusCode};
+use actix_web::{Error, HttpMessage, HttpResponse};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::future::LocalBoxFuture;
+use ipnet::IpNet;
+use uuid::Uuid;
+
+use nox_audit_model::record::{
+    MAX_COMMAND_TEXT_BYTES, MAX_ENDPOINT_CHARS, MAX_ERROR_DETAILS_CHARS, MAX_USER_AGENT_CHARS,
+    is_success, truncate_bytes, truncate_chars,
+};
+use nox_audit_model::{ActionRecord, Clock, NOX_TAXONOMY, SystemClock, Taxonomy};
+use nox_audit_store::{AuditMode, AuditSink, SinkError};
+
+use crate::client_ip::client_ip;
+use crate::cpu::{CpuMeter, Metered};
+use crate::details::{DetailsCell, RequestId};
+
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// How the middleware classifies, skips and attributes requests.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub taxonomy: Taxonomy,
+    /// Exact paths that are not audited (health checks, scrapes).
+    pub skip_paths: Vec<String>,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    pub mode: AuditMode,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            taxonomy: NOX_TAXONOMY,
+            skip_paths: vec!["/health".into(), "/metrics".into()],
+            trusted_proxies: Vec::new(),
+            mode: AuditMode::Durable,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// The middleware factory: `App::new().wrap(Audit::new(config, sink))`.
+#[derive(Debug, Clone)]
+pub struct Audit {
+    config: Arc<AuditConfig>,
+    sink: AuditSink,
+}
+
+impl Audit {
+    pub fn new(config: AuditConfig, sink: AuditSink) -> Self {
+        Audit {
+            config: Arc::new(config),
+            sink,
+        }
+    }
+}
+
+impl<S, B> Transform<S, ServiceRequest> for Audit
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<BoxBody>;
+    type Error = Error;
+    type Transform = AuditMiddleware<S>;
+    type InitError = ();
+    type Future = Ready<Result<Self::Transform, Self::InitError>>;
+
+    fn new_transform(&self, service: S) -> Self::Future {
+        ready(Ok(AuditMiddleware {
+            service: Rc::new(service),
+            config: Arc::clone(&self.config),
+            sink: self.sink.clone(),
+        }))
+    }
+}
+
+#[derive(Debug)]
+pub struct AuditMiddleware<S> {
+    service: Rc<S>,
+    config: Arc<AuditConfig>,
+    sink: AuditSink,
+}
+
+impl<S, B> Service<ServiceRequest> for AuditMiddleware<S>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<BoxBody>;
+    type Error = Error;
+    type Future = LocalBoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    forward_ready!(service);
+
+    fn call(&self, mut request: ServiceRequest) -> Self::Future {
+        let request_id = request
+            .headers()
+            .get(REQUEST_ID_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|text| Uuid::parse_str(text.trim()).ok())
+            .unwrap_or_else(Uuid::now_v7);
+        request.extensions_mut().insert(RequestId(request_id));
+        let service = Rc::clone(&self.service);
+
+        let audited = self.config.mode != AuditMode::Off
+            && !self.config.skip_paths.iter().any(|p| p == request.path());
+        if !audited {
+            return Box::pin(async move {
+                let response = service.call(request).await?.map_into_boxed_body();
+                Ok(with_request_id(response, request_id))
+            });
+        }
+        if self.sink.status().is_down() && !is_read_only(request.method()) {
+            // Neither the database nor the spool takes records: a change
+            // made now could not be accounted for, so refuse it up front.
+            let response = unavailable(
+                "the audit trail is unavailable: changes are refused until it recovers",
+            );
+            return Box::pin(ready(Ok(with_request_id(
+                request.into_response(response),
+                request_id,
+            ))));
+        }
+
+        let details = DetailsCell::default();
+        request.extensions_mut().insert(details.clone());
+        let body_bytes = Rc::new(Cell::new(0u64));
+        count_request_body(&mut request, Rc::clone(&body_bytes));
+        let pending = PendingRecord {
+            started: Instant::now(),
+            meter: CpuMeter::default(),
+            details,
+            body_bytes,
+            request_head: request_head_size(&request),
+            response_head: 0,
+            record: ActionRecord {
+                id: Uuid::now_v7(),
+                timestamp: self.config.clock.now(),
+                request_id,
+                session_id: None,
+                user_id: None,
+                endpoint: truncate_chars(request.path(), MAX_ENDPOINT_CHARS),
+                route: String::new(),
+                http_method: request.method().as_str().to_owned(),
+                action_type: String::new(),
+                action_category: String::new(),
+                client_ip: client_ip(
+                    request.peer_addr().map(|a| a.ip()),
+                    request.headers(),
+                    &self.config.trusted_proxies,
+                ),
+                user_agent: request.headers().get(header::USER_AGENT).map(|v| {
+                    truncate_chars(&String::from_utf8_lossy(v.as_bytes()), MAX_USER_AGENT_CHARS)
+                }),
+                request_size: 0,
+                response_size: 0,
+                status_code: 0,
+                success: false,
+                response_time_ms: 0.0,
+                cpu_time_ms: None,
+                memory_peak_mb: None,
+                file_path: None,
+                file_size_bytes: None,
+                files_affected: None,
+                command_type: None,
+                command_text: None,
+                exit_code: None,
+                stdout_size: None,
+                stderr_size: None,
+                quota_violation: false,
+                quota_consumed: None,
+                quota_remaining: None,
+                metadata: None,
+                error_details: None,
+                session_token_hash: None,
+            },
+        };
+        let call = Metered {
+            inner: Box::pin(service.call(request)),
+            meter: pending.meter.clone(),
+        };
+        let config = Arc::clone(&self.config);
+        let sink = self.sink.clone();
+        let durable = config.mode == AuditMode::Durable;
+        Box::pin(async move {
+            let mut pending = pending;
+            let response = match call.await {
+                Ok(response) => response,
+                Err(error) => {
+                    // An error no inner layer turned into a response: record
+                    // it with the status it will be answered with.
+                    let status = error.as_response_error().status_code();
+                    pending.classify(&config.taxonomy, None, status);
+                    let record = pending.finish(0, None);
+                    if let Err(sink_error) = sink.submit(record, durable).await {
+                        tracing::error!(%sink_error, "a request's audit record could not be stored");
+                    }
+                    return Err(error);
+                }
+            };
+            let route = response.request().match_pattern();
+            pending.classify(&config.taxonomy, route.as_deref(), response.status());
+            let response = with_request_id(response.map_into_boxed_body(), request_id);
+            pending.response_head = response_head_size(response.status(), response.headers());
+            let (http_request, response) = response.into_parts();
+            let (response, body) = response.into_parts();
+            match body.try_into_bytes() {
+                Ok(bytes) => {
+                    // The whole body is known: finish the record now.
+                    let error_body = (!pending.record.success).then_some(&bytes[..]);
+                    let record = pending.finish(bytes.len() as u64, error_body);
+                    if let Err(error) = sink.submit(record, durable).await {
+                        tracing::error!(%error, "a request's audit record could not be stored");
+                        let refusal = with_request_id(
+                            ServiceResponse::new(
+                                http_request,
+                                unavailable("the audit trail is unavailable"),
+                            ),
+                            request_id,
+                        );
+                        return Ok(refusal);
+                    }
+                    Ok(ServiceResponse::new(
+                        http_request,
+                        response.set_body(BoxBody::new(bytes)),
+                    ))
+                }
+                Err(body) => {
+                    let body = AuditBody {
+                        inner: body,
+                        pending: Some(pending),
+                        sink,
+                        durable,
+                        sent: 0,
+                        held: None,
+                        committing: None,
+                        finished: false,
+                    };
+                    Ok(ServiceResponse::new(
+                        http_request,
+                        response.set_body(BoxBody::new(body)),
+                    ))
+                }
+            }
+        })
+    }
+}
+
+fn is_read_only(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+fn unavailable(detail: &str) -> HttpResponse {
+    HttpResponse::ServiceUnavailable().json(serde_json::json!({
+        "detail": detail,
+        "code": "service_unavailable",
+    }))
+}
+
+fn with_request_id(
+    mut response: ServiceResponse<BoxBody>,
+    request_id: Uuid,
+) -> ServiceResponse<BoxBody> {
+    if let Ok(value) = HeaderValue::from_str(&request_id.to_string()) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static(REQUEST_ID_HEADER), value);
+    }
+    response
+}
+
+/// Counts the request body's bytes as the handler reads them.
+fn count_request_body(request: &mut ServiceRequest, counter: Rc<Cell<u64>>) {
+    let payload = request.take_payload();
+    let counted = payload.map(move |chunk| {
+        if let Ok(bytes) = &chunk {
+            counter.set(counter.get() + bytes.len() as u64);
+        }
+        chunk
+    });
+    request.set_payload(Payload::from(
+        Box::pin(counted) as Pin<Box<dyn futures_util::Stream<Item = _>>>
+    ));
+}
+
+fn headers_size(headers: &HeaderMap) -> u64 {
+    headers
+        .iter()
+        .map(|(name, value)| (name.as_str().len() + value.len() + 4) as u64)
+        .sum()
+}
+
+/// The request line and headers as they arrived (HTTP/1.1 framing).
+fn request_head_size(request: &ServiceRequest) -> u64 {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or(1, |pq| pq.as_str().len());
+    (request.method().as_str().len() + 1 + target + 11) as u64 + headers_size(request.headers()) + 2
+}
+
+/// The status line and headers, plus the `content-length` and `date`
+/// headers actix adds when it writes them.
+fn response_head_size(status: StatusCode, headers: &HeaderMap) -> u64 {
+    let reason = status.canonical_reason().map_or(0, str::len);
+    (13 + reason + 2) as u64 + headers_size(headers) + 40 + 37 + 2
+}
+
+/// A record waiting for the end of its response.
+struct PendingRecord {
+    record: ActionRecord,
+    started: Instant,
+    meter: CpuMeter,
+    details: DetailsCell,
+    body_bytes: Rc<Cell<u64>>,
+    request_head: u64,
+    response_head: u64,
+}
+
+impl PendingRecord {
+    fn classify(&mut self, taxonomy: &Taxonomy, route: Option<&str>, status: StatusCode) {
+        let kind = taxonomy.classify(&self.record.http_method, route);
+        self.record.route = route.unwrap_or("unmatched").to_owned();
+        self.record.action_type = kind.action_type.to_owned();
+        self.record.action_category = kind.category.to_owned();
+        self.record.status_code = status.as_u16() as i16;
+        self.record.success = is_success(status.as_u16());
+    }
+
+    /// Completes the record once `body_len` bytes of body were sent.
+    fn finish(mut self, body_len: u64, error_body: Option<&[u8]>) -> ActionRecord {
+        let elapsed = self.started.elapsed();
+        let details = self.details.0.borrow().clone();
+        let record = &mut self.record;
+        record.response_time_ms = (elapsed.as_micros() as f64) / 1000.0;
+        record.request_size = (self.request_head + self.body_bytes.get()) as i64;
+        record.response_size = (self.response_head + body_len) as i64;
+        record.cpu_time_ms = Some(details.cpu_time_ms.unwrap_or_else(|| self.meter.millis()));
+        record.user_id = details.user_id;
+        record.session_token_hash = details.session_token_hash;
+        record.memory_peak_mb = details.memory_peak_mb;
+        record.file_path = details.file_path;
+        record.file_size_bytes = details.file_size_bytes;
+        record.files_affected = details.files_affected;
+        record.command_type = details.command_type;
+        record.command_text = details
+            .command_text
+            .map(|text| truncate_bytes(&text, MAX_COMMAND_TEXT_BYTES));
+        record.exit_code = details.exit_code;
+        record.stdout_size = details.stdout_size;
+        record.stderr_size = details.stderr_size;
+        record.quota_violation = details.quota_violation;
+        record.quota_consumed = details.quota_consumed;
+        record.quota_remaining = details.quota_remaining;
+        record.metadata = (!details.metadata.is_empty()).then(|| details.metadata.into());
+        record.error_details = details
+            .error_details
+            .or_else(|| error_body.and_then(error_detail))
+            .map(|text| truncate_chars(&text, MAX_ERROR_DETAILS_CHARS));
+        self.record
+    }
+}
+
+/// The `detail` of a JSON error body, or its text.
+fn error_detail(body: &[u8]) -> Option<String> {
+    if body.is_empty() {
+        return None;
+    }
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(value) => value.get("detail").map(|detail| {
+            detail
+                .as_str()
+                .map_or_else(|| detail.to_string(), str::to_owned)
+        }),
+        Err(_) => Some(String::from_utf8_lossy(body).into_owned()),
+    }
+}
+
+/// A streamed response body: counts what is sent and completes the record
+/// when the body ends. In durable mode the last chunk is held back until the
+/// record is committed, so a client never has the whole response of a
+/// request that left no record.
+struct AuditBody {
+    inner: BoxBody,
+    pending: Option<PendingRecord>,
+    sink: AuditSink,
+    durable: bool,
+    sent: u64,
+    held: Option<Bytes>,
+    committing: Option<LocalBoxFuture<'static, Result<(), SinkError>>>,
+    finished: bool,
+}
+
+impl MessageBody for AuditBody {
+    type Error = Box<dyn std::error::Error>;
+
+    fn size(&self) -> BodySize {
+        self.inner.size()
+    }
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(commit) = &mut this.committing {
+                let result = std::task::ready!(commit.as_mut().poll(cx));
+                this.committing = None;
+                if let Err(error) = result {
+                    tracing::error!(%error, "a streamed response's audit record could not be stored");
+                    return Poll::Ready(Some(Err(Box::new(error))));
+                }
+            }
+            if this.finished {
+                return Poll::Ready(this.held.take().map(Ok));
+            }
+            let meter = this
+                .pending
+                .as_ref()
+                .map(|p| p.meter.clone())
+                .unwrap_or_default();
+            let inner = &mut this.inner;
+            let polled = meter.measure(|| Pin::new(inner).poll_next(cx));
+            match polled {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(chunk))) => {
+                    this.sent += chunk.len() as u64;
+                    if !this.durable {
+                        return Poll::Ready(Some(Ok(chunk)));
+                    }
+                    if let Some(previous) = this.held.replace(chunk) {
+                        return Poll::Ready(Some(Ok(previous)));
+                    }
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    this.finished = true;
+                    this.submit_in_background(Some("the response body failed"));
+                    return Poll::Ready(Some(Err(error)));
+                }
+                Poll::Ready(None) => {
+                    this.finished = true;
+                    if let Some(pending) = this.pending.take() {
+                        let record = pending.finish(this.sent, None);
+                        if this.durable {
+                            let sink = this.sink.clone();
+                            this.committing =
+                                Some(Box::pin(async move { sink.submit(record, true).await }));
+                        } else {
+                            spawn_submit(this.sink.clone(), record);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl AuditBody {
+    /// Completes the record without waiting (the client is gone or the body
+    /// failed: nobody waits for the commit).
+    fn submit_in_background(&mut self, error: Option<&str>) {
+        if let Some(pending) = self.pending.take() {
+            let mut record = pending.finish(self.sent, None);
+            if let Some(error) = error {
+                record.error_details.get_or_insert_with(|| error.to_owned());
+            }
+            spawn_submit(self.sink.clone(), record);
+        }
+    }
+}
+
+impl Drop for AuditBody {
+    fn drop(&mut self) {
+        // The client disconnected before the body ended: still record it.
+        self.submit_in_background(Some("the client disconnected before the response ended"));
+    }
+}
+
+fn spawn_submit(sink: AuditSink, record: ActionRecord) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn(async move {
+                if let Err(error) = sink.submit(record, false).await {
+                    tracing::error!(%error, "an audit record could not be queued");
+                }
+            });
+        }
+        Err(_) => tracing::error!("an audit record was completed outside a runtime and is lost"),
+    }
+}

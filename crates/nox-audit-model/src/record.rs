@@ -1,0 +1,148 @@
+//! One audit record per request: a row of `audit_actions`.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// Longest stored values; longer ones are cut (on a character boundary).
+pub const MAX_ENDPOINT_CHARS: usize = 1024;
+pub const MAX_USER_AGENT_CHARS: usize = 500;
+pub const MAX_COMMAND_TEXT_BYTES: usize = 4096;
+pub const MAX_ERROR_DETAILS_CHARS: usize = 1000;
+
+/// Every column of `audit_actions`, in the table's order. Serialisable so
+/// the writer can spool records to disk while the database is away.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActionRecord {
+    pub id: Uuid,
+    #[serde(with = "time::serde::rfc3339")]
+    pub timestamp: OffsetDateTime,
+    pub request_id: Uuid,
+    pub session_id: Option<Uuid>,
+    pub user_id: Option<Uuid>,
+    pub endpoint: String,
+    pub route: String,
+    pub http_method: String,
+    pub action_type: String,
+    pub action_category: String,
+    pub client_ip: Option<IpAddr>,
+    pub user_agent: Option<String>,
+    pub request_size: i64,
+    pub response_size: i64,
+    pub status_code: i16,
+    pub success: bool,
+    pub response_time_ms: f64,
+    pub cpu_time_ms: Option<f64>,
+    pub memory_peak_mb: Option<f64>,
+    pub file_path: Option<String>,
+    pub file_size_bytes: Option<i64>,
+    pub files_affected: Option<i32>,
+    pub command_type: Option<String>,
+    pub command_text: Option<String>,
+    pub exit_code: Option<i32>,
+    pub stdout_size: Option<i64>,
+    pub stderr_size: Option<i64>,
+    pub quota_violation: bool,
+    pub quota_consumed: Option<Value>,
+    pub quota_remaining: Option<Value>,
+    pub metadata: Option<Value>,
+    pub error_details: Option<String>,
+    /// Not a column: the first 16 hex digits of SHA-256(token), which with
+    /// `user_id` identifies the session. The writer assigns `session_id`.
+    pub session_token_hash: Option<String>,
+}
+
+/// The column names of `audit_actions`, in order.
+pub const ACTION_COLUMNS: &[&str] = &[
+    "id",
+    "timestamp",
+    "request_id",
+    "session_id",
+    "user_id",
+    "endpoint",
+    "route",
+    "http_method",
+    "action_type",
+    "action_category",
+    "client_ip",
+    "user_agent",
+    "request_size",
+    "response_size",
+    "status_code",
+    "success",
+    "response_time_ms",
+    "cpu_time_ms",
+    "memory_peak_mb",
+    "file_path",
+    "file_size_bytes",
+    "files_affected",
+    "command_type",
+    "command_text",
+    "exit_code",
+    "stdout_size",
+    "stderr_size",
+    "quota_violation",
+    "quota_consumed",
+    "quota_remaining",
+    "metadata",
+    "error_details",
+];
+
+/// `2xx` and `3xx` count as success.
+pub fn is_success(status: u16) -> bool {
+    (200..400).contains(&status)
+}
+
+/// Milliseconds with microsecond precision, as stored.
+pub fn millis_from_micros(micros: u64) -> f64 {
+    micros as f64 / 1000.0
+}
+
+/// Cuts `text` to at most `max` characters.
+pub fn truncate_chars(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => text[..cut].to_owned(),
+        None => text.to_owned(),
+    }
+}
+
+/// Cuts `text` to at most `max` bytes, on a character boundary.
+pub fn truncate_bytes(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text[..cut].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn success_is_2xx_and_3xx() {
+        assert!(!is_success(199));
+        assert!(is_success(200) && is_success(304) && is_success(399));
+        assert!(!is_success(400) && !is_success(503));
+    }
+
+    #[test]
+    fn truncation_respects_characters() {
+        assert_eq!(truncate_chars("héllo", 2), "hé");
+        assert_eq!(truncate_chars("abc", 5), "abc");
+        assert_eq!(truncate_bytes("héllo", 2), "h");
+        assert_eq!(truncate_bytes("héllo", 3), "hé");
+    }
+
+    #[test]
+    fn microsecond_precision() {
+        assert_eq!(millis_from_micros(1_234), 1.234);
+        assert_eq!(millis_from_micros(0), 0.0);
+    }
+}

@@ -1,0 +1,616 @@
+//! The audit writer: a bounded queue in front of one task that writes records
+//! to PostgreSQL in batches (binary `COPY`, one transaction per batch).
+//!
+//! Nothing is ever dropped. A full queue makes senders wait. When PostgreSQL
+//! cannot take a batch, the batch goes to the fsynced [`Spool`] and is
+//! replayed, idempotently by id, once PostgreSQL is back. Only when neither
+//! can take a batch do its senders get an error (and the sink reports itself
+//! down, so callers can refuse mutations up front).
+
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration as StdDuration;
+
+use deadpool_postgres::Pool;
+use time::{Duration, OffsetDateTime};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_postgres::GenericClient;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+
+use nox_audit_model::{ACTION_COLUMNS, ActionRecord, Clock};
+
+use crate::sessions::{SessionRow, SessionTracker};
+use crate::spool::Spool;
+
+/// How records reach the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditMode {
+    /// The response waits until its record is committed (or spooled).
+    Durable,
+    /// The response does not wait; the record is queued.
+    Buffered,
+    /// No records at all (for benchmarks).
+    Off,
+}
+
+impl std::str::FromStr for AuditMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "durable" => Ok(AuditMode::Durable),
+            "buffered" => Ok(AuditMode::Buffered),
+            "off" => Ok(AuditMode::Off),
+            other => Err(format!(
+                "unknown audit mode {other:?}: use durable, buffered or off"
+            )),
+        }
+    }
+}
+
+impl AuditMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditMode::Durable => "durable",
+            AuditMode::Buffered => "buffered",
+            AuditMode::Off => "off",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    pub queue_capacity: usize,
+    pub max_batch: usize,
+    pub session_idle: Duration,
+    /// How often the writer retries the spool and sweeps idle sessions.
+    pub tick: StdDuration,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        WriterConfig {
+            queue_capacity: 10_000,
+            max_batch: 1_000,
+            session_idle: Duration::minutes(30),
+            tick: StdDuration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("the audit trail can take no records: the database and the spool both failed")]
+    Unavailable,
+    #[error("the audit writer has stopped")]
+    Stopped,
+}
+
+/// What the writer reports about itself (`/admin/audit/status`).
+#[derive(Debug, Default)]
+pub struct SinkStatus {
+    queue_capacity: AtomicU64,
+    database_up: AtomicBool,
+    /// Set while neither the database nor the spool can take records.
+    down: AtomicBool,
+    rows_written: AtomicU64,
+    spool_rows: AtomicU64,
+    spool_files: AtomicU64,
+    sessions_opened: AtomicU64,
+    last_write_at: Mutex<Option<OffsetDateTime>>,
+    last_error: Mutex<Option<String>>,
+}
+
+impl SinkStatus {
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
+    }
+    pub fn database_up(&self) -> bool {
+        self.database_up.load(Ordering::Relaxed)
+    }
+    pub fn rows_written(&self) -> u64 {
+        self.rows_written.load(Ordering::Relaxed)
+    }
+    pub fn spool_rows(&self) -> u64 {
+        self.spool_rows.load(Ordering::Relaxed)
+    }
+    pub fn spool_files(&self) -> u64 {
+        self.spool_files.load(Ordering::Relaxed)
+    }
+    pub fn sessions_opened(&self) -> u64 {
+        self.sessions_opened.load(Ordering::Relaxed)
+    }
+    pub fn last_write_at(&self) -> Option<OffsetDateTime> {
+        *self.last_write_at.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+    fn set_error(&self, error: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
+    }
+}
+
+type Ack = oneshot::Sender<Result<(), SinkError>>;
+
+#[derive(Debug)]
+enum Message {
+    Record(Box<ActionRecord>, Option<Ack>),
+    /// Drain everything queued before it, replay the spool, stop.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// The sending side; cheap to clone, one per worker is fine.
+#[derive(Debug, Clone)]
+pub struct AuditSink {
+    sender: mpsc::Sender<Message>,
+    status: Arc<SinkStatus>,
+}
+
+impl AuditSink {
+    /// Queues a record, waiting for room. With `wait_commit`, returns only
+    /// once the record is committed or spooled.
+    pub async fn submit(&self, record: ActionRecord, wait_commit: bool) -> Result<(), SinkError> {
+        if !wait_commit {
+            return self
+                .sender
+                .send(Message::Record(Box::new(record), None))
+                .await
+                .map_err(|_| SinkError::Stopped);
+        }
+        let (ack, done) = oneshot::channel();
+        self.sender
+            .send(Message::Record(Box::new(record), Some(ack)))
+            .await
+            .map_err(|_| SinkError::Stopped)?;
+        done.await.map_err(|_| SinkError::Stopped)?
+    }
+
+    pub fn status(&self) -> &SinkStatus {
+        &self.status
+    }
+
+    /// Records waiting in the queue.
+    pub fn queue_depth(&self) -> u64 {
+        self.status.queue_capacity.load(Ordering::Relaxed) - self.sender.capacity() as u64
+    }
+}
+
+/// Owns the writer task.
+#[derive(Debug)]
+pub struct AuditWriter {
+    sink: AuditSink,
+    task: JoinHandle<()>,
+}
+
+impl AuditWriter {
+    /// Starts the writer task on the current Tokio runtime.
+    pub fn start(
+        pool: Pool,
+        spool: Spool,
+        clock: Arc<dyn Clock>,
+        config: WriterConfig,
+    ) -> AuditWriter {
+        let (sender, receiver) = mpsc::channel(config.queue_capacity);
+        let status = Arc::new(SinkStatus::default());
+        status
+            .queue_capacity
+            .store(config.queue_capacity as u64, Ordering::Relaxed);
+        status.database_up.store(true, Ordering::Relaxed);
+        if let Ok(rows) = spool.count_actions() {
+            status.spool_rows.store(rows, Ordering::Relaxed);
+            status.spool_files.store(
+                spool.pending().map_or(0, |p| p.len() as u64),
+                Ordering::Relaxed,
+            );
+        }
+        let task = Task {
+            pool,
+            spool,
+            clock,
+            sessions: SessionTracker::new(config.session_idle),
+            config,
+            status: Arc::clone(&status),
+            receiver,
+        };
+        AuditWriter {
+            sink: AuditSink { sender, status },
+            task: tokio::spawn(task.run()),
+        }
+    }
+
+    pub fn sink(&self) -> AuditSink {
+        self.sink.clone()
+    }
+
+    /// Writes everything queued so far, replays the spool if the database is
+    /// reachable, and stops the task.
+    pub async fn shutdown(self) {
+        let (done, finished) = oneshot::channel();
+        if self.sink.sender.send(Message::Shutdown(done)).await.is_ok() {
+            let _ = finished.await;
+        }
+        let _ = self.task.await;
+    }
+}
+
+struct Task {
+    pool: Pool,
+    spool: Spool,
+    clock: Arc<dyn Clock>,
+    sessions: SessionTracker,
+    config: WriterConfig,
+    status: Arc<SinkStatus>,
+    receiver: mpsc::Receiver<Message>,
+}
+
+impl Task {
+    async fn run(mut self) {
+        ensure_partitions(&self.pool, self.clock.now()).await;
+        let mut tick = tokio::time::interval(self.config.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_partition_check = self.clock.now();
+        loop {
+            let first = tokio::select! {
+                message = self.receiver.recv() => message,
+                _ = tick.tick() => {
+                    self.sessions.end_idle(self.clock.now());
+                    self.write_batch(Vec::new()).await;
+                    self.replay_spool().await;
+                    let now = self.clock.now();
+                    if now - last_partition_check > Duration::hours(1) {
+                        ensure_partitions(&self.pool, now).await;
+                        last_partition_check = now;
+                    }
+                    continue;
+                }
+            };
+            let Some(first) = first else { break };
+            let mut batch = Vec::with_capacity(self.config.max_batch);
+            let mut shutdown = None;
+            match first {
+                Message::Record(record, ack) => batch.push((record, ack)),
+                Message::Shutdown(done) => shutdown = Some(done),
+            }
+            while shutdown.is_none() && batch.len() < self.config.max_batch {
+                match self.receiver.try_recv() {
+                    Ok(Message::Record(record, ack)) => batch.push((record, ack)),
+                    Ok(Message::Shutdown(done)) => shutdown = Some(done),
+                    Err(_) => break,
+                }
+            }
+            self.write_batch(batch).await;
+            if let Some(done) = shutdown {
+                self.sessions.end_idle(self.clock.now());
+                self.write_batch(Vec::new()).await;
+                self.replay_spool().await;
+                let _ = done.send(());
+                break;
+            }
+        }
+    }
+
+    /// Writes one batch (and any changed sessions) to the database, or else
+    /// to the spool, and answers every waiting sender.
+    async fn write_batch(&mut self, batch: Vec<(Box<ActionRecord>, Option<Ack>)>) {
+        let mut records = Vec::with_capacity(batch.len());
+        let mut acks = Vec::new();
+        for (mut record, ack) in batch {
+            self.sessions.assign(&mut record);
+            records.push(*record);
+            acks.extend(ack);
+        }
+        let sessions = self.sessions.take_changes();
+        if records.is_empty() && sessions.is_empty() {
+            return;
+        }
+        self.status
+            .sessions_opened
+            .store(self.sessions.opened(), Ordering::Relaxed);
+        let result = match insert(&self.pool, &sessions, &records, InsertTarget::Direct).await {
+            Ok(()) => {
+                self.status.database_up.store(true, Ordering::Relaxed);
+                self.status.down.store(false, Ordering::Relaxed);
+                self.status
+                    .rows_written
+                    .fetch_add(records.len() as u64, Ordering::Relaxed);
+                *self
+                    .status
+                    .last_write_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(OffsetDateTime::now_utc());
+                Ok(())
+            }
+            Err(error) => {
+                tracing::warn!(%error, rows = records.len(), "audit batch not written to the database; spooling it");
+                self.status.database_up.store(false, Ordering::Relaxed);
+                self.status.set_error(Some(format!("database: {error}")));
+                self.spool_batch(sessions, records).await
+            }
+        };
+        for ack in acks {
+            let _ = ack.send(match &result {
+                Ok(()) => Ok(()),
+                Err(()) => Err(SinkError::Unavailable),
+            });
+        }
+    }
+
+    async fn spool_batch(
+        &mut self,
+        sessions: Vec<SessionRow>,
+        records: Vec<ActionRecord>,
+    ) -> Result<(), ()> {
+        let spool = self.spool.clone();
+        let count = records.len() as u64;
+        let kept_sessions = sessions.clone();
+        let written = tokio::task::spawn_blocking(move || spool.append(&sessions, &records)).await;
+        match written {
+            Ok(Ok(path)) => {
+                tracing::info!(file = %path.display(), rows = count, "audit batch spooled");
+                self.status.down.store(false, Ordering::Relaxed);
+                self.status.spool_rows.fetch_add(count, Ordering::Relaxed);
+                self.status.spool_files.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(Err(error)) => {
+                tracing::error!(%error, rows = count, "audit batch could not be spooled either");
+                self.fail_both(kept_sessions, format!("spool: {error}"));
+                Err(())
+            }
+            Err(error) => {
+                tracing::error!(%error, "the spool task failed");
+                self.fail_both(kept_sessions, format!("spool: {error}"));
+                Err(())
+            }
+        }
+    }
+
+    fn fail_both(&mut self, sessions: Vec<SessionRow>, error: String) {
+        self.status.down.store(true, Ordering::Relaxed);
+        self.status.set_error(Some(error));
+        // The records were refused (their requests fail); keep the sessions.
+        self.sessions.restore_changes(sessions);
+    }
+
+    /// Replays spool files, oldest first, until one fails.
+    async fn replay_spool(&mut self) {
+        let Ok(files) = self.spool.pending() else {
+            return;
+        };
+        for path in files {
+            let read_path = path.clone();
+            let batch = match tokio::task::spawn_blocking(move || Spool::read(&read_path)).await {
+                Ok(Ok(batch)) => batch,
+                Ok(Err(error)) => {
+                    tracing::error!(file = %path.display(), %error, "unreadable spool file left in place");
+                    self.status
+                        .set_error(Some(format!("spool file {}: {error}", path.display())));
+                    continue;
+                }
+                Err(_) => return,
+            };
+            match insert(
+                &self.pool,
+                &batch.sessions,
+                &batch.actions,
+                InsertTarget::Idempotent,
+            )
+            .await
+            {
+                Ok(()) => {
+                    if let Err(error) = self.spool.remove(&path) {
+                        tracing::error!(file = %path.display(), %error, "replayed spool file could not be removed");
+                        return;
+                    }
+                    let rows = batch.actions.len() as u64;
+                    tracing::info!(file = %path.display(), rows, "audit spool file replayed");
+                    self.status.database_up.store(true, Ordering::Relaxed);
+                    self.status.rows_written.fetch_add(rows, Ordering::Relaxed);
+                    self.status
+                        .spool_rows
+                        .fetch_sub(rows.min(self.status.spool_rows()), Ordering::Relaxed);
+                    self.status
+                        .spool_files
+                        .fetch_sub(1.min(self.status.spool_files()), Ordering::Relaxed);
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "spool replay postponed: the database is still unreachable");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Creates this month's and next month's partitions.
+async fn ensure_partitions(pool: &Pool, now: OffsetDateTime) {
+    let result = async {
+        let client = pool.get().await.map_err(|e| e.to_string())?;
+        client
+            .execute("SELECT audit_ensure_partitions($1, 2)", &[&now.date()])
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    if let Err(error) = result {
+        tracing::warn!(%error, "could not create the audit partitions (rows go to the default partition)");
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertTarget {
+    /// `COPY` straight into `audit_actions`.
+    Direct,
+    /// `COPY` into a staging table, then insert what is not there yet: for
+    /// replays, which may repeat rows already written.
+    Idempotent,
+}
+
+const COLUMN_TYPES: &[Type] = &[
+    Type::UUID,
+    Type::TIMESTAMPTZ,
+    Type::UUID,
+    Type::UUID,
+    Type::UUID,
+    Type::VARCHAR,
+    Type::TEXT,
+    Type::VARCHAR,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INET,
+    Type::TEXT,
+    Type::INT8,
+    Type::INT8,
+    Type::INT2,
+    Type::BOOL,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::TEXT,
+    Type::INT8,
+    Type::INT4,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT4,
+    Type::INT8,
+    Type::INT8,
+    Type::BOOL,
+    Type::JSONB,
+    Type::JSONB,
+    Type::JSONB,
+    Type::TEXT,
+];
+
+/// Writes sessions and records in one transaction.
+pub async fn insert(
+    pool: &Pool,
+    sessions: &[SessionRow],
+    records: &[ActionRecord],
+    target: InsertTarget,
+) -> Result<(), InsertError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    if !sessions.is_empty() {
+        upsert_sessions(&*tx, sessions).await?;
+    }
+    if !records.is_empty() {
+        let columns = ACTION_COLUMNS
+            .iter()
+            .map(|c| format!("\"{c}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let table = match target {
+            InsertTarget::Direct => "audit_actions",
+            InsertTarget::Idempotent => {
+                tx.batch_execute(
+                    "CREATE TEMP TABLE audit_replay (LIKE audit_actions) ON COMMIT DROP",
+                )
+                .await?;
+                "audit_replay"
+            }
+        };
+        let sink = tx
+            .copy_in(&format!("COPY {table} ({columns}) FROM STDIN BINARY"))
+            .await?;
+        let mut writer = pin!(BinaryCopyInWriter::new(sink, COLUMN_TYPES));
+        for record in records {
+            writer.as_mut().write(&row_values(record)).await?;
+        }
+        writer.finish().await?;
+        if target == InsertTarget::Idempotent {
+            tx.batch_execute(&format!(
+                "INSERT INTO audit_actions ({columns}) SELECT {columns} FROM audit_replay ON CONFLICT DO NOTHING"
+            ))
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+fn row_values(r: &ActionRecord) -> [&(dyn ToSql + Sync); 32] {
+    [
+        &r.id,
+        &r.timestamp,
+        &r.request_id,
+        &r.session_id,
+        &r.user_id,
+        &r.endpoint,
+        &r.route,
+        &r.http_method,
+        &r.action_type,
+        &r.action_category,
+        &r.client_ip,
+        &r.user_agent,
+        &r.request_size,
+        &r.response_size,
+        &r.status_code,
+        &r.success,
+        &r.response_time_ms,
+        &r.cpu_time_ms,
+        &r.memory_peak_mb,
+        &r.file_path,
+        &r.file_size_bytes,
+        &r.files_affected,
+        &r.command_type,
+        &r.command_text,
+        &r.exit_code,
+        &r.stdout_size,
+        &r.stderr_size,
+        &r.quota_violation,
+        &r.quota_consumed,
+        &r.quota_remaining,
+        &r.metadata,
+        &r.error_details,
+    ]
+}
+
+async fn upsert_sessions<C: GenericClient>(
+    client: &C,
+    sessions: &[SessionRow],
+) -> Result<(), tokio_postgres::Error> {
+    let ids: Vec<_> = sessions.iter().map(|s| s.id).collect();
+    let users: Vec<_> = sessions.iter().map(|s| s.user_id).collect();
+    let hashes: Vec<_> = sessions
+        .iter()
+        .map(|s| s.session_token_hash.as_str())
+        .collect();
+    let ips: Vec<_> = sessions.iter().map(|s| s.client_ip).collect();
+    let agents: Vec<_> = sessions.iter().map(|s| s.user_agent.as_deref()).collect();
+    let started: Vec<_> = sessions.iter().map(|s| s.started_at).collect();
+    let last: Vec<_> = sessions.iter().map(|s| s.last_activity).collect();
+    let ended: Vec<_> = sessions.iter().map(|s| s.ended_at).collect();
+    let active: Vec<_> = sessions.iter().map(|s| s.is_active).collect();
+    client
+        .execute(
+            "INSERT INTO audit_sessions
+                (id, user_id, session_token_hash, client_ip, user_agent,
+                 started_at, last_activity, ended_at, is_active)
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::inet[], $5::text[],
+                                  $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::bool[])
+             ON CONFLICT (id) DO UPDATE SET
+                last_activity = greatest(audit_sessions.last_activity, EXCLUDED.last_activity),
+                ended_at = coalesce(audit_sessions.ended_at, EXCLUDED.ended_at),
+                is_active = audit_sessions.is_active AND EXCLUDED.is_active",
+            &[
+                &ids, &users, &hashes, &ips, &agents, &started, &last, &ended, &active,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InsertError {
+    #[error("no database connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("{0}")]
+    Database(#[from] tokio_postgres::Error),
+}
