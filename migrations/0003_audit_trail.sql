@@ -144,29 +144,41 @@ CREATE TABLE audit_daily_sessions (
     PRIMARY KEY (summary_date, user_id, session_id)
 );
 
--- What the rollups must equal: a recomputation from the raw rows. The
--- rebuild and the check of `nox-migrate summaries` use it.
-CREATE VIEW audit_daily_summaries_recomputed AS
-SELECT ("timestamp" AT TIME ZONE 'UTC')::date AS summary_date,
+-- What the rollups must equal: a recomputation from the raw rows of the
+-- UTC days from_date to to_date. `nox-migrate summaries rebuild` and
+-- `summaries check` use it.
+CREATE FUNCTION audit_daily_summaries_recomputed(from_date date, to_date date)
+RETURNS TABLE (
+    summary_date date, user_id uuid, total_actions bigint, successful_actions bigint,
+    failed_actions bigint, file_operations bigint, code_executions bigint,
+    admin_actions bigint, quota_violations bigint, total_cpu_us bigint,
+    total_memory_kb bigint, files_created bigint, files_deleted bigint,
+    sum_response_time_us bigint, max_response_time_ms double precision,
+    unique_sessions bigint, first_activity timestamptz, last_activity timestamptz)
+LANGUAGE sql STABLE AS $$
+SELECT ("timestamp" AT TIME ZONE 'UTC')::date,
        user_id,
-       count(*) AS total_actions,
-       count(*) FILTER (WHERE success) AS successful_actions,
-       count(*) FILTER (WHERE NOT success) AS failed_actions,
-       count(*) FILTER (WHERE action_category = 'filesystem') AS file_operations,
-       count(*) FILTER (WHERE action_category = 'execution') AS code_executions,
-       count(*) FILTER (WHERE action_category = 'admin') AS admin_actions,
-       count(*) FILTER (WHERE quota_violation) AS quota_violations,
-       coalesce(sum(round(cpu_time_ms * 1000)), 0)::bigint AS total_cpu_us,
-       coalesce(sum(round(memory_peak_mb * 1024)), 0)::bigint AS total_memory_kb,
-       count(*) FILTER (WHERE success AND action_type = 'file_write') AS files_created,
-       coalesce(sum(files_affected) FILTER (WHERE success AND action_type = 'file_delete'), 0)::bigint AS files_deleted,
-       sum(round(response_time_ms * 1000))::bigint AS sum_response_time_us,
-       max(response_time_ms) AS max_response_time_ms,
-       count(DISTINCT session_id) AS unique_sessions,
-       min("timestamp") AS first_activity,
-       max("timestamp") AS last_activity
+       count(*),
+       count(*) FILTER (WHERE success),
+       count(*) FILTER (WHERE NOT success),
+       count(*) FILTER (WHERE action_category = 'filesystem'),
+       count(*) FILTER (WHERE action_category = 'execution'),
+       count(*) FILTER (WHERE action_category = 'admin'),
+       count(*) FILTER (WHERE quota_violation),
+       coalesce(sum(round(cpu_time_ms * 1000)), 0)::bigint,
+       coalesce(sum(round(memory_peak_mb * 1024)), 0)::bigint,
+       count(*) FILTER (WHERE success AND action_type = 'file_write'),
+       coalesce(sum(files_affected) FILTER (WHERE success AND action_type = 'file_delete'), 0)::bigint,
+       sum(round(response_time_ms * 1000))::bigint,
+       max(response_time_ms),
+       count(DISTINCT session_id) FILTER (WHERE user_id IS NOT NULL),
+       min("timestamp"),
+       max("timestamp")
 FROM audit_actions
-GROUP BY 1, 2;
+WHERE "timestamp" >= from_date::timestamp AT TIME ZONE 'UTC'
+  AND "timestamp" < (to_date + 1)::timestamp AT TIME ZONE 'UTC'
+GROUP BY 1, 2
+$$;
 
 -- Keeps the rollups current at insert time, once per statement: a batch of
 -- 1000 rows costs one upsert per (date, user) it touches, whoever wrote it.

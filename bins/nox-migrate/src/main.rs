@@ -1,4 +1,5 @@
-//! `nox-migrate`: apply migrations and report their state.
+//! `nox-migrate`: apply migrations, report their state, and rebuild or
+//! check the daily audit rollups.
 
 use std::process::ExitCode;
 
@@ -7,8 +8,10 @@ use clap::{Parser, Subcommand};
 use nox_api::config::{LogFormat, StorageConfig};
 use nox_api::db::{Database, connect};
 use nox_api::schema::MIGRATIONS;
-use nox_audit_store::{MigrationState, Migrator};
+use nox_audit_store::{MigrationState, Migrator, summaries};
+use time::Date;
 use time::format_description::well_known::Rfc3339;
+use time::macros::format_description;
 
 /// Applies the Nox database migrations.
 #[derive(Debug, Parser)]
@@ -32,6 +35,36 @@ enum Command {
     /// List every migration as applied or pending; exits 1 when an applied
     /// migration's checksum no longer matches.
     Status,
+    /// Daily audit rollups (`audit_daily_summaries`).
+    #[command(subcommand)]
+    Summaries(SummariesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SummariesCommand {
+    /// Recompute the rollups of a range of UTC days from the raw audit rows
+    /// (idempotent; blocks audit inserts while it runs).
+    Rebuild {
+        /// First day, YYYY-MM-DD (default: the oldest day with audit data).
+        #[arg(long, value_parser = parse_date)]
+        from: Option<Date>,
+        /// Last day, inclusive (default: the newest day with audit data).
+        #[arg(long, value_parser = parse_date)]
+        to: Option<Date>,
+    },
+    /// Compare the stored rollups with a recomputation; exits 1 and lists
+    /// the differing (day, user) pairs when any differ.
+    Check {
+        #[arg(long, value_parser = parse_date)]
+        from: Option<Date>,
+        #[arg(long, value_parser = parse_date)]
+        to: Option<Date>,
+    },
+}
+
+fn parse_date(text: &str) -> Result<Date, String> {
+    Date::parse(text, format_description!("[year]-[month]-[day]"))
+        .map_err(|_| format!("{text:?} is not a date of the form YYYY-MM-DD"))
 }
 
 #[tokio::main]
@@ -52,6 +85,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let result = match cli.command {
         Command::Up => up(&database).await,
         Command::Status => status(&database).await,
+        Command::Summaries(command) => summaries(&database, command).await,
     };
     tokio::task::spawn_blocking(move || database.shutdown())
         .await
@@ -107,4 +141,52 @@ async fn status(database: &Database) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+async fn summaries(database: &Database, command: SummariesCommand) -> anyhow::Result<ExitCode> {
+    let mut client = connect(&database.pg_config).await?;
+    let (from, to) = match &command {
+        SummariesCommand::Rebuild { from, to } | SummariesCommand::Check { from, to } => {
+            (*from, *to)
+        }
+    };
+    let range = match (from, to) {
+        (Some(from), Some(to)) => Some((from, to)),
+        _ => summaries::date_range(&client)
+            .await?
+            .map(|(first, last)| (from.unwrap_or(first), to.unwrap_or(last))),
+    };
+    let Some((from, to)) = range else {
+        println!("no audit data: nothing to do");
+        return Ok(ExitCode::SUCCESS);
+    };
+    if from > to {
+        anyhow::bail!("--from {from} is after --to {to}");
+    }
+    match command {
+        SummariesCommand::Rebuild { .. } => {
+            let rows = summaries::rebuild(&mut client, from, to).await?;
+            println!("rebuilt {rows} daily summaries for {from} to {to}");
+            Ok(ExitCode::SUCCESS)
+        }
+        SummariesCommand::Check { .. } => {
+            let mismatches = summaries::check(&client, from, to).await?;
+            if mismatches.is_empty() {
+                println!("daily summaries for {from} to {to} match the audit rows");
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{} daily summaries differ from the audit rows:",
+                mismatches.len()
+            );
+            for mismatch in &mismatches {
+                let user = mismatch
+                    .user_id
+                    .map_or_else(|| "anonymous".to_owned(), |id| id.to_string());
+                println!("  {} {user}", mismatch.summary_date);
+            }
+            println!("run `nox-migrate summaries rebuild --from {from} --to {to}` to repair them");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }

@@ -139,3 +139,46 @@ fn a_bad_database_url_is_one_clear_line_without_the_password() {
     );
     assert!(!stderr.contains("hunter2"), "{stderr}");
 }
+
+#[tokio::test]
+async fn summaries_check_catches_a_corrupted_rollup_and_rebuild_repairs_it() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO audit_actions (id, \"timestamp\", request_id, user_id, endpoint, route,
+                 http_method, action_type, action_category, status_code, success, response_time_ms)
+             SELECT gen_random_uuid(), timestamptz '2026-05-01 10:00:00+00' + i * interval '1 hour',
+                    gen_random_uuid(), CASE WHEN i % 2 = 0 THEN NULL ELSE gen_random_uuid() END,
+                    '/ls', '/ls', 'GET', 'file_read', 'filesystem', 200, true, i * 1.5
+             FROM generate_series(1, 40) AS i",
+        )
+        .await
+        .expect("seed rows");
+    let check = nox_migrate(&db, &["summaries", "check"]);
+    assert!(check.status.success(), "{}", stdout(&check));
+    assert!(stdout(&check).contains("match"), "{}", stdout(&check));
+
+    client
+        .batch_execute(
+            "UPDATE audit_daily_summaries SET sum_response_time_us = sum_response_time_us + 1
+             WHERE summary_date = '2026-05-02' AND user_id IS NULL",
+        )
+        .await
+        .expect("corrupt");
+    let check = nox_migrate(&db, &["summaries", "check"]);
+    assert!(!check.status.success());
+    assert!(stdout(&check).contains("2026-05-02 anonymous"), "{}", stdout(&check));
+
+    let rebuild = nox_migrate(
+        &db,
+        &["summaries", "rebuild", "--from", "2026-05-01", "--to", "2026-05-03"],
+    );
+    assert!(rebuild.status.success(), "{rebuild:?}");
+    let check = nox_migrate(&db, &["summaries", "check"]);
+    assert!(check.status.success(), "{}", stdout(&check));
+
+    let bad = nox_migrate(&db, &["summaries", "rebuild", "--from", "May 1st"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("YYYY-MM-DD"));
+}

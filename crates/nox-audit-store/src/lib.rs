@@ -17,6 +17,7 @@ pub mod pool;
 pub mod schema;
 pub mod sessions;
 pub mod spool;
+pub mod summaries;
 pub mod writer;
 
 pub use migrate::{MigrateError, Migration, MigrationState, MigrationStatus, Migrator};

@@ -1,0 +1,218 @@
+//! The writer, the spool and the daily rollups, driven directly.
+
+use std::sync::Arc;
+
+use nox_audit_model::{ActionRecord, SystemClock};
+use nox_audit_store::summaries;
+use nox_audit_store::{AuditWriter, PoolOptions, Spool, WriterConfig, build_pool};
+use nox_testkit::TestDb;
+use time::{Date, Duration, Time};
+use uuid::Uuid;
+
+/// A small deterministic generator (xorshift), so a failure reproduces.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+const DAY0: Date = time::macros::date!(2026 - 03 - 10);
+
+fn random_record(random: &mut Random, users: &[Uuid]) -> ActionRecord {
+    const KINDS: [(&str, &str); 6] = [
+        ("file_read", "filesystem"),
+        ("file_write", "filesystem"),
+        ("file_delete", "filesystem"),
+        ("code_exec", "execution"),
+        ("admin_read", "admin"),
+        ("api_call", "general"),
+    ];
+    const STATUSES: [i16; 6] = [200, 201, 204, 400, 404, 429];
+    // A quarter anonymous; the rest spread over the users and two tokens each.
+    let user = match random.below(users.len() as u64 + 2) {
+        i if (i as usize) < users.len() => Some(users[i as usize]),
+        _ => None,
+    };
+    let (action_type, category) = KINDS[random.below(KINDS.len() as u64) as usize];
+    let status = STATUSES[random.below(STATUSES.len() as u64) as usize];
+    let timestamp = DAY0.with_time(Time::MIDNIGHT).assume_utc()
+        + Duration::seconds(random.below(4 * 86_400) as i64)
+        + Duration::microseconds(random.below(1_000_000) as i64);
+    let response_us = random.below(5_000_000);
+    ActionRecord {
+        id: Uuid::now_v7(),
+        timestamp,
+        request_id: Uuid::new_v4(),
+        session_id: None,
+        user_id: user,
+        endpoint: "/x".into(),
+        route: "/x".into(),
+        http_method: "GET".into(),
+        action_type: action_type.into(),
+        action_category: category.into(),
+        client_ip: Some("127.0.0.1".parse().expect("ip")),
+        user_agent: None,
+        request_size: 100,
+        response_size: 200,
+        status_code: status,
+        success: (200..400).contains(&status),
+        response_time_ms: response_us as f64 / 1000.0,
+        cpu_time_ms: (random.below(4) > 0).then(|| random.below(2_000_000) as f64 / 1000.0),
+        memory_peak_mb: (action_type == "code_exec").then(|| random.below(4096) as f64 / 1024.0),
+        file_path: None,
+        file_size_bytes: None,
+        files_affected: (action_type == "file_delete").then(|| random.below(5) as i32),
+        command_type: None,
+        command_text: None,
+        exit_code: None,
+        stdout_size: None,
+        stderr_size: None,
+        quota_violation: status == 429,
+        quota_consumed: None,
+        quota_remaining: None,
+        metadata: None,
+        error_details: None,
+        session_token_hash: user.map(|_| format!("{:016x}", random.below(2))),
+    }
+}
+
+fn writer_for(db: &TestDb, spool: Spool) -> AuditWriter {
+    let pool = build_pool(db.config.clone(), &PoolOptions::default()).expect("pool");
+    AuditWriter::start(pool, spool, Arc::new(SystemClock), WriterConfig::default())
+}
+
+async fn count(db: &TestDb, sql: &str) -> i64 {
+    db.client()
+        .await
+        .query_one(sql, &[])
+        .await
+        .expect("count")
+        .get(0)
+}
+
+#[tokio::test]
+async fn rollups_equal_a_recomputation_after_10000_random_records() {
+    let db = TestDb::new().await;
+    let spool_dir = tempfile::tempdir().expect("tempdir");
+    let writer = writer_for(&db, Spool::open(spool_dir.path()).expect("spool"));
+    let sink = writer.sink();
+    let users: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+    let mut random = Random(0x9e37_79b9_7f4a_7c15);
+    for _ in 0..10_000 {
+        sink.submit(random_record(&mut random, &users), false)
+            .await
+            .expect("queued");
+    }
+    writer.shutdown().await;
+
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM audit_actions").await,
+        10_000
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT sum(total_actions)::bigint FROM audit_daily_summaries"
+        )
+        .await,
+        10_000
+    );
+    // Anonymous requests share one row per day.
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM audit_daily_summaries WHERE user_id IS NULL"
+        )
+        .await,
+        4
+    );
+    let client = db.client().await;
+    let mismatches = summaries::check(&client, DAY0, DAY0 + Duration::days(3))
+        .await
+        .expect("check");
+    assert!(mismatches.is_empty(), "{mismatches:?}");
+
+    // The average is a true mean.
+    let row = client
+        .query_one(
+            "SELECT s.avg_response_time_ms, (SELECT avg(response_time_ms) FROM audit_actions a
+                 WHERE a.user_id = s.user_id AND (a.timestamp AT TIME ZONE 'UTC')::date = s.summary_date)
+             FROM audit_daily_summaries s WHERE user_id IS NOT NULL LIMIT 1",
+            &[],
+        )
+        .await
+        .expect("row");
+    let (stored, mean): (f64, f64) = (row.get(0), row.get(1));
+    assert!((stored - mean).abs() < 1e-9, "{stored} vs {mean}");
+
+    // A corrupted summary is caught, and a rebuild repairs it.
+    client
+        .execute(
+            "UPDATE audit_daily_summaries SET total_actions = total_actions + 1
+             WHERE summary_date = $1 AND user_id IS NULL",
+            &[&(DAY0 + Duration::days(2))],
+        )
+        .await
+        .expect("corrupt");
+    let mismatches = summaries::check(&client, DAY0, DAY0 + Duration::days(3))
+        .await
+        .expect("check");
+    assert_eq!(mismatches.len(), 1);
+    assert_eq!(mismatches[0].summary_date, DAY0 + Duration::days(2));
+    assert_eq!(mismatches[0].user_id, None);
+    let mut client = client;
+    summaries::rebuild(&mut client, DAY0, DAY0 + Duration::days(3))
+        .await
+        .expect("rebuild");
+    summaries::rebuild(&mut client, DAY0, DAY0 + Duration::days(3))
+        .await
+        .expect("rebuild again");
+    assert!(
+        summaries::check(&client, DAY0, DAY0 + Duration::days(3))
+            .await
+            .expect("check")
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn replaying_the_spool_twice_inserts_nothing_twice() {
+    let db = TestDb::new().await;
+    let spool_dir = tempfile::tempdir().expect("tempdir");
+    let spool = Spool::open(spool_dir.path()).expect("spool");
+    let users = [Uuid::new_v4()];
+    let mut random = Random(42);
+    let records: Vec<ActionRecord> = (0..500)
+        .map(|_| random_record(&mut random, &users))
+        .collect();
+    let file = spool.append(&[], &records).expect("spooled");
+    let copy = spool_dir.path().join("copy.keep");
+    std::fs::copy(&file, &copy).expect("keep a copy");
+
+    for _ in 0..2 {
+        // Put the same file back as if the first replay's deletion was lost.
+        if !file.exists() {
+            std::fs::copy(&copy, &file).expect("restore");
+        }
+        let writer = writer_for(&db, spool.clone());
+        writer.shutdown().await;
+        assert!(!file.exists(), "a replayed file is removed");
+        assert_eq!(count(&db, "SELECT count(*) FROM audit_actions").await, 500);
+    }
+    let client = db.client().await;
+    assert!(
+        summaries::check(&client, DAY0, DAY0 + Duration::days(3))
+            .await
+            .expect("check")
+            .is_empty(),
+        "the skipped duplicates did not count in the rollups"
+    );
+}
