@@ -11,7 +11,7 @@ use uuid::Uuid;
 const ADMIN: &str = TEST_ADMIN_TOKEN;
 
 /// Sends a request tagged with a fresh X-Request-ID; returns the id and status.
-async fn tagged(app: &TestApp, request: reqwest::RequestBuilder) -> (Uuid, StatusCode) {
+async fn tagged(request: reqwest::RequestBuilder) -> (Uuid, StatusCode) {
     let id = Uuid::now_v7();
     let response = send(
         request
@@ -60,32 +60,22 @@ async fn every_request_leaves_exactly_one_correct_row() {
     // What happened so far is recorded too; look only at what follows.
     let before = rows_by_request_id(&app).await.len();
 
-    let ok = tagged(&app, app.request(Method::GET, "/me?secret=hunter2", ADMIN)).await;
-    let anonymous = tagged(&app, app.client.get(app.url("/me"))).await;
-    let bad_token = tagged(
-        &app,
-        app.request(Method::GET, "/me", "nox_not-a-real-token"),
-    )
-    .await;
-    let forbidden = tagged(&app, app.request(Method::GET, "/admin/users", &user_token)).await;
-    let not_found = tagged(
-        &app,
-        app.request(Method::GET, "/no/such/route", &user_token),
-    )
-    .await;
+    let ok = tagged(app.request(Method::GET, "/me?secret=hunter2", ADMIN)).await;
+    let anonymous = tagged(app.client.get(app.url("/me"))).await;
+    let bad_token = tagged(app.request(Method::GET, "/me", "nox_not-a-real-token")).await;
+    let forbidden = tagged(app.request(Method::GET, "/admin/users", &user_token)).await;
+    let not_found = tagged(app.request(Method::GET, "/no/such/route", &user_token)).await;
     let bad_input = tagged(
-        &app,
         app.request(Method::POST, "/admin/users", ADMIN)
             .json(&json!({"name": "Not Valid"})),
     )
     .await;
     let created = tagged(
-        &app,
         app.request(Method::POST, "/admin/users", ADMIN)
             .json(&json!({"name": "vic"})),
     )
     .await;
-    let health = tagged(&app, app.client.get(app.url("/health"))).await;
+    let health = tagged(app.client.get(app.url("/health"))).await;
 
     let statuses = [
         ok.1,
@@ -245,10 +235,10 @@ async fn request_ids_are_kept_when_valid_and_generated_otherwise() {
 #[tokio::test]
 async fn a_new_session_starts_after_the_idle_timeout() {
     let app = spawn_app().await;
-    let first = tagged(&app, app.request(Method::GET, "/me", ADMIN)).await;
-    let second = tagged(&app, app.request(Method::GET, "/me", ADMIN)).await;
+    let first = tagged(app.request(Method::GET, "/me", ADMIN)).await;
+    let second = tagged(app.request(Method::GET, "/me", ADMIN)).await;
     app.clock.advance(time::Duration::minutes(31));
-    let third = tagged(&app, app.request(Method::GET, "/me", ADMIN)).await;
+    let third = tagged(app.request(Method::GET, "/me", ADMIN)).await;
 
     let rows = rows_by_request_id(&app).await;
     let session = |id: Uuid| -> Uuid {
@@ -296,7 +286,7 @@ async fn rows_are_written_before_the_response_in_durable_mode() {
     let app = spawn_app().await;
     // No waiting, no flush: each response implies its row exists.
     for _ in 0..20 {
-        let (id, status) = tagged(&app, app.request(Method::GET, "/me", ADMIN)).await;
+        let (id, status) = tagged(app.request(Method::GET, "/me", ADMIN)).await;
         assert_eq!(status, StatusCode::OK);
         let count: i64 = app
             .db

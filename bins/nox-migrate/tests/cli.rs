@@ -168,11 +168,22 @@ async fn summaries_check_catches_a_corrupted_rollup_and_rebuild_repairs_it() {
         .expect("corrupt");
     let check = nox_migrate(&db, &["summaries", "check"]);
     assert!(!check.status.success());
-    assert!(stdout(&check).contains("2026-05-02 anonymous"), "{}", stdout(&check));
+    assert!(
+        stdout(&check).contains("2026-05-02 anonymous"),
+        "{}",
+        stdout(&check)
+    );
 
     let rebuild = nox_migrate(
         &db,
-        &["summaries", "rebuild", "--from", "2026-05-01", "--to", "2026-05-03"],
+        &[
+            "summaries",
+            "rebuild",
+            "--from",
+            "2026-05-01",
+            "--to",
+            "2026-05-03",
+        ],
     );
     assert!(rebuild.status.success(), "{rebuild:?}");
     let check = nox_migrate(&db, &["summaries", "check"]);
