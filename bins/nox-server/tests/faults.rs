@@ -71,8 +71,7 @@ impl Load {
         for task in self.tasks {
             let _ = task.await;
         }
-        let answered = self.answered.lock().expect("lock").clone();
-        answered
+        self.answered.lock().expect("lock").clone()
     }
 }
 
@@ -175,7 +174,7 @@ async fn postgres_restarting_under_load_loses_no_record() {
     );
     assert!(statuses.contains(&200), "some requests succeeded");
     assert!(
-        statuses.iter().any(|s| *s == 503),
+        statuses.contains(&503),
         "some requests met the database down: {statuses:?}"
     );
     wait_for_empty_spool(&data.join("audit-spool")).await;
