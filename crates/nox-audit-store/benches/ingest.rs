@@ -1,0 +1,131 @@
+//! Writer ingest against the ceiling of one raw binary COPY of the same rows
+//! into the same schema (indexes and rollup trigger on), side by side.
+//!
+//! `cargo bench -p nox-audit-store --bench ingest` (uses DATABASE_URL, else
+//! 127.0.0.1:5432, else a throwaway cluster; see nox-testkit). `NOX_BENCH_ROWS`
+//! sets the row count (default 200000); `NOX_BENCH_RUNS` the runs (default 3).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use nox_audit_model::{ACTION_COLUMNS, ActionRecord, SystemClock};
+use nox_audit_store::writer::{InsertTarget, insert};
+use nox_audit_store::{AuditWriter, PoolOptions, Spool, WriterConfig, build_pool};
+use nox_testkit::TestDb;
+use time::{Duration, OffsetDateTime};
+use uuid::Uuid;
+
+fn records(count: usize) -> Vec<ActionRecord> {
+    let users: Vec<Uuid> = (0..50).map(|_| Uuid::new_v4()).collect();
+    let start = OffsetDateTime::now_utc() - Duration::hours(2);
+    (0..count)
+        .map(|i| {
+            let user = (i % 7 != 0).then(|| users[i % users.len()]);
+            ActionRecord {
+                id: Uuid::now_v7(),
+                timestamp: start + Duration::microseconds(i as i64 * 20),
+                request_id: Uuid::new_v4(),
+                session_id: None,
+                user_id: user,
+                endpoint: "/ls".into(),
+                route: "/ls".into(),
+                http_method: "GET".into(),
+                action_type: "file_read".into(),
+                action_category: "filesystem".into(),
+                client_ip: Some("127.0.0.1".parse().expect("ip")),
+                user_agent: Some("bench/1".into()),
+                request_size: 120,
+                response_size: 400,
+                status_code: if i % 20 == 0 { 404 } else { 200 },
+                success: i % 20 != 0,
+                response_time_ms: (i % 5000) as f64 / 1000.0,
+                cpu_time_ms: Some((i % 300) as f64 / 1000.0),
+                memory_peak_mb: None,
+                file_path: Some(format!("dir/file-{}.txt", i % 100)),
+                file_size_bytes: Some((i % 10_000) as i64),
+                files_affected: None,
+                command_type: None,
+                command_text: None,
+                exit_code: None,
+                stdout_size: None,
+                stderr_size: None,
+                quota_violation: false,
+                quota_consumed: None,
+                quota_remaining: None,
+                metadata: None,
+                error_details: None,
+                session_token_hash: user.map(|u| u.simple().to_string()[..16].to_owned()),
+            }
+        })
+        .collect()
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let rows: usize = std::env::var("NOX_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let runs: usize = std::env::var("NOX_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut writer_rates = Vec::new();
+    let mut copy_rates = Vec::new();
+    for run in 1..=runs {
+        // Raw COPY: one statement, no writer, no sessions.
+        let db = TestDb::new().await;
+        let pool = build_pool(db.config.clone(), &PoolOptions::default()).expect("pool");
+        let batch = records(rows);
+        let started = Instant::now();
+        insert(&pool, &[], &batch, InsertTarget::Direct)
+            .await
+            .expect("copy");
+        let copy_rate = rows as f64 / started.elapsed().as_secs_f64();
+        copy_rates.push(copy_rate);
+        drop(pool);
+        drop(db);
+
+        // The writer: queue, batches of 1000, sessions, one COPY per batch.
+        let db = TestDb::new().await;
+        let pool = build_pool(db.config.clone(), &PoolOptions::default()).expect("pool");
+        let spool_dir = tempfile::tempdir().expect("tempdir");
+        let writer = AuditWriter::start(
+            pool,
+            Spool::open(spool_dir.path()).expect("spool"),
+            Arc::new(SystemClock),
+            WriterConfig::default(),
+        );
+        let sink = writer.sink();
+        let batch = records(rows);
+        let started = Instant::now();
+        for record in batch {
+            sink.submit(record, false).await.expect("queued");
+        }
+        writer.shutdown().await;
+        let writer_rate = rows as f64 / started.elapsed().as_secs_f64();
+        writer_rates.push(writer_rate);
+        let client = db.client().await;
+        let written: i64 = client
+            .query_one("SELECT count(*) FROM audit_actions", &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(written as usize, rows, "every row written");
+        println!(
+            "run {run}: raw COPY {copy_rate:>9.0} rows/s | writer {writer_rate:>9.0} rows/s | ratio {:.2}",
+            writer_rate / copy_rate
+        );
+    }
+    let (copy, writer) = (median(copy_rates), median(writer_rates));
+    println!(
+        "median of {runs} runs, {rows} rows, {} columns: raw COPY {copy:.0} rows/s, writer {writer:.0} rows/s, writer/COPY {:.2}",
+        ACTION_COLUMNS.len(),
+        writer / copy
+    );
+}
