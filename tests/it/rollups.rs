@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use nox_audit_model::{ActionRecord, SystemClock};
+use nox_audit_model::{ActionKind, ActionRecord, SystemClock};
 use nox_audit_store::summaries;
 use nox_audit_store::{AuditWriter, PoolOptions, Spool, WriterConfig, build_pool};
 use nox_testkit::TestDb;
@@ -35,7 +35,7 @@ fn random_record(random: &mut Random, users: &[Uuid]) -> ActionRecord {
         ("admin_read", "admin"),
         ("api_call", "general"),
     ];
-    const STATUSES: [i16; 6] = [200, 201, 204, 400, 404, 429];
+    const STATUSES: [u16; 6] = [200, 201, 204, 400, 404, 429];
     // A quarter anonymous; the rest spread over the users and two tokens each.
     let user = match random.below(users.len() as u64 + 2) {
         i if (i as usize) < users.len() => Some(users[i as usize]),
@@ -47,41 +47,25 @@ fn random_record(random: &mut Random, users: &[Uuid]) -> ActionRecord {
         + Duration::seconds(random.below(4 * 86_400) as i64)
         + Duration::microseconds(random.below(1_000_000) as i64);
     let response_us = random.below(5_000_000);
-    ActionRecord {
-        id: Uuid::now_v7(),
-        timestamp,
-        request_id: Uuid::new_v4(),
-        session_id: None,
+    let mut record = ActionRecord {
         user_id: user,
-        endpoint: "/x".into(),
         route: "/x".into(),
-        http_method: "GET".into(),
-        action_type: action_type.into(),
-        action_category: category.into(),
-        client_ip: Some("127.0.0.1".parse().expect("ip")),
-        user_agent: None,
-        request_size: 100,
-        response_size: 200,
-        status_code: status,
-        success: (200..400).contains(&status),
         response_time_ms: response_us as f64 / 1000.0,
         cpu_time_ms: (random.below(4) > 0).then(|| random.below(2_000_000) as f64 / 1000.0),
         memory_peak_mb: (action_type == "code_exec").then(|| random.below(4096) as f64 / 1024.0),
-        file_path: None,
-        file_size_bytes: None,
         files_affected: (action_type == "file_delete").then(|| random.below(5) as i32),
-        command_type: None,
-        command_text: None,
-        exit_code: None,
-        stdout_size: None,
-        stderr_size: None,
-        quota_violation: status == 429,
-        quota_consumed: None,
-        quota_remaining: None,
-        metadata: None,
-        error_details: None,
         session_token_hash: user.map(|_| format!("{:016x}", random.below(2))),
-    }
+        ..ActionRecord::arrived(Uuid::new_v4(), timestamp, "GET", "/x")
+    };
+    record.set_outcome(
+        ActionKind {
+            action_type,
+            category,
+        },
+        status,
+    );
+    record.quota_violation = status == 429;
+    record
 }
 
 fn writer_for(db: &TestDb, spool: Spool) -> AuditWriter {

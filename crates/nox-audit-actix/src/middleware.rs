@@ -21,8 +21,8 @@ use ipnet::IpNet;
 use uuid::Uuid;
 
 use nox_audit_model::record::{
-    MAX_COMMAND_TEXT_BYTES, MAX_ENDPOINT_CHARS, MAX_ERROR_DETAILS_CHARS, MAX_USER_AGENT_CHARS,
-    is_success, truncate_bytes, truncate_chars,
+    MAX_COMMAND_TEXT_BYTES, MAX_ERROR_DETAILS_CHARS, MAX_USER_AGENT_CHARS, truncate_bytes,
+    truncate_chars,
 };
 use nox_audit_model::{ActionRecord, Clock, NOX_TAXONOMY, SystemClock, Taxonomy};
 use nox_audit_store::{AuditMode, AuditSink, SinkError};
@@ -153,16 +153,6 @@ where
             request_head: request_head_size(&request),
             response_head: 0,
             record: ActionRecord {
-                id: Uuid::now_v7(),
-                timestamp: self.config.clock.now(),
-                request_id,
-                session_id: None,
-                user_id: None,
-                endpoint: truncate_chars(request.path(), MAX_ENDPOINT_CHARS),
-                route: String::new(),
-                http_method: request.method().as_str().to_owned(),
-                action_type: String::new(),
-                action_category: String::new(),
                 client_ip: client_ip(
                     request.peer_addr().map(|a| a.ip()),
                     request.headers(),
@@ -171,27 +161,12 @@ where
                 user_agent: request.headers().get(header::USER_AGENT).map(|v| {
                     truncate_chars(&String::from_utf8_lossy(v.as_bytes()), MAX_USER_AGENT_CHARS)
                 }),
-                request_size: 0,
-                response_size: 0,
-                status_code: 0,
-                success: false,
-                response_time_ms: 0.0,
-                cpu_time_ms: None,
-                memory_peak_mb: None,
-                file_path: None,
-                file_size_bytes: None,
-                files_affected: None,
-                command_type: None,
-                command_text: None,
-                exit_code: None,
-                stdout_size: None,
-                stderr_size: None,
-                quota_violation: false,
-                quota_consumed: None,
-                quota_remaining: None,
-                metadata: None,
-                error_details: None,
-                session_token_hash: None,
+                ..ActionRecord::arrived(
+                    request_id,
+                    self.config.clock.now(),
+                    request.method().as_str(),
+                    request.path(),
+                )
             },
         };
         let call = Metered {
@@ -339,11 +314,10 @@ struct PendingRecord {
 impl PendingRecord {
     fn classify(&mut self, taxonomy: &Taxonomy, route: Option<&str>, status: StatusCode) {
         let kind = taxonomy.classify(&self.record.http_method, route);
-        self.record.route = route.unwrap_or("unmatched").to_owned();
-        self.record.action_type = kind.action_type.to_owned();
-        self.record.action_category = kind.category.to_owned();
-        self.record.status_code = status.as_u16() as i16;
-        self.record.success = is_success(status.as_u16());
+        if let Some(route) = route {
+            self.record.route = route.to_owned();
+        }
+        self.record.set_outcome(kind, status.as_u16());
     }
 
     /// Completes the record once `body_len` bytes of body were sent.

@@ -55,6 +55,62 @@ pub struct ActionRecord {
     pub session_token_hash: Option<String>,
 }
 
+impl ActionRecord {
+    /// A record of a request that has just arrived: a fresh UUIDv7 id, and
+    /// every fact not known yet empty (`route` is `unmatched` until routing
+    /// says otherwise).
+    pub fn arrived(
+        request_id: Uuid,
+        timestamp: OffsetDateTime,
+        http_method: &str,
+        endpoint: &str,
+    ) -> ActionRecord {
+        ActionRecord {
+            id: Uuid::now_v7(),
+            timestamp,
+            request_id,
+            session_id: None,
+            user_id: None,
+            endpoint: truncate_chars(endpoint, MAX_ENDPOINT_CHARS),
+            route: "unmatched".to_owned(),
+            http_method: http_method.to_owned(),
+            action_type: String::new(),
+            action_category: String::new(),
+            client_ip: None,
+            user_agent: None,
+            request_size: 0,
+            response_size: 0,
+            status_code: 0,
+            success: false,
+            response_time_ms: 0.0,
+            cpu_time_ms: None,
+            memory_peak_mb: None,
+            file_path: None,
+            file_size_bytes: None,
+            files_affected: None,
+            command_type: None,
+            command_text: None,
+            exit_code: None,
+            stdout_size: None,
+            stderr_size: None,
+            quota_violation: false,
+            quota_consumed: None,
+            quota_remaining: None,
+            metadata: None,
+            error_details: None,
+            session_token_hash: None,
+        }
+    }
+
+    /// Sets the kind, status and success flag.
+    pub fn set_outcome(&mut self, kind: crate::ActionKind, status: u16) {
+        self.action_type = kind.action_type.to_owned();
+        self.action_category = kind.category.to_owned();
+        self.status_code = status as i16;
+        self.success = is_success(status);
+    }
+}
+
 /// The column names of `audit_actions`, in order.
 pub const ACTION_COLUMNS: &[&str] = &[
     "id",

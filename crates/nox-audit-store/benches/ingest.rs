@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use nox_audit_model::taxonomy::FILE_READ;
 use nox_audit_model::{ACTION_COLUMNS, ActionRecord, SystemClock};
 use nox_audit_store::writer::{InsertTarget, insert};
 use nox_audit_store::{AuditWriter, PoolOptions, Spool, WriterConfig, build_pool};
@@ -21,41 +22,27 @@ fn records(count: usize) -> Vec<ActionRecord> {
     (0..count)
         .map(|i| {
             let user = (i % 7 != 0).then(|| users[i % users.len()]);
-            ActionRecord {
-                id: Uuid::now_v7(),
-                timestamp: start + Duration::microseconds(i as i64 * 20),
-                request_id: Uuid::new_v4(),
-                session_id: None,
+            let mut record = ActionRecord {
                 user_id: user,
-                endpoint: "/ls".into(),
-                route: "/ls".into(),
-                http_method: "GET".into(),
-                action_type: "file_read".into(),
-                action_category: "filesystem".into(),
                 client_ip: Some("127.0.0.1".parse().expect("ip")),
                 user_agent: Some("bench/1".into()),
                 request_size: 120,
                 response_size: 400,
-                status_code: if i % 20 == 0 { 404 } else { 200 },
-                success: i % 20 != 0,
                 response_time_ms: (i % 5000) as f64 / 1000.0,
                 cpu_time_ms: Some((i % 300) as f64 / 1000.0),
-                memory_peak_mb: None,
                 file_path: Some(format!("dir/file-{}.txt", i % 100)),
                 file_size_bytes: Some((i % 10_000) as i64),
-                files_affected: None,
-                command_type: None,
-                command_text: None,
-                exit_code: None,
-                stdout_size: None,
-                stderr_size: None,
-                quota_violation: false,
-                quota_consumed: None,
-                quota_remaining: None,
-                metadata: None,
-                error_details: None,
                 session_token_hash: user.map(|u| u.simple().to_string()[..16].to_owned()),
-            }
+                route: "/ls".into(),
+                ..ActionRecord::arrived(
+                    Uuid::new_v4(),
+                    start + Duration::microseconds(i as i64 * 20),
+                    "GET",
+                    "/ls",
+                )
+            };
+            record.set_outcome(FILE_READ, if i % 20 == 0 { 404 } else { 200 });
+            record
         })
         .collect()
 }

@@ -127,39 +127,9 @@ mod tests {
 
     fn record(user: Uuid, token: &str, at: OffsetDateTime) -> ActionRecord {
         ActionRecord {
-            id: Uuid::now_v7(),
-            timestamp: at,
-            request_id: Uuid::new_v4(),
-            session_id: None,
             user_id: Some(user),
-            endpoint: "/me".into(),
-            route: "/me".into(),
-            http_method: "GET".into(),
-            action_type: "auth".into(),
-            action_category: "auth".into(),
-            client_ip: None,
-            user_agent: None,
-            request_size: 0,
-            response_size: 0,
-            status_code: 200,
-            success: true,
-            response_time_ms: 1.0,
-            cpu_time_ms: None,
-            memory_peak_mb: None,
-            file_path: None,
-            file_size_bytes: None,
-            files_affected: None,
-            command_type: None,
-            command_text: None,
-            exit_code: None,
-            stdout_size: None,
-            stderr_size: None,
-            quota_violation: false,
-            quota_consumed: None,
-            quota_remaining: None,
-            metadata: None,
-            error_details: None,
             session_token_hash: Some(token.into()),
+            ..ActionRecord::arrived(Uuid::new_v4(), at, "GET", "/me")
         }
     }
 
