@@ -18,13 +18,14 @@ use nox_audit_actix::{Audit, AuditConfig};
 use nox_audit_model::{Clock, NOX_TAXONOMY, SystemClock};
 use nox_audit_store::{AuditMode, AuditSink, AuditWriter, Spool, WriterConfig};
 use nox_auth::{Authenticator, Secret};
+use nox_sandbox::Workspaces;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::auth::resolve_identity;
 use crate::config::Config;
 use crate::db::Database;
 use crate::error::{configure_extractors, json_error_handlers, not_found};
-use crate::{health, openapi, users};
+use crate::{files, health, openapi, users};
 
 /// State shared by every worker.
 #[derive(Debug)]
@@ -34,6 +35,9 @@ pub struct AppState {
     /// Where audit records go.
     pub audit: AuditSink,
     pub audit_config: AuditConfig,
+    /// Every user's workspace, under `<NOX_DATA_DIR>/sandboxes`.
+    pub workspaces: Workspaces,
+    pub max_upload_bytes: u64,
     /// The OpenAPI document, rendered once.
     pub openapi: String,
 }
@@ -98,6 +102,8 @@ impl AppState {
             authenticator: Authenticator::new(config.auth_cache_ttl()),
             audit: audit_writer.sink(),
             audit_config,
+            workspaces: Workspaces::new(config.storage.data_dir.join("sandboxes")),
+            max_upload_bytes: config.max_upload_mb * 1024 * 1024,
             openapi: openapi::render(),
         };
         Ok((state, Background { audit_writer }))
@@ -134,7 +140,8 @@ pub fn routes(config: &mut web::ServiceConfig) {
     config
         .service(health::health)
         .service(openapi::openapi_json)
-        .configure(users::routes);
+        .configure(users::routes)
+        .configure(files::routes);
 }
 
 /// Starts serving on `listener`. The returned server is a future that

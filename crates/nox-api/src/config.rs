@@ -93,6 +93,10 @@ pub struct Config {
     #[arg(long, env = "NOX_AUTH_CACHE_TTL_MS", default_value_t = 4000)]
     pub auth_cache_ttl_ms: u64,
 
+    /// Largest accepted upload to PUT /write, in MiB.
+    #[arg(long, env = "NOX_MAX_UPLOAD_MB", default_value_t = 50)]
+    pub max_upload_mb: u64,
+
     /// `durable`: a response is sent only once its audit record is committed
     /// (or spooled to disk); `buffered`: responses do not wait for the
     /// record; `off`: no audit records at all (benchmarks only).

@@ -32,6 +32,12 @@ pub enum ApiError {
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
+    PathEscape(String),
+    #[error("{0}")]
+    InvalidPath(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
     InvalidParameter(String),
     #[error("{0}")]
     ServiceUnavailable(String),
@@ -51,6 +57,9 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
+            ApiError::PathEscape(_) => "path_escape",
+            ApiError::InvalidPath(_) => "invalid_path",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::InvalidParameter(_) => "invalid_parameter",
             ApiError::ServiceUnavailable(_) => "service_unavailable",
             ApiError::Internal(_) => "internal",
@@ -65,6 +74,8 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PathEscape(_) | ApiError::InvalidPath(_) => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::InvalidParameter(_) => StatusCode::BAD_REQUEST,
             ApiError::ServiceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -82,6 +93,24 @@ impl ResponseError for ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+impl From<nox_sandbox::SandboxError> for ApiError {
+    fn from(error: nox_sandbox::SandboxError) -> Self {
+        use nox_sandbox::SandboxError;
+        match error {
+            SandboxError::NotFound => ApiError::NotFound("path not found".into()),
+            SandboxError::PathEscape(detail) => ApiError::PathEscape(detail),
+            SandboxError::InvalidPath(detail) => ApiError::InvalidPath(detail),
+            SandboxError::Io(error) => ApiError::internal(error),
+        }
+    }
+}
+
+impl From<actix_web::error::BlockingError> for ApiError {
+    fn from(error: actix_web::error::BlockingError) -> Self {
+        ApiError::internal(anyhow::anyhow!("a blocking task failed: {error}"))
     }
 }
 

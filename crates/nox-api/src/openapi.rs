@@ -23,6 +23,11 @@ use crate::app::AppState;
         crate::users::create_token,
         crate::users::list_tokens,
         crate::users::revoke_token,
+        crate::files::ls,
+        crate::files::cat,
+        crate::files::download,
+        crate::files::write,
+        crate::files::delete_path,
     ),
     components(schemas(crate::error::ErrorBody)),
     modifiers(&BearerAuth)

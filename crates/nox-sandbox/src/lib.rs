@@ -1,0 +1,155 @@
+//! Per-user workspaces: file operations the kernel confines to the user's
+//! directory (see [`workspace`]), client paths checked before any system
+//! call (see [`path`]), and storage accounting kept current without walking
+//! the tree on every request ([`Workspaces`]).
+
+pub mod path;
+pub mod workspace;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use uuid::Uuid;
+
+pub use path::SandboxPath;
+pub use workspace::{Entry, EntryKind, Replaced, Upload, Workspace};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("path not found")]
+    NotFound,
+    /// The path tries to leave the workspace (`..`, a symbolic link).
+    #[error("{0}")]
+    PathEscape(String),
+    /// The path is malformed or names the wrong kind of thing.
+    #[error("{0}")]
+    InvalidPath(String),
+    #[error("file system error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Bytes and regular files in a workspace.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub bytes: u64,
+    pub files: u64,
+}
+
+/// Every user's workspace under one base directory, with their usage.
+#[derive(Debug)]
+pub struct Workspaces {
+    base: PathBuf,
+    usage: Mutex<HashMap<Uuid, Usage>>,
+}
+
+impl Workspaces {
+    pub fn new(base: impl Into<PathBuf>) -> Self {
+        Workspaces {
+            base: base.into(),
+            usage: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Opens (creating it on first use) the workspace of `user`. Blocking.
+    pub fn open(&self, user: Uuid) -> Result<Workspace, SandboxError> {
+        Workspace::open(&self.base.join(user.to_string()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Usage>> {
+        self.usage.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The user's usage; the first call walks the workspace once. Blocking.
+    pub fn usage(&self, user: Uuid, workspace: &Workspace) -> Result<Usage, SandboxError> {
+        if let Some(usage) = self.lock().get(&user) {
+            return Ok(*usage);
+        }
+        let (bytes, files) = workspace.usage()?;
+        let usage = Usage { bytes, files };
+        Ok(*self.lock().entry(user).or_insert(usage))
+    }
+
+    /// A file of `size` bytes was written, replacing `replaced`.
+    pub fn record_write(&self, user: Uuid, size: u64, replaced: Replaced) {
+        if let Some(usage) = self.lock().get_mut(&user) {
+            match replaced.previous_size {
+                Some(previous) => usage.bytes = (usage.bytes + size).saturating_sub(previous),
+                None => {
+                    usage.bytes += size;
+                    usage.files += 1;
+                }
+            }
+        }
+    }
+
+    /// `files` files holding `bytes` bytes were deleted.
+    pub fn record_delete(&self, user: Uuid, files: u64, bytes: u64) {
+        if let Some(usage) = self.lock().get_mut(&user) {
+            usage.files = usage.files.saturating_sub(files);
+            usage.bytes = usage.bytes.saturating_sub(bytes);
+        }
+    }
+
+    /// Forgets a user's usage, so the next [`Workspaces::usage`] walks the
+    /// workspace again (after a command changed it behind our back).
+    pub fn invalidate(&self, user: Uuid) {
+        self.lock().remove(&user);
+    }
+
+    /// The sum over every workspace whose usage is known.
+    pub fn totals(&self) -> Usage {
+        self.lock()
+            .values()
+            .fold(Usage::default(), |total, usage| Usage {
+                bytes: total.bytes + usage.bytes,
+                files: total.files + usage.files,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn write(workspace: &Workspace, path: &str, body: &[u8]) -> Replaced {
+        let mut upload = workspace
+            .start_upload(&SandboxPath::parse(path).expect("path"))
+            .expect("upload");
+        let mut file = upload.take_file().expect("file");
+        file.write_all(body).expect("write");
+        upload.put_file(file);
+        upload.commit().expect("commit")
+    }
+
+    #[test]
+    fn usage_is_kept_current_without_rescanning() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let workspaces = Workspaces::new(base.path());
+        let user = Uuid::new_v4();
+        let workspace = workspaces.open(user).expect("open");
+        write(&workspace, "before.txt", b"12345");
+        assert_eq!(
+            workspaces.usage(user, &workspace).expect("scan"),
+            Usage { bytes: 5, files: 1 }
+        );
+
+        let replaced = write(&workspace, "a/b/new.txt", b"123");
+        workspaces.record_write(user, 3, replaced);
+        let replaced = write(&workspace, "before.txt", b"1");
+        assert_eq!(replaced.previous_size, Some(5));
+        workspaces.record_write(user, 1, replaced);
+        let (files, bytes) = workspace
+            .delete(&SandboxPath::parse("a").expect("path"))
+            .expect("delete");
+        workspaces.record_delete(user, files, bytes);
+
+        let kept = workspaces.usage(user, &workspace).expect("usage");
+        let (bytes, files) = workspace.usage().expect("rescan");
+        assert_eq!(kept, Usage { bytes, files });
+        assert_eq!(kept, Usage { bytes: 1, files: 1 });
+        assert_eq!(workspaces.totals(), kept);
+    }
+}
