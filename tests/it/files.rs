@@ -272,6 +272,28 @@ async fn an_upload_over_the_limit_is_413_and_leaves_nothing() {
             .status(),
         StatusCode::OK
     );
+
+    // Both refusals are in the audit trail, attributed to the caller.
+    let refused: Vec<(String, Option<String>)> = app
+        .db
+        .client()
+        .await
+        .query(
+            "SELECT user_id::text, file_path FROM audit_actions WHERE status_code = 413 ORDER BY timestamp",
+            &[],
+        )
+        .await
+        .expect("rows")
+        .iter()
+        .map(|row| (row.get::<_, Option<String>>(0).unwrap_or_default(), row.get(1)))
+        .collect();
+    assert_eq!(
+        refused,
+        vec![
+            (alice.id.clone(), Some("big/declared.bin".to_owned())),
+            (alice.id.clone(), Some("streamed.bin".to_owned())),
+        ]
+    );
 }
 
 fn walk(dir: &std::path::Path) -> Vec<String> {
