@@ -24,9 +24,10 @@ migrate *ARGS:
 migrate-status:
     cargo run --release -p nox-migrate -- status
 
-# Benchmarks (not part of CI).
+# Benchmarks (not part of CI; see BENCHMARKS.md).
 bench:
     cargo bench --workspace
+    scripts/bench-audit-modes.sh
 
 # Everything CI runs.
 ci:
