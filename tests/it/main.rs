@@ -6,3 +6,4 @@ mod http_basics;
 mod identity;
 mod migrations;
 mod rollups;
+mod run;

@@ -25,6 +25,7 @@ use crate::auth::resolve_identity;
 use crate::config::Config;
 use crate::db::Database;
 use crate::error::{configure_extractors, json_error_handlers, not_found};
+use crate::run::RunService;
 use crate::{files, health, openapi, users};
 
 /// State shared by every worker.
@@ -38,6 +39,8 @@ pub struct AppState {
     /// Every user's workspace, under `<NOX_DATA_DIR>/sandboxes`.
     pub workspaces: Workspaces,
     pub max_upload_bytes: u64,
+    /// Running commands (`POST /run`).
+    pub runs: Arc<RunService>,
     /// The OpenAPI document, rendered once.
     pub openapi: String,
 }
@@ -104,6 +107,7 @@ impl AppState {
             audit_config,
             workspaces: Workspaces::new(config.storage.data_dir.join("sandboxes")),
             max_upload_bytes: config.max_upload_mb * 1024 * 1024,
+            runs: Arc::new(RunService::start(config).await?),
             openapi: openapi::render(),
         };
         Ok((state, Background { audit_writer }))
@@ -141,7 +145,8 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .service(health::health)
         .service(openapi::openapi_json)
         .configure(users::routes)
-        .configure(files::routes);
+        .configure(files::routes)
+        .configure(crate::run::routes);
 }
 
 /// Starts serving on `listener`. The returned server is a future that

@@ -22,6 +22,12 @@ pub enum LogFormat {
     Json,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RunNetwork {
+    Deny,
+    Allow,
+}
+
 /// Where the server keeps its state and how it reaches PostgreSQL.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StorageConfig {
@@ -96,6 +102,37 @@ pub struct Config {
     /// Largest accepted upload to PUT /write, in MiB.
     #[arg(long, env = "NOX_MAX_UPLOAD_MB", default_value_t = 50)]
     pub max_upload_mb: u64,
+
+    /// Default time limit of POST /run, in seconds (a request may ask for
+    /// 1 to 300).
+    #[arg(long = "run-timeout-secs", env = "NOX_TIMEOUT", default_value_t = 20)]
+    pub run_timeout_secs: u64,
+
+    /// The unprivileged user commands run as when the server runs as root.
+    #[arg(long, env = "NOX_RUN_USER", default_value = "nobody")]
+    pub run_user: String,
+
+    /// Memory limit of one run, in MiB: the user's tier limit, capped by this.
+    #[arg(long, env = "NOX_RUN_MAX_MEMORY_MB", default_value_t = 2048)]
+    pub run_max_memory_mb: u64,
+
+    /// `deny` (default): commands get an empty network namespace; `allow`:
+    /// the host's network.
+    #[arg(long, env = "NOX_RUN_NETWORK", value_enum, default_value = "deny")]
+    pub run_network: RunNetwork,
+
+    /// Bytes of stdout and of stderr kept per run; the rest is discarded.
+    #[arg(long, env = "NOX_RUN_OUTPUT_LIMIT", default_value_t = 1024 * 1024)]
+    pub run_output_limit: usize,
+
+    /// Runs at once over all users (default: two per core); each user may
+    /// have two.
+    #[arg(long, env = "NOX_RUN_MAX_CONCURRENT")]
+    pub run_max_concurrent: Option<usize>,
+
+    /// The `nox-sandbox-exec` launcher (default: next to this executable).
+    #[arg(long, env = "NOX_SANDBOX_EXEC")]
+    pub sandbox_exec: Option<PathBuf>,
 
     /// `durable`: a response is sent only once its audit record is committed
     /// (or spooled to disk); `buffered`: responses do not wait for the

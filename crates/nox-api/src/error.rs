@@ -37,6 +37,12 @@ pub enum ApiError {
     InvalidPath(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// 429 with a `Retry-After` header.
+    #[error("{detail}")]
+    RateLimited {
+        detail: String,
+        retry_after_secs: u64,
+    },
     #[error("{0}")]
     InvalidParameter(String),
     #[error("{0}")]
@@ -60,6 +66,7 @@ impl ApiError {
             ApiError::PathEscape(_) => "path_escape",
             ApiError::InvalidPath(_) => "invalid_path",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::RateLimited { .. } => "rate_limited",
             ApiError::InvalidParameter(_) => "invalid_parameter",
             ApiError::ServiceUnavailable(_) => "service_unavailable",
             ApiError::Internal(_) => "internal",
@@ -76,6 +83,7 @@ impl ResponseError for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PathEscape(_) | ApiError::InvalidPath(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::InvalidParameter(_) => StatusCode::BAD_REQUEST,
             ApiError::ServiceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -91,6 +99,14 @@ impl ResponseError for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let ApiError::RateLimited {
+            retry_after_secs, ..
+        } = self
+        {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
         }
         response
     }

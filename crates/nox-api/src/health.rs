@@ -18,6 +18,10 @@ pub struct HealthResponse {
     pub version: &'static str,
     /// `up` or `down`.
     pub database: &'static str,
+    /// The command sandbox's isolation layers on this machine (`null`:
+    /// `POST /run` is unavailable).
+    #[schema(value_type = Object)]
+    pub sandbox: Option<nox_sandbox::run::Layers>,
 }
 
 #[utoipa::path(
@@ -36,6 +40,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         status: if database_up { "healthy" } else { "degraded" },
         version: crate::VERSION,
         database: if database_up { "up" } else { "down" },
+        sandbox: state.runs.layers.clone(),
     };
     if database_up {
         HttpResponse::Ok().json(body)

@@ -9,6 +9,7 @@ pub mod error;
 pub mod files;
 pub mod health;
 pub mod openapi;
+pub mod run;
 pub mod schema;
 pub mod telemetry;
 pub mod users;

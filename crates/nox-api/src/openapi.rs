@@ -28,6 +28,7 @@ use crate::app::AppState;
         crate::files::download,
         crate::files::write,
         crate::files::delete_path,
+        crate::run::run_command,
     ),
     components(schemas(crate::error::ErrorBody)),
     modifiers(&BearerAuth)

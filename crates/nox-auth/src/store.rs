@@ -418,16 +418,18 @@ pub async fn resolve_token(pool: &Pool, hash: &[u8; 32]) -> Result<Option<Caller
                AND t.revoked_at IS NULL
                AND (t.expires_at IS NULL OR t.expires_at > now())
                AND u.is_active
-             RETURNING t.id AS token_id, u.id AS user_id, u.name, u.role",
+             RETURNING t.id AS token_id, u.id AS user_id, u.name, u.role, u.tier",
             &[&hash.as_slice()],
         )
         .await?;
     row.map(|row| {
         let role: String = row.get("role");
+        let tier: String = row.get("tier");
         Ok(Caller {
             user_id: row.get("user_id"),
             name: row.get("name"),
             role: Role::parse(&role).ok_or_else(|| StoreError::Corrupt(format!("role {role}")))?,
+            tier: Tier::parse(&tier).ok_or_else(|| StoreError::Corrupt(format!("tier {tier}")))?,
             token_id: row.get("token_id"),
         })
     })

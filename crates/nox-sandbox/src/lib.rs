@@ -4,6 +4,7 @@
 //! the tree on every request ([`Workspaces`]).
 
 pub mod path;
+pub mod run;
 pub mod workspace;
 
 use std::collections::HashMap;

@@ -234,6 +234,19 @@ impl Workspace {
         }
     }
 
+    /// Gives the workspace and everything in it to the user commands run as
+    /// (root only), walking by descriptors and never following links, so a
+    /// link planted by an earlier command cannot redirect the change.
+    pub fn hand_over(&self, uid: u32, gid: u32) -> Result<(), SandboxError> {
+        let root = self.open_dir(&SandboxPath::root())?;
+        let (uid, gid) = (
+            nix::unistd::Uid::from_raw(uid),
+            nix::unistd::Gid::from_raw(gid),
+        );
+        nix::unistd::fchown(&root, Some(uid), Some(gid)).map_err(map_errno)?;
+        chown_tree(root, uid, gid)
+    }
+
     /// Bytes and number of regular files in the whole workspace (a full
     /// walk: used once per workspace, then kept current incrementally).
     pub fn usage(&self) -> Result<(u64, u64), SandboxError> {
@@ -306,6 +319,34 @@ fn remove_tree(parent: &OwnedFd, name: &str) -> Result<(u64, u64), SandboxError>
     }
     unlinkat(parent, name, UnlinkatFlags::RemoveDir).map_err(map_errno)?;
     Ok((files, bytes))
+}
+
+fn chown_tree(
+    dir: OwnedFd,
+    uid: nix::unistd::Uid,
+    gid: nix::unistd::Gid,
+) -> Result<(), SandboxError> {
+    for child in child_names(dir.try_clone()?)? {
+        let Ok(stat) = fstatat(&dir, child.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        if stat.st_uid != uid.as_raw() || stat.st_gid != gid.as_raw() {
+            nix::unistd::fchownat(
+                &dir,
+                child.as_c_str(),
+                Some(uid),
+                Some(gid),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(map_errno)?;
+        }
+        if kind_of(&stat) == EntryKind::Directory
+            && let Ok(sub) = open_child_dir(&dir, &child.to_string_lossy())
+        {
+            chown_tree(sub, uid, gid)?;
+        }
+    }
+    Ok(())
 }
 
 fn usage_of(dir: OwnedFd) -> Result<(u64, u64), SandboxError> {

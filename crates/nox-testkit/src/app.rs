@@ -62,6 +62,15 @@ impl TestApp {
     }
 }
 
+/// The `nox-sandbox-exec` built beside the test binary
+/// (`target/<profile>/deps/<test>` → `target/<profile>/nox-sandbox-exec`).
+/// `cargo test --workspace` builds it: the launcher has tests of its own.
+pub fn sandbox_launcher() -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let path = exe.parent()?.parent()?.join("nox-sandbox-exec");
+    path.is_file().then_some(path)
+}
+
 /// Sends a request; a transport failure fails the test.
 pub async fn send(request: RequestBuilder) -> reqwest::Response {
     match request.send().await {
@@ -94,6 +103,7 @@ pub async fn spawn_app_on(db: Arc<TestDb>, adjust: impl FnOnce(&mut Config)) -> 
     let mut config = Config::for_database(&db.url(), data_dir.path().to_path_buf());
     config.admin_token = Some(Secret::new(TEST_ADMIN_TOKEN));
     config.workers = Some(1);
+    config.sandbox_exec = sandbox_launcher();
     config.shutdown_timeout_secs = 5;
     adjust(&mut config);
 

@@ -1,0 +1,502 @@
+//! `nox-sandbox-exec`: runs one `bash -c` command for `POST /run`, contained.
+//!
+//! The server spawns this small, single-threaded program instead of doing
+//! the work between `fork` and `exec` itself (unsafe in a multi-threaded
+//! process). It:
+//! 1. creates a per-run memory and pids cgroup (v1) when it can;
+//! 2. enters new PID and network namespaces (network: unless allowed);
+//! 3. forks the namespace's init, which sets rlimits, drops to the run user,
+//!    applies Landlock (read-only system directories, read-write workspace),
+//!    forks `bash -c`, reaps everything, and kills every process left when
+//!    bash exits;
+//! 4. enforces the wall-clock timeout by killing init, which takes the whole
+//!    namespace with it;
+//! 5. writes a JSON report (status, CPU, peak memory, the limit that ended
+//!    the run, the layers applied) to the file named by `--report`.
+//!
+//! Output goes straight to the inherited stdout and stderr.
+
+#![allow(unsafe_code)] // fork(2), in a single-threaded process.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::resource::{Resource, UsageWho, getrusage, setrlimit};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Gid, Pid, Uid, execve, fork, pipe, setgid, setgroups, setuid};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nox-sandbox-exec",
+    about = "Runs one command for Nox, contained and measured."
+)]
+struct Args {
+    /// The workspace: the working directory, and the only writable place.
+    #[arg(long)]
+    workspace: PathBuf,
+    /// Where to write the JSON report.
+    #[arg(long)]
+    report: PathBuf,
+    #[arg(long)]
+    timeout_ms: u64,
+    #[arg(long)]
+    cpu_secs: u64,
+    #[arg(long)]
+    memory_mb: u64,
+    #[arg(long, default_value_t = 256)]
+    max_processes: u64,
+    #[arg(long, default_value_t = 1024)]
+    max_file_mb: u64,
+    #[arg(long, default_value_t = 256)]
+    max_open_files: u64,
+    /// Run as this user (when started as root).
+    #[arg(long)]
+    uid: Option<u32>,
+    #[arg(long)]
+    gid: Option<u32>,
+    #[arg(long)]
+    user_name: Option<String>,
+    /// Give the command the host's network.
+    #[arg(long)]
+    allow_network: bool,
+    /// A unique name for this run's cgroups.
+    #[arg(long)]
+    run_id: String,
+    /// The command, run with `bash -c`.
+    command: String,
+}
+
+/// Read-only for the command: what a shell and interpreters need.
+const SYSTEM_DIRS: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc", "/opt",
+];
+/// Devices the command may read and write.
+const DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/urandom",
+    "/dev/random",
+    "/dev/full",
+];
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+fn main() {
+    let args = Args::parse();
+    let report = match run(&args) {
+        Ok(report) => report,
+        Err(error) => serde_json::json!({ "error": error }),
+    };
+    if let Err(error) = fs::write(&args.report, report.to_string()) {
+        eprintln!("nox-sandbox-exec: cannot write the report: {error}");
+        std::process::exit(70);
+    }
+}
+
+/// The per-run cgroups (v1 hierarchies), when the machine lets us make them.
+struct Cgroups {
+    memory: Option<PathBuf>,
+    pids: Option<PathBuf>,
+}
+
+impl Cgroups {
+    fn create(run_id: &str, memory_bytes: u64, max_processes: u64) -> Cgroups {
+        let make = |controller: &str, settings: &[(&str, String)]| -> Option<PathBuf> {
+            let dir = Path::new(CGROUP_ROOT)
+                .join(controller)
+                .join("nox")
+                .join(run_id);
+            fs::create_dir_all(&dir).ok()?;
+            for (file, value) in settings {
+                if fs::write(dir.join(file), value).is_err() {
+                    let _ = fs::remove_dir(&dir);
+                    return None;
+                }
+            }
+            Some(dir)
+        };
+        Cgroups {
+            memory: make(
+                "memory",
+                &[
+                    ("memory.limit_in_bytes", memory_bytes.to_string()),
+                    // No swap either, where the kernel accounts it.
+                    ("memory.swappiness", "0".into()),
+                ],
+            ),
+            pids: make("pids", &[("pids.max", max_processes.to_string())]),
+        }
+    }
+
+    fn add(&self, pid: Pid) {
+        for dir in [&self.memory, &self.pids].into_iter().flatten() {
+            let _ = fs::write(dir.join("cgroup.procs"), pid.to_string());
+        }
+    }
+
+    fn memory_peak_kb(&self) -> Option<u64> {
+        let dir = self.memory.as_ref()?;
+        let bytes: u64 = fs::read_to_string(dir.join("memory.max_usage_in_bytes"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(bytes / 1024)
+    }
+
+    fn oom_killed(&self) -> bool {
+        self.memory.as_ref().is_some_and(|dir| {
+            let failcnt = read_number(&dir.join("memory.failcnt")).unwrap_or(0);
+            let oom_kills = fs::read_to_string(dir.join("memory.oom_control"))
+                .ok()
+                .and_then(|text| {
+                    text.lines()
+                        .find_map(|line| line.strip_prefix("oom_kill "))
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                })
+                .unwrap_or(0);
+            oom_kills > 0 || failcnt > 0
+        })
+    }
+
+    fn processes_limited(&self) -> bool {
+        self.pids.as_ref().is_some_and(|dir| {
+            fs::read_to_string(dir.join("pids.events"))
+                .ok()
+                .and_then(|text| {
+                    text.lines()
+                        .find_map(|line| line.strip_prefix("max "))
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                })
+                .unwrap_or(0)
+                > 0
+        })
+    }
+
+    fn remove(&self) {
+        for dir in [&self.memory, &self.pids].into_iter().flatten() {
+            // Empty by now: every process of the run is dead and reaped.
+            for _ in 0..50 {
+                if fs::remove_dir(dir).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+fn read_number(path: &Path) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn run(args: &Args) -> Result<serde_json::Value, String> {
+    let is_root = Uid::effective().is_root();
+    let memory_bytes = args.memory_mb * 1024 * 1024;
+    let cgroups = if is_root {
+        Cgroups::create(&args.run_id, memory_bytes, args.max_processes)
+    } else {
+        Cgroups {
+            memory: None,
+            pids: None,
+        }
+    };
+
+    let mut namespaces = CloneFlags::CLONE_NEWPID;
+    if !args.allow_network {
+        namespaces |= CloneFlags::CLONE_NEWNET;
+    }
+    let namespaced = unshare(namespaces).is_ok();
+
+    // Status of bash, from init to us; and a go signal once init is in its cgroups.
+    let (status_read, status_write) = pipe().map_err(|e| format!("pipe: {e}"))?;
+    let (go_read, go_write) = pipe().map_err(|e| format!("pipe: {e}"))?;
+    let started = Instant::now();
+    // SAFETY: this process is single-threaded; the child only calls
+    // async-signal-safe functions until it execs or exits.
+    let init = match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
+        ForkResult::Child => {
+            drop(status_read);
+            drop(go_write);
+            let code = init_process(args, namespaced, go_read, status_write);
+            std::process::exit(code);
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop(status_write);
+    drop(go_read);
+    cgroups.add(init);
+    let mut go = fs::File::from(go_write);
+    let _ = go.write_all(b"g");
+    drop(go);
+
+    // Wait for init, killing it (and so its whole namespace) at the deadline.
+    let deadline = started + Duration::from_millis(args.timeout_ms);
+    let mut timed_out = false;
+    while let Ok(WaitStatus::StillAlive) = waitpid(init, Some(WaitPidFlag::WNOHANG)) {
+        if Instant::now() >= deadline && !timed_out {
+            timed_out = true;
+            let _ = kill(init, Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
+
+    let mut status_bytes = Vec::new();
+    let _ = fs::File::from(status_read).read_to_end(&mut status_bytes);
+    let (exit_code, signal) = decode_status(&status_bytes);
+
+    let usage = getrusage(UsageWho::RUSAGE_CHILDREN).map_err(|e| format!("getrusage: {e}"))?;
+    let cpu_us = |t: nix::sys::time::TimeVal| t.tv_sec() as u64 * 1_000_000 + t.tv_usec() as u64;
+    let cpu_time_ms = (cpu_us(usage.user_time()) + cpu_us(usage.system_time())) as f64 / 1000.0;
+    let memory_peak_kb = cgroups.memory_peak_kb().unwrap_or(usage.max_rss() as u64);
+
+    let limit_hit = if timed_out {
+        Some("time")
+    } else if cgroups.oom_killed() && signal == Some(Signal::SIGKILL as i32) {
+        Some("memory")
+    } else if signal == Some(Signal::SIGXCPU as i32)
+        || (signal == Some(Signal::SIGKILL as i32) && cpu_time_ms >= (args.cpu_secs * 1000) as f64)
+    {
+        Some("cpu")
+    } else if cgroups.processes_limited() {
+        Some("processes")
+    } else {
+        None
+    };
+    cgroups.remove();
+
+    Ok(serde_json::json!({
+        "exit_code": exit_code,
+        "signal": signal,
+        "timed_out": timed_out,
+        "execution_time_ms": (wall_ms * 1000.0).round() / 1000.0,
+        "cpu_time_ms": cpu_time_ms,
+        "memory_peak_kb": memory_peak_kb,
+        "limit_hit": limit_hit,
+        "layers": {
+            "pid_namespace": namespaced,
+            "network_namespace": namespaced && !args.allow_network,
+            "memory_cgroup": cgroups.memory.is_some(),
+            "pids_cgroup": cgroups.pids.is_some(),
+            "run_as_user": is_root && args.uid.is_some(),
+            "landlock": landlock_available(),
+            "rlimits": true,
+        },
+    }))
+}
+
+/// Bash's exit, as init reports it: `e<code>` or `s<signal>`.
+fn decode_status(bytes: &[u8]) -> (Option<i32>, Option<i32>) {
+    let text = String::from_utf8_lossy(bytes);
+    let value = text.get(1..).and_then(|n| n.parse::<i32>().ok());
+    match text.chars().next() {
+        Some('e') => (value, None),
+        Some('s') => (None, value),
+        _ => (None, None),
+    }
+}
+
+/// PID 1 of the run's namespace. Returns its exit code.
+fn init_process(args: &Args, namespaced: bool, go: OwnedFd, status: OwnedFd) -> i32 {
+    // Die with the launcher, and with it every process of the run.
+    let _ = nix::sys::prctl::set_pdeathsig(Some(Signal::SIGKILL));
+    // Wait until the parent has put us into the run's cgroups.
+    let mut byte = [0u8; 1];
+    let _ = fs::File::from(go).read(&mut byte);
+    // Without a PID namespace, a process group is all we can kill at once;
+    // kill(-1) outside a namespace would reach every process of the user.
+    let group = if namespaced {
+        Pid::from_raw(-1)
+    } else {
+        match nix::unistd::setsid() {
+            Ok(session) => Pid::from_raw(-session.as_raw()),
+            Err(_) => return 73,
+        }
+    };
+
+    if let Err(error) = contain(args) {
+        eprintln!("nox-sandbox-exec: {error}");
+        return 71;
+    }
+    let mut status = fs::File::from(status);
+    // SAFETY: still single-threaded.
+    let bash = match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            exec_bash(args);
+            // exec_bash returns only on failure.
+            std::process::exit(127);
+        }
+        Ok(ForkResult::Parent { child }) => child,
+        Err(error) => {
+            eprintln!("nox-sandbox-exec: fork: {error}");
+            return 71;
+        }
+    };
+    // Reap everything; once bash is gone, nothing else may live on.
+    let mut reported = false;
+    loop {
+        match waitpid(Pid::from_raw(-1), None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == bash => {
+                let _ = status.write_all(format!("e{code}").as_bytes());
+                reported = true;
+                kill_all(group);
+            }
+            Ok(WaitStatus::Signaled(pid, signal, _)) if pid == bash => {
+                let _ = status.write_all(format!("s{}", signal as i32).as_bytes());
+                reported = true;
+                kill_all(group);
+            }
+            Ok(_) => {}
+            Err(nix::errno::Errno::ECHILD) => break,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => break,
+        }
+    }
+    if reported { 0 } else { 72 }
+}
+
+/// Kills every process of the run but init: `-1` inside the namespace, or
+/// the run's process group without one.
+fn kill_all(group: Pid) {
+    if group.as_raw() == -1 {
+        let _ = kill(group, Signal::SIGKILL);
+    } else {
+        // A negative pid names a process group; init leads it, so spare it.
+        let _ = nix::sys::signal::killpg(Pid::from_raw(-group.as_raw()), Signal::SIGTERM);
+        let _ = kill(group, Signal::SIGKILL);
+    }
+}
+
+/// Limits, user and Landlock, applied to init and inherited by the command.
+fn contain(args: &Args) -> Result<(), String> {
+    let cpu = args.cpu_secs;
+    let limits: &[(Resource, u64, u64)] = &[
+        (Resource::RLIMIT_CPU, cpu, cpu + 1),
+        (
+            Resource::RLIMIT_FSIZE,
+            args.max_file_mb * 1024 * 1024,
+            args.max_file_mb * 1024 * 1024,
+        ),
+        (
+            Resource::RLIMIT_NOFILE,
+            args.max_open_files,
+            args.max_open_files,
+        ),
+        (Resource::RLIMIT_CORE, 0, 0),
+    ];
+    for (resource, soft, hard) in limits {
+        setrlimit(*resource, *soft, *hard).map_err(|e| format!("setrlimit {resource:?}: {e}"))?;
+    }
+    if !Path::new(CGROUP_ROOT)
+        .join("memory/nox")
+        .join(&args.run_id)
+        .exists()
+    {
+        // No memory cgroup: bound each process's address space instead.
+        let bytes = args.memory_mb * 1024 * 1024;
+        setrlimit(Resource::RLIMIT_AS, bytes, bytes).map_err(|e| format!("setrlimit AS: {e}"))?;
+    }
+    if !Path::new(CGROUP_ROOT)
+        .join("pids/nox")
+        .join(&args.run_id)
+        .exists()
+    {
+        setrlimit(
+            Resource::RLIMIT_NPROC,
+            args.max_processes,
+            args.max_processes,
+        )
+        .map_err(|e| format!("setrlimit NPROC: {e}"))?;
+    }
+    if let (Some(uid), Some(gid)) = (args.uid, args.gid)
+        && Uid::effective().is_root()
+    {
+        setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
+        setgid(Gid::from_raw(gid)).map_err(|e| format!("setgid: {e}"))?;
+        setuid(Uid::from_raw(uid)).map_err(|e| format!("setuid: {e}"))?;
+        // Changing credentials cleared the parent-death signal: set it again.
+        let _ = nix::sys::prctl::set_pdeathsig(Some(Signal::SIGKILL));
+    }
+    landlock(&args.workspace)?;
+    std::env::set_current_dir(&args.workspace).map_err(|e| format!("chdir: {e}"))?;
+    Ok(())
+}
+
+/// Whether the kernel can enforce a Landlock ruleset (creating one
+/// restricts nothing).
+fn landlock_available() -> bool {
+    use landlock::{ABI, Access, AccessFs, Compatible, Ruleset, RulesetAttr};
+    Ruleset::default()
+        .set_compatibility(landlock::CompatLevel::HardRequirement)
+        .handle_access(AccessFs::from_all(ABI::V1))
+        .and_then(|ruleset| ruleset.create())
+        .is_ok()
+}
+
+fn landlock(workspace: &Path) -> Result<(), String> {
+    use landlock::{
+        ABI, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus,
+        path_beneath_rules,
+    };
+    let abi = ABI::V5;
+    let read_only = AccessFs::from_read(abi);
+    let everything = AccessFs::from_all(abi);
+    let existing = |paths: &[&str]| -> Vec<PathBuf> {
+        paths
+            .iter()
+            .map(PathBuf::from)
+            .filter(|p| p.exists())
+            .collect()
+    };
+    let status = Ruleset::default()
+        .handle_access(everything)
+        .and_then(|r| r.create())
+        .and_then(|r| r.add_rules(path_beneath_rules(existing(SYSTEM_DIRS), read_only)))
+        .and_then(|r| {
+            r.add_rules(path_beneath_rules(
+                existing(DEVICES),
+                AccessFs::ReadFile | AccessFs::WriteFile,
+            ))
+        })
+        .and_then(|r| r.add_rules(path_beneath_rules([workspace], everything)))
+        .and_then(|r| r.restrict_self())
+        .map_err(|e| format!("landlock: {e}"))?;
+    if status.ruleset == RulesetStatus::NotEnforced {
+        eprintln!("nox-sandbox-exec: Landlock is not available: the file system is not restricted");
+    }
+    Ok(())
+}
+
+fn exec_bash(args: &Args) {
+    let workspace = args.workspace.display().to_string();
+    let user = args.user_name.clone().unwrap_or_else(|| "nox".into());
+    let env = [
+        "PATH=/usr/local/bin:/usr/bin:/bin".to_owned(),
+        format!("HOME={workspace}"),
+        format!("TMPDIR={workspace}/.tmp"),
+        "LANG=C.UTF-8".to_owned(),
+        format!("USER={user}"),
+    ];
+    let _ = fs::create_dir_all(args.workspace.join(".tmp"));
+    let cstrings = |items: &[String]| -> Option<Vec<CString>> {
+        items
+            .iter()
+            .map(|s| CString::new(s.as_bytes()).ok())
+            .collect()
+    };
+    let Some(argv) = cstrings(&["bash".into(), "-c".into(), args.command.clone()]) else {
+        eprintln!("nox-sandbox-exec: the command contains a NUL byte");
+        return;
+    };
+    let Some(envp) = cstrings(&env) else { return };
+    let bash = CString::new("/bin/bash").unwrap_or_default();
+    let Err(error) = execve(&bash, &argv, &envp);
+    eprintln!("nox-sandbox-exec: cannot run bash: {error}");
+}

@@ -1,0 +1,409 @@
+//! `POST /run`: a `bash -c` command in the caller's workspace, contained by
+//! the `nox-sandbox-exec` launcher and measured.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::{HttpRequest, HttpResponse, post, web};
+use nox_sandbox::run::{Layers, RunLimits, RunOutcome, RunRequest, RunUser};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::auth::Authenticated;
+use crate::config::{Config, RunNetwork};
+use crate::error::{ApiError, ErrorBody};
+
+const MAX_COMMAND_CHARS: usize = 10_000;
+const MAX_TIMEOUT_SECS: u64 = 300;
+const MAX_STDIN_BYTES: usize = 1024 * 1024;
+const RUNS_PER_USER: usize = 2;
+/// Processes one run may have at once (a fork bomb stops here).
+const MAX_PROCESSES: u64 = 256;
+
+/// What the server needs to run commands; built once at start-up.
+#[derive(Debug)]
+pub struct RunService {
+    launcher: Option<PathBuf>,
+    report_dir: PathBuf,
+    user: Option<RunUser>,
+    default_timeout: Duration,
+    max_memory_mb: u64,
+    output_limit: usize,
+    allow_network: bool,
+    global: Arc<Semaphore>,
+    per_user: Mutex<HashMap<Uuid, usize>>,
+    /// The isolation layers a probe run got at start-up.
+    pub layers: Option<Layers>,
+}
+
+impl RunService {
+    /// Finds the launcher and probes which isolation layers this machine
+    /// gives, warning about each one missing.
+    pub async fn start(config: &Config) -> anyhow::Result<RunService> {
+        let launcher = config.sandbox_exec.clone().or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(|dir| dir.join("nox-sandbox-exec")))
+        });
+        let launcher = launcher.filter(|path| path.is_file());
+        let report_dir = config.storage.data_dir.join("run-reports");
+        std::fs::create_dir_all(&report_dir)?;
+        let user = if nix::unistd::Uid::effective().is_root() {
+            match nix::unistd::User::from_name(&config.run_user) {
+                Ok(Some(user)) => Some(RunUser {
+                    name: user.name,
+                    uid: user.uid.as_raw(),
+                    gid: user.gid.as_raw(),
+                }),
+                _ => anyhow::bail!("NOX_RUN_USER {:?} does not exist", config.run_user),
+            }
+        } else {
+            None
+        };
+        let permits = config
+            .run_max_concurrent
+            .unwrap_or_else(|| 2 * std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let mut service = RunService {
+            launcher,
+            report_dir,
+            user,
+            default_timeout: Duration::from_secs(config.run_timeout_secs),
+            max_memory_mb: config.run_max_memory_mb,
+            output_limit: config.run_output_limit,
+            allow_network: config.run_network == RunNetwork::Allow,
+            global: Arc::new(Semaphore::new(permits)),
+            per_user: Mutex::new(HashMap::new()),
+            layers: None,
+        };
+        service.layers = service.probe(config).await;
+        Ok(service)
+    }
+
+    async fn probe(&self, config: &Config) -> Option<Layers> {
+        let Some(launcher) = &self.launcher else {
+            tracing::warn!(
+                "nox-sandbox-exec not found: POST /run is unavailable (set NOX_SANDBOX_EXEC)"
+            );
+            return None;
+        };
+        let workspace = config.storage.data_dir.join("run-probe");
+        std::fs::create_dir_all(&workspace).ok()?;
+        if let Some(user) = &self.user {
+            let _ = nix::unistd::chown(
+                &workspace,
+                Some(nix::unistd::Uid::from_raw(user.uid)),
+                Some(nix::unistd::Gid::from_raw(user.gid)),
+            );
+        }
+        let request = RunRequest {
+            workspace,
+            command: "true".into(),
+            stdin: None,
+            limits: self.limits(Duration::from_secs(10), 64),
+            user: self.user.clone(),
+        };
+        match nox_sandbox::run::run(launcher, &self.report_dir, &request).await {
+            Ok(outcome) => {
+                let layers = outcome.layers;
+                let missing: Vec<&str> = [
+                    ("pid_namespace", layers.pid_namespace),
+                    (
+                        "network_namespace",
+                        layers.network_namespace || self.allow_network,
+                    ),
+                    ("memory_cgroup", layers.memory_cgroup),
+                    ("pids_cgroup", layers.pids_cgroup),
+                    ("run_as_user", layers.run_as_user),
+                    ("landlock", layers.landlock),
+                ]
+                .into_iter()
+                .filter(|(_, present)| !present)
+                .map(|(name, _)| name)
+                .collect();
+                if !missing.is_empty() {
+                    tracing::warn!(
+                        ?missing,
+                        "the command sandbox lacks isolation layers on this machine"
+                    );
+                }
+                Some(layers)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the command sandbox does not work here: POST /run is unavailable");
+                None
+            }
+        }
+    }
+
+    fn limits(&self, timeout: Duration, memory_mb: u64) -> RunLimits {
+        RunLimits {
+            timeout,
+            memory_mb,
+            output_limit: self.output_limit,
+            max_processes: MAX_PROCESSES,
+            allow_network: self.allow_network,
+        }
+    }
+
+    /// A slot for one run of `user`, or 429.
+    fn admit(self: &Arc<Self>, user: Uuid) -> Result<RunSlot, ApiError> {
+        let busy = || ApiError::RateLimited {
+            detail: "too many commands are running; retry shortly".into(),
+            retry_after_secs: 1,
+        };
+        let permit = Arc::clone(&self.global)
+            .try_acquire_owned()
+            .map_err(|_| busy())?;
+        let mut per_user = self.per_user.lock().unwrap_or_else(|p| p.into_inner());
+        let running = per_user.entry(user).or_insert(0);
+        if *running >= RUNS_PER_USER {
+            return Err(ApiError::RateLimited {
+                detail: format!("at most {RUNS_PER_USER} of your commands run at once"),
+                retry_after_secs: 1,
+            });
+        }
+        *running += 1;
+        Ok(RunSlot {
+            service: Arc::clone(self),
+            user,
+            _permit: permit,
+        })
+    }
+}
+
+/// Frees the user's slot when the run ends (or the request is dropped).
+struct RunSlot {
+    service: Arc<RunService>,
+    user: Uuid,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for RunSlot {
+    fn drop(&mut self) {
+        let mut per_user = self
+            .service
+            .per_user
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(running) = per_user.get_mut(&self.user) {
+            *running -= 1;
+            if *running == 0 {
+                per_user.remove(&self.user);
+            }
+        }
+    }
+}
+
+pub fn routes(config: &mut web::ServiceConfig) {
+    config.service(run_command);
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunBody {
+    /// Run with `bash -c`, 1 to 10,000 characters.
+    pub command: String,
+    /// Seconds, 1 to 300 (default `NOX_TIMEOUT`).
+    pub timeout: Option<u64>,
+    /// Fed to the command's standard input.
+    pub stdin: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Truncated {
+    pub stdout: bool,
+    pub stderr: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunResponse {
+    pub stdout: String,
+    pub stderr: String,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub success: bool,
+    pub execution_time_ms: f64,
+    pub cpu_time_ms: f64,
+    pub memory_peak_kb: u64,
+    pub timeout_used: u64,
+    pub timed_out: bool,
+    pub truncated: Truncated,
+    /// `time`, `cpu`, `memory` or `processes` when a limit ended the run.
+    pub limit_hit: Option<String>,
+    /// `python`, `nodejs` or `bash`, from the first word.
+    pub command_type: &'static str,
+}
+
+/// As the older API derived it: from the first word's prefix.
+pub fn command_type(command: &str) -> &'static str {
+    let first = command.split_whitespace().next().unwrap_or("");
+    if first.starts_with("python") {
+        "python"
+    } else if first.starts_with("node") || first.starts_with("npm") || first.starts_with("npx") {
+        "nodejs"
+    } else {
+        "bash"
+    }
+}
+
+#[utoipa::path(
+    request_body = RunBody,
+    responses(
+        (status = 200, body = RunResponse),
+        (status = 408, description = "Timed out: the same fields, with `detail` and `code: timeout`"),
+        (status = 400, body = ErrorBody),
+        (status = 429, description = "Too many runs at once; see Retry-After", body = ErrorBody),
+        (status = 503, description = "The command sandbox is not available on this server", body = ErrorBody),
+    ),
+    security(("bearer" = [])),
+    tag = "run"
+)]
+#[post("/run")]
+pub async fn run_command(
+    caller: Authenticated,
+    request: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Json<RunBody>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let kind = command_type(&body.command);
+    nox_audit_actix::record(&request, |details| {
+        details.command_type = Some(kind.to_owned());
+        details.command_text = Some(body.command.clone());
+    });
+    let length = body.command.chars().count();
+    if length == 0 || length > MAX_COMMAND_CHARS {
+        return Err(ApiError::InvalidParameter(format!(
+            "command must be 1 to {MAX_COMMAND_CHARS} characters"
+        )));
+    }
+    if body.command.contains('\0') {
+        return Err(ApiError::InvalidParameter(
+            "command contains a NUL byte".into(),
+        ));
+    }
+    let service = Arc::clone(&state.runs);
+    let timeout = match body.timeout {
+        None => service.default_timeout,
+        Some(secs @ 1..=MAX_TIMEOUT_SECS) => Duration::from_secs(secs),
+        Some(_) => {
+            return Err(ApiError::InvalidParameter(format!(
+                "timeout must be 1 to {MAX_TIMEOUT_SECS} seconds"
+            )));
+        }
+    };
+    if body
+        .stdin
+        .as_ref()
+        .is_some_and(|s| s.len() > MAX_STDIN_BYTES)
+    {
+        return Err(ApiError::PayloadTooLarge(
+            "stdin is limited to 1 MiB".into(),
+        ));
+    }
+    let Some(launcher) = service
+        .launcher
+        .clone()
+        .filter(|_| service.layers.is_some())
+    else {
+        return Err(ApiError::ServiceUnavailable(
+            "the command sandbox is not available on this server".into(),
+        ));
+    };
+    let caller = caller.0;
+    let _slot = service.admit(caller.user_id)?;
+
+    let user = caller.user_id;
+    let run_user = service.user.clone();
+    let handler_state = state.clone();
+    let workspace = web::block(move || -> Result<PathBuf, ApiError> {
+        let workspace = handler_state.workspaces.open(user)?;
+        if let Some(run_user) = &run_user {
+            workspace.hand_over(run_user.uid, run_user.gid)?;
+        }
+        Ok(workspace.root_path().to_path_buf())
+    })
+    .await??;
+    let memory_mb = caller
+        .tier
+        .run_memory_mb()
+        .map_or(service.max_memory_mb, |tier| {
+            tier.min(service.max_memory_mb)
+        });
+    let run = RunRequest {
+        workspace,
+        command: body.command,
+        stdin: body.stdin,
+        limits: service.limits(timeout, memory_mb),
+        user: service.user.clone(),
+    };
+    let outcome = nox_sandbox::run::run(&launcher, &service.report_dir, &run)
+        .await
+        .map_err(ApiError::internal)?;
+    // The command may have changed anything in the workspace.
+    state.workspaces.invalidate(user);
+    record_outcome(&request, &outcome);
+    Ok(respond(outcome, timeout, kind))
+}
+
+fn record_outcome(request: &HttpRequest, outcome: &RunOutcome) {
+    nox_audit_actix::record(request, |details| {
+        details.exit_code = outcome.exit_code;
+        details.stdout_size = Some(outcome.stdout.total_bytes as i64);
+        details.stderr_size = Some(outcome.stderr.total_bytes as i64);
+        details.cpu_time_ms = Some(outcome.cpu_time_ms);
+        details.memory_peak_mb = Some(outcome.memory_peak_kb as f64 / 1024.0);
+        if let Some(limit) = &outcome.limit_hit {
+            details
+                .metadata
+                .insert("limit_hit".into(), limit.clone().into());
+        }
+    });
+}
+
+fn respond(outcome: RunOutcome, timeout: Duration, kind: &'static str) -> HttpResponse {
+    let body = RunResponse {
+        success: outcome.exit_code == Some(0),
+        stdout: outcome.stdout.text,
+        stderr: outcome.stderr.text,
+        exit_code: outcome.exit_code,
+        signal: outcome.signal,
+        execution_time_ms: outcome.execution_time_ms,
+        cpu_time_ms: outcome.cpu_time_ms,
+        memory_peak_kb: outcome.memory_peak_kb,
+        timeout_used: timeout.as_secs(),
+        timed_out: outcome.timed_out,
+        truncated: Truncated {
+            stdout: outcome.stdout.truncated,
+            stderr: outcome.stderr.truncated,
+        },
+        limit_hit: outcome.limit_hit,
+        command_type: kind,
+    };
+    if !body.timed_out {
+        return HttpResponse::Ok().json(body);
+    }
+    let mut value = serde_json::to_value(&body).unwrap_or_default();
+    value["detail"] = "Command timed out".into();
+    value["code"] = "timeout".into();
+    HttpResponse::RequestTimeout().json(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::command_type;
+
+    #[test]
+    fn command_types_follow_the_first_word() {
+        assert_eq!(command_type("python3 -c 'print(1)'"), "python");
+        assert_eq!(command_type("  node x.js"), "nodejs");
+        assert_eq!(command_type("npx thing"), "nodejs");
+        assert_eq!(command_type("echo python"), "bash");
+        assert_eq!(command_type(""), "bash");
+    }
+}

@@ -1,0 +1,227 @@
+//! Running a command through the `nox-sandbox-exec` launcher, which applies
+//! the isolation (namespaces, cgroups, rlimits, Landlock, unprivileged user)
+//! before `exec`. This side spawns it with an empty environment, feeds
+//! stdin, captures stdout and stderr up to a limit each (draining the rest so
+//! the command never blocks), and reads the launcher's report.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+
+/// Limits of one run.
+#[derive(Debug, Clone)]
+pub struct RunLimits {
+    pub timeout: Duration,
+    pub memory_mb: u64,
+    pub output_limit: usize,
+    pub max_processes: u64,
+    pub allow_network: bool,
+}
+
+/// Who the command runs as when the server is root.
+#[derive(Debug, Clone)]
+pub struct RunUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    pub workspace: PathBuf,
+    pub command: String,
+    pub stdin: Option<String>,
+    pub limits: RunLimits,
+    pub user: Option<RunUser>,
+}
+
+/// The isolation layers a run got.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub struct Layers {
+    pub pid_namespace: bool,
+    pub network_namespace: bool,
+    pub memory_cgroup: bool,
+    pub pids_cgroup: bool,
+    pub run_as_user: bool,
+    pub landlock: bool,
+    pub rlimits: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct Report {
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    timed_out: bool,
+    execution_time_ms: f64,
+    cpu_time_ms: f64,
+    memory_peak_kb: u64,
+    limit_hit: Option<String>,
+    layers: Layers,
+    error: Option<String>,
+}
+
+/// One stream's captured output.
+#[derive(Debug, Clone, Default)]
+pub struct Captured {
+    /// Up to the output limit, invalid UTF-8 replaced.
+    pub text: String,
+    /// Every byte the command wrote to the stream.
+    pub total_bytes: u64,
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub stdout: Captured,
+    pub stderr: Captured,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    pub execution_time_ms: f64,
+    pub cpu_time_ms: f64,
+    pub memory_peak_kb: u64,
+    pub limit_hit: Option<String>,
+    pub layers: Layers,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("the sandbox launcher could not be started: {0}")]
+    Launch(std::io::Error),
+    #[error("the sandbox launcher failed: {0}")]
+    Launcher(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs `request` with the launcher at `launcher`; `report_dir` holds the
+/// launcher's report file for the run (outside any workspace).
+pub async fn run(
+    launcher: &Path,
+    report_dir: &Path,
+    request: &RunRequest,
+) -> Result<RunOutcome, RunError> {
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let report = report_dir.join(format!("{run_id}.json"));
+    let limits = &request.limits;
+    let timeout_secs = limits.timeout.as_secs().max(1);
+    let mut command = Command::new(launcher);
+    command
+        // Nothing of the server's environment reaches the command.
+        .env_clear()
+        .arg("--workspace")
+        .arg(&request.workspace)
+        .arg("--report")
+        .arg(&report)
+        .arg("--timeout-ms")
+        .arg(limits.timeout.as_millis().to_string())
+        .arg("--cpu-secs")
+        .arg((timeout_secs + 1).to_string())
+        .arg("--memory-mb")
+        .arg(limits.memory_mb.to_string())
+        .arg("--max-processes")
+        .arg(limits.max_processes.to_string())
+        .arg("--run-id")
+        .arg(&run_id)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // A dropped request kills the launcher, whose death kills the run.
+        .kill_on_drop(true);
+    if limits.allow_network {
+        command.arg("--allow-network");
+    }
+    if let Some(user) = &request.user {
+        command
+            .arg("--uid")
+            .arg(user.uid.to_string())
+            .arg("--gid")
+            .arg(user.gid.to_string())
+            .arg("--user-name")
+            .arg(&user.name);
+    }
+    command.arg("--").arg(&request.command);
+    let mut child = command.spawn().map_err(RunError::Launch)?;
+
+    let stdin = child.stdin.take();
+    let input = request.stdin.clone().unwrap_or_default();
+    let feed = async move {
+        if let Some(mut stdin) = stdin {
+            // A command that does not read its input closes the pipe: fine.
+            let _ = stdin.write_all(input.as_bytes()).await;
+        }
+    };
+    let stdout = capture(child.stdout.take(), limits.output_limit);
+    let stderr = capture(child.stderr.take(), limits.output_limit);
+    // The launcher enforces the timeout; this is a safety net on top.
+    let waited = tokio::time::timeout(limits.timeout + Duration::from_secs(10), async {
+        let ((), stdout, stderr, status) = tokio::join!(feed, stdout, stderr, child.wait());
+        (stdout, stderr, status)
+    })
+    .await;
+    let (stdout, stderr, status) = match waited {
+        Ok(result) => result,
+        Err(_) => {
+            let _ = child.kill().await;
+            return Err(RunError::Launcher(
+                "the launcher did not finish in time".into(),
+            ));
+        }
+    };
+    let status = status?;
+    let text = tokio::fs::read_to_string(&report).await;
+    let _ = tokio::fs::remove_file(&report).await;
+    let report: Report = match text {
+        Ok(text) => serde_json::from_str(&text)
+            .map_err(|e| RunError::Launcher(format!("unreadable report: {e}")))?,
+        Err(error) => {
+            return Err(RunError::Launcher(format!("no report ({status}): {error}")));
+        }
+    };
+    if let Some(error) = report.error {
+        return Err(RunError::Launcher(error));
+    }
+    Ok(RunOutcome {
+        stdout: stdout?,
+        stderr: stderr?,
+        exit_code: report.exit_code,
+        signal: report.signal,
+        timed_out: report.timed_out,
+        execution_time_ms: report.execution_time_ms,
+        cpu_time_ms: report.cpu_time_ms,
+        memory_peak_kb: report.memory_peak_kb,
+        limit_hit: report.limit_hit,
+        layers: report.layers,
+    })
+}
+
+/// Reads a stream to its end, keeping the first `limit` bytes.
+async fn capture(
+    stream: Option<impl AsyncRead + Unpin>,
+    limit: usize,
+) -> std::io::Result<Captured> {
+    let Some(mut stream) = stream else {
+        return Ok(Captured::default());
+    };
+    let mut kept = Vec::new();
+    let mut total = 0u64;
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let read = stream.read(&mut buffer).await?;
+        if read == 0 {
+            break;
+        }
+        total += read as u64;
+        let room = limit.saturating_sub(kept.len());
+        kept.extend_from_slice(&buffer[..read.min(room)]);
+    }
+    Ok(Captured {
+        truncated: total > kept.len() as u64,
+        text: String::from_utf8_lossy(&kept).into_owned(),
+        total_bytes: total,
+    })
+}
