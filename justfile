@@ -2,7 +2,8 @@
 
 # Run the server (embedded PostgreSQL unless DATABASE_URL is set).
 run *ARGS:
-    cargo run --release -p nox-server -- {{ARGS}}
+    cargo build --release --bins
+    target/release/nox-server {{ARGS}}
 
 # The whole test suite, as CI runs it.
 test:
