@@ -29,6 +29,7 @@ migrate-status:
 bench:
     cargo bench --workspace
     scripts/bench-audit-modes.sh
+    scripts/bench-run-overhead.sh
 
 # Everything CI runs.
 ci:

@@ -335,3 +335,39 @@ async fn runs_are_audited_with_the_commands_facts() {
     let health: Value = app.get("/health").await.json().await.expect("json");
     assert_eq!(health["sandbox"]["pid_namespace"], true, "{health}");
 }
+
+#[tokio::test]
+async fn at_most_two_runs_per_user_at_once() {
+    if !can_isolate() {
+        return;
+    }
+    let app = spawn_app().await;
+    let (_, token) = user(&app, "alice").await;
+    let (_, other) = user(&app, "bob").await;
+    let slow = || {
+        let request = app
+            .request(Method::POST, "/run", &token)
+            .json(&json!({"command": "sleep 1.5"}));
+        tokio::spawn(async move { send(request).await.status() })
+    };
+    let (first, second) = (slow(), slow());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let third = send(
+        app.request(Method::POST, "/run", &token)
+            .json(&json!({"command": "true"})),
+    )
+    .await;
+    assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(third.headers().contains_key("retry-after"));
+    assert_eq!(
+        third.json::<Value>().await.expect("json")["code"],
+        "rate_limited"
+    );
+    // Another user is not held up.
+    let (status, _) = run(&app, &other, json!({"command": "true"})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(first.await.expect("join"), StatusCode::OK);
+    assert_eq!(second.await.expect("join"), StatusCode::OK);
+    let (status, _) = run(&app, &token, json!({"command": "true"})).await;
+    assert_eq!(status, StatusCode::OK, "slots are given back");
+}
