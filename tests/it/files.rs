@@ -3,33 +3,11 @@
 use std::os::unix::fs::symlink;
 use std::path::PathBuf;
 
-use nox_testkit::{TEST_ADMIN_TOKEN, TestApp, send, spawn_app, spawn_app_with};
+use nox_testkit::{TestApp, TestUser, send, spawn_app, spawn_app_with};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-const ADMIN: &str = TEST_ADMIN_TOKEN;
-
-struct User {
-    id: String,
-    token: String,
-}
-
-async fn new_user(app: &TestApp, name: &str) -> User {
-    let created: Value = send(
-        app.request(Method::POST, "/admin/users", ADMIN)
-            .json(&json!({ "name": name })),
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
-    User {
-        id: created["id"].as_str().expect("id").to_owned(),
-        token: created["token"].as_str().expect("token").to_owned(),
-    }
-}
-
-fn workspace(app: &TestApp, user: &User) -> PathBuf {
+fn workspace(app: &TestApp, user: &TestUser) -> PathBuf {
     app.data_dir.path().join("sandboxes").join(&user.id)
 }
 
@@ -45,7 +23,7 @@ fn q(path: &str) -> String {
         .collect()
 }
 
-async fn write(app: &TestApp, user: &User, path: &str, body: Vec<u8>) -> reqwest::Response {
+async fn write(app: &TestApp, user: &TestUser, path: &str, body: Vec<u8>) -> reqwest::Response {
     send(
         app.request(
             Method::PUT,
@@ -59,7 +37,7 @@ async fn write(app: &TestApp, user: &User, path: &str, body: Vec<u8>) -> reqwest
 
 async fn call(
     app: &TestApp,
-    user: &User,
+    user: &TestUser,
     method: Method,
     endpoint: &str,
     path: &str,
@@ -74,7 +52,7 @@ async fn json_of(response: reqwest::Response) -> Value {
 #[tokio::test]
 async fn write_list_read_download_delete_round_trips() {
     let app = spawn_app().await;
-    let alice = new_user(&app, "alice").await;
+    let alice = app.new_user("alice").await;
     let binary: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
     let big: Vec<u8> = (0..10 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
 
@@ -191,7 +169,7 @@ async fn write_list_read_download_delete_round_trips() {
 #[tokio::test]
 async fn multipart_and_raw_uploads_both_work() {
     let app = spawn_app().await;
-    let alice = new_user(&app, "alice").await;
+    let alice = app.new_user("alice").await;
     let form = reqwest::multipart::Form::new()
         .text("comment", "ignored")
         .part(
@@ -239,7 +217,7 @@ async fn multipart_and_raw_uploads_both_work() {
 #[tokio::test]
 async fn an_upload_over_the_limit_is_413_and_leaves_nothing() {
     let app = spawn_app_with(|config| config.max_upload_mb = 1).await;
-    let alice = new_user(&app, "alice").await;
+    let alice = app.new_user("alice").await;
     let too_big = vec![7u8; 2 * 1024 * 1024];
 
     // Declared length: refused before reading.
@@ -311,7 +289,7 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
 #[tokio::test]
 async fn deleting_the_workspace_root_is_refused() {
     let app = spawn_app().await;
-    let alice = new_user(&app, "alice").await;
+    let alice = app.new_user("alice").await;
     assert_eq!(
         write(&app, &alice, "keep.txt", b"x".to_vec())
             .await
@@ -331,8 +309,8 @@ async fn deleting_the_workspace_root_is_refused() {
 #[tokio::test]
 async fn hostile_paths_are_refused_and_touch_nothing_outside() {
     let app = spawn_app().await;
-    let alice = new_user(&app, "alice").await;
-    let bob = new_user(&app, "bob").await;
+    let alice = app.new_user("alice").await;
+    let bob = app.new_user("bob").await;
     assert_eq!(
         write(&app, &bob, "secret.txt", b"bob's".to_vec())
             .await
@@ -483,7 +461,7 @@ type FileRow = (String, i16, Option<String>, Option<i64>, Option<i32>);
 #[tokio::test]
 async fn file_actions_carry_their_details_in_the_audit_trail() {
     let app = spawn_app().await;
-    let alice = new_user(&app, "alice").await;
+    let alice = app.new_user("alice").await;
     write(&app, &alice, "a/b.txt", b"12345".to_vec()).await;
     write(&app, &alice, "a/c.txt", b"123".to_vec()).await;
     call(&app, &alice, Method::GET, "/cat", "a/b.txt").await;

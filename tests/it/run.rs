@@ -5,11 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use nox_testkit::{TEST_ADMIN_TOKEN, TestApp, send, spawn_app};
+use nox_testkit::{TestApp, send, spawn_app};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-
-const ADMIN: &str = TEST_ADMIN_TOKEN;
 
 fn can_isolate() -> bool {
     if !nix::unistd::Uid::effective().is_root() {
@@ -17,21 +15,6 @@ fn can_isolate() -> bool {
         return false;
     }
     true
-}
-
-async fn user(app: &TestApp, name: &str) -> (String, String) {
-    let created: Value = send(
-        app.request(Method::POST, "/admin/users", ADMIN)
-            .json(&json!({ "name": name })),
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
-    (
-        created["id"].as_str().expect("id").to_owned(),
-        created["token"].as_str().expect("token").to_owned(),
-    )
 }
 
 async fn run(app: &TestApp, token: &str, body: Value) -> (StatusCode, Value) {
@@ -57,7 +40,7 @@ async fn a_command_runs_in_the_workspace_with_a_clean_environment() {
         return;
     }
     let app = spawn_app().await;
-    let (_, token) = user(&app, "alice").await;
+    let token = app.new_user("alice").await.token;
     let (status, body) = run(
         &app,
         &token,
@@ -123,8 +106,9 @@ async fn a_command_cannot_read_or_write_outside_its_workspace() {
         return;
     }
     let app = spawn_app().await;
-    let (_, alice) = user(&app, "alice").await;
-    let (bob_id, bob) = user(&app, "bob").await;
+    let alice = app.new_user("alice").await.token;
+    let bob_user = app.new_user("bob").await;
+    let (bob_id, bob) = (bob_user.id, bob_user.token);
     run(
         &app,
         &bob,
@@ -169,7 +153,7 @@ async fn nothing_a_command_started_outlives_it() {
         return;
     }
     let app = spawn_app().await;
-    let (_, token) = user(&app, "alice").await;
+    let token = app.new_user("alice").await.token;
     // Timed out, with children in the background, one of them in its own session.
     let started = Instant::now();
     let (status, body) = run(
@@ -216,7 +200,7 @@ async fn floods_hogs_and_bombs_are_contained() {
         return;
     }
     let app = spawn_app().await;
-    let (_, token) = user(&app, "alice").await;
+    let token = app.new_user("alice").await.token;
 
     let started = Instant::now();
     let (status, body) = run(
@@ -261,7 +245,7 @@ async fn the_network_is_denied_and_cpu_is_measured() {
         return;
     }
     let app = spawn_app().await;
-    let (_, token) = user(&app, "alice").await;
+    let token = app.new_user("alice").await.token;
     let (_, body) = run(
         &app,
         &token,
@@ -293,7 +277,7 @@ async fn runs_are_audited_with_the_commands_facts() {
         return;
     }
     let app = spawn_app().await;
-    let (_, token) = user(&app, "alice").await;
+    let token = app.new_user("alice").await.token;
     let (_, body) = run(
         &app,
         &token,
@@ -342,8 +326,8 @@ async fn at_most_two_runs_per_user_at_once() {
         return;
     }
     let app = spawn_app().await;
-    let (_, token) = user(&app, "alice").await;
-    let (_, other) = user(&app, "bob").await;
+    let token = app.new_user("alice").await.token;
+    let other = app.new_user("bob").await.token;
     let slow = || {
         let request = app
             .request(Method::POST, "/run", &token)

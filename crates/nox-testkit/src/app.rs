@@ -17,6 +17,13 @@ pub const TEST_ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef-0123456789
 
 use crate::server::TestDb;
 
+/// A user made by [`TestApp::new_user`].
+#[derive(Debug, Clone)]
+pub struct TestUser {
+    pub id: String,
+    pub token: String,
+}
+
 /// A running app with its own database and data directory.
 #[derive(Debug)]
 pub struct TestApp {
@@ -51,6 +58,26 @@ impl TestApp {
     /// GET with a token.
     pub async fn get_as(&self, path: &str, token: &str) -> reqwest::Response {
         send(self.request(Method::GET, path, token)).await
+    }
+
+    /// Creates a user (role `user`) through the admin API.
+    pub async fn new_user(&self, name: &str) -> TestUser {
+        let response = send(
+            self.request(Method::POST, "/admin/users", TEST_ADMIN_TOKEN)
+                .json(&serde_json::json!({ "name": name })),
+        )
+        .await;
+        assert_eq!(
+            response.status(),
+            reqwest::StatusCode::CREATED,
+            "creating {name}"
+        );
+        let created: serde_json::Value = response.json().await.expect("json");
+        let field = |name: &str| created[name].as_str().expect("a string field").to_owned();
+        TestUser {
+            id: field("id"),
+            token: field("token"),
+        }
     }
 
     /// Stops the server gracefully, then drains the audit writer.

@@ -16,6 +16,7 @@ mod app;
 mod server;
 
 pub use app::{
-    TEST_ADMIN_TOKEN, TestApp, sandbox_launcher, send, spawn_app, spawn_app_on, spawn_app_with,
+    TEST_ADMIN_TOKEN, TestApp, TestUser, sandbox_launcher, send, spawn_app, spawn_app_on,
+    spawn_app_with,
 };
 pub use server::{TestDb, conninfo};
