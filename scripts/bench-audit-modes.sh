@@ -24,7 +24,7 @@ cargo build --release -q -p nox-server
 run_mode() { # mode connections -> "rps p50 p99"
     psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS nox_bench_modes" -c "CREATE DATABASE nox_bench_modes" 2>/dev/null
     local data; data=$(mktemp -d)
-    NOX_AUDIT_MODE=$1 NOX_ADMIN_TOKEN=$TOKEN DATABASE_URL=$DB_URL NOX_DATA_DIR=$data \
+    NOX_AUDIT_MODE=$1 NOX_RATE_LIMIT_PER_USER=0 NOX_RATE_LIMIT_PER_IP=0 NOX_ADMIN_TOKEN=$TOKEN DATABASE_URL=$DB_URL NOX_DATA_DIR=$data \
         NOX_PORT=$PORT RUST_LOG=warn ./target/release/nox-server >/dev/null 2>&1 &
     local server=$!
     for _ in $(seq 50); do curl -sf "localhost:$PORT/health" >/dev/null && break; sleep 0.1; done

@@ -16,7 +16,7 @@ PORT=${PORT:-8098}
 cargo build --release -q --bins
 psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS nox_bench_run" -c "CREATE DATABASE nox_bench_run" 2>/dev/null
 data=$(mktemp -d); chmod 755 "$data"
-NOX_ADMIN_TOKEN=$TOKEN DATABASE_URL=$DB_URL NOX_DATA_DIR=$data NOX_PORT=$PORT RUST_LOG=warn \
+NOX_RATE_LIMIT_PER_USER=0 NOX_RATE_LIMIT_PER_IP=0 NOX_ADMIN_TOKEN=$TOKEN DATABASE_URL=$DB_URL NOX_DATA_DIR=$data NOX_PORT=$PORT RUST_LOG=warn \
     ./target/release/nox-server >/dev/null 2>&1 &
 server=$!
 trap 'kill -TERM $server; wait $server || true; rm -rf "$data"; psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS nox_bench_run" 2>/dev/null' EXIT

@@ -4,6 +4,7 @@ mod audit;
 mod files;
 mod http_basics;
 mod identity;
+mod limits;
 mod migrations;
 mod rollups;
 mod run;

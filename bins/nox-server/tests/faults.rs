@@ -140,6 +140,7 @@ async fn postgres_restarting_under_load_loses_no_record() {
         ("DATABASE_URL".to_owned(), url.clone()),
         ("NOX_DATA_DIR".to_owned(), data.display().to_string()),
         ("NOX_ADMIN_TOKEN".to_owned(), TOKEN.to_owned()),
+        ("NOX_RATE_LIMIT_PER_USER".to_owned(), "0".to_owned()),
     ];
     let mut server = tokio::task::spawn_blocking(move || {
         let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -210,6 +211,7 @@ async fn a_server_killed_under_load_loses_no_acknowledged_record() {
         ("NOX_DATA_DIR".to_owned(), data.display().to_string()),
         ("NOX_ADMIN_TOKEN".to_owned(), TOKEN.to_owned()),
         ("NOX_AUDIT_MODE".to_owned(), "durable".to_owned()),
+        ("NOX_RATE_LIMIT_PER_USER".to_owned(), "0".to_owned()),
     ];
     let start = move || {
         let envs = envs.clone();

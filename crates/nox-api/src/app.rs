@@ -18,6 +18,7 @@ use nox_audit_actix::{Audit, AuditConfig};
 use nox_audit_model::{Clock, NOX_TAXONOMY, SystemClock};
 use nox_audit_store::{AuditMode, AuditSink, AuditWriter, Spool, WriterConfig};
 use nox_auth::{Authenticator, Secret};
+use nox_quota::{Rate, RateLimits};
 use nox_sandbox::Workspaces;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
@@ -25,6 +26,7 @@ use crate::auth::resolve_identity;
 use crate::config::Config;
 use crate::db::Database;
 use crate::error::{configure_extractors, json_error_handlers, not_found};
+use crate::limits::rate_limit;
 use crate::run::RunService;
 use crate::{files, health, openapi, users};
 
@@ -41,6 +43,8 @@ pub struct AppState {
     pub max_upload_bytes: u64,
     /// Running commands (`POST /run`).
     pub runs: Arc<RunService>,
+    /// Shared by every worker, so each limit holds for the whole process.
+    pub rate_limits: Arc<RateLimits>,
     /// The OpenAPI document, rendered once.
     pub openapi: String,
 }
@@ -108,6 +112,7 @@ impl AppState {
             workspaces: Workspaces::new(config.storage.data_dir.join("sandboxes")),
             max_upload_bytes: config.max_upload_mb * 1024 * 1024,
             runs: Arc::new(RunService::start(config).await?),
+            rate_limits: start_rate_limits(config),
             openapi: openapi::render(),
         };
         Ok((state, Background { audit_writer }))
@@ -117,6 +122,33 @@ impl AppState {
 /// The writer needs one connection; a second lets a spool replay and a
 /// partition check overlap a slow batch.
 const AUDIT_WRITER_CONNECTIONS: usize = 2;
+
+/// The limiters, and a task that forgets idle keys every minute.
+fn start_rate_limits(config: &Config) -> Arc<RateLimits> {
+    let limits = Arc::new(RateLimits::new(
+        Rate {
+            per_minute: config.rate_limit_per_user,
+            burst: config.rate_limit_burst_per_user,
+        },
+        Rate {
+            per_minute: config.rate_limit_per_ip,
+            burst: config.rate_limit_burst_per_ip,
+        },
+    ));
+    let weak = Arc::downgrade(&limits);
+    tokio::spawn(async move {
+        let mut every_minute = tokio::time::interval(std::time::Duration::from_secs(60));
+        every_minute.tick().await;
+        loop {
+            every_minute.tick().await;
+            match weak.upgrade() {
+                Some(limits) => limits.retain_recent(),
+                None => break,
+            }
+        }
+    });
+    limits
+}
 
 /// Shows a generated admin token exactly once (stdout, never the log) and
 /// keeps it in a file only root and the server's user can read.
@@ -166,6 +198,7 @@ pub fn serve(
             .configure(configure_extractors)
             .configure(routes)
             .default_service(web::to(not_found))
+            .wrap(from_fn(rate_limit))
             .wrap(from_fn(resolve_identity))
             .wrap(json_error_handlers())
             .wrap(audit.clone())

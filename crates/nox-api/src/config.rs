@@ -134,6 +134,23 @@ pub struct Config {
     #[arg(long, env = "NOX_SANDBOX_EXEC")]
     pub sandbox_exec: Option<PathBuf>,
 
+    /// Requests per minute per user (authenticated requests); 0: no limit.
+    #[arg(long, env = "NOX_RATE_LIMIT_PER_USER", default_value_t = 600)]
+    pub rate_limit_per_user: u32,
+
+    /// Burst allowed above the per-user rate.
+    #[arg(long, env = "NOX_RATE_LIMIT_BURST_PER_USER", default_value_t = 100)]
+    pub rate_limit_burst_per_user: u32,
+
+    /// Requests per minute per client address for unauthenticated or
+    /// failed-authentication requests; 0: no limit.
+    #[arg(long, env = "NOX_RATE_LIMIT_PER_IP", default_value_t = 60)]
+    pub rate_limit_per_ip: u32,
+
+    /// Burst allowed above the per-address rate.
+    #[arg(long, env = "NOX_RATE_LIMIT_BURST_PER_IP", default_value_t = 10)]
+    pub rate_limit_burst_per_ip: u32,
+
     /// `durable`: a response is sent only once its audit record is committed
     /// (or spooled to disk); `buffered`: responses do not wait for the
     /// record; `off`: no audit records at all (benchmarks only).

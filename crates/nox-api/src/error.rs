@@ -19,6 +19,9 @@ pub struct ErrorBody {
     pub detail: String,
     /// A stable snake_case code for programs.
     pub code: &'static str,
+    /// Seconds to wait before retrying (rate limits only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +97,16 @@ impl ResponseError for ApiError {
         if let ApiError::Internal(source) = self {
             tracing::error!(error = format!("{source:#}"), "internal error");
         }
-        let mut response = json_error(self.status_code(), self.to_string(), self.code());
+        let mut response = HttpResponse::build(self.status_code()).json(ErrorBody {
+            detail: self.to_string(),
+            code: self.code(),
+            retry_after: match self {
+                ApiError::RateLimited {
+                    retry_after_secs, ..
+                } => Some(*retry_after_secs),
+                _ => None,
+            },
+        });
         if let ApiError::Unauthorized(_) = self {
             response
                 .headers_mut()
@@ -153,6 +165,7 @@ pub fn json_error(
     HttpResponse::build(status).json(ErrorBody {
         detail: detail.into(),
         code,
+        retry_after: None,
     })
 }
 

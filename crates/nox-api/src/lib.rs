@@ -8,6 +8,7 @@ pub mod db;
 pub mod error;
 pub mod files;
 pub mod health;
+pub mod limits;
 pub mod openapi;
 pub mod run;
 pub mod schema;

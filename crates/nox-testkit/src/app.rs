@@ -131,6 +131,9 @@ pub async fn spawn_app_on(db: Arc<TestDb>, adjust: impl FnOnce(&mut Config)) -> 
     config.admin_token = Some(Secret::new(TEST_ADMIN_TOKEN));
     config.workers = Some(1);
     config.sandbox_exec = sandbox_launcher();
+    // Tests make requests in quick bursts: limits only where a test sets them.
+    config.rate_limit_per_user = 0;
+    config.rate_limit_per_ip = 0;
     config.shutdown_timeout_secs = 5;
     adjust(&mut config);
 
