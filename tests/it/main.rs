@@ -6,5 +6,6 @@ mod http_basics;
 mod identity;
 mod limits;
 mod migrations;
+mod quotas;
 mod rollups;
 mod run;

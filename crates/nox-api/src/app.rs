@@ -18,7 +18,7 @@ use nox_audit_actix::{Audit, AuditConfig};
 use nox_audit_model::{Clock, NOX_TAXONOMY, SystemClock};
 use nox_audit_store::{AuditMode, AuditSink, AuditWriter, Spool, WriterConfig};
 use nox_auth::{Authenticator, Secret};
-use nox_quota::{Rate, RateLimits};
+use nox_quota::{QuotaBook, Rate, RateLimits};
 use nox_sandbox::Workspaces;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
@@ -27,6 +27,7 @@ use crate::config::Config;
 use crate::db::Database;
 use crate::error::{configure_extractors, json_error_handlers, not_found};
 use crate::limits::rate_limit;
+use crate::quotas::enforce_request_quota;
 use crate::run::RunService;
 use crate::{files, health, openapi, users};
 
@@ -45,6 +46,8 @@ pub struct AppState {
     pub runs: Arc<RunService>,
     /// Shared by every worker, so each limit holds for the whole process.
     pub rate_limits: Arc<RateLimits>,
+    /// Quota counters, flushed to the database about once a second.
+    pub quotas: Arc<QuotaBook>,
     /// The OpenAPI document, rendered once.
     pub openapi: String,
 }
@@ -54,10 +57,14 @@ pub struct AppState {
 #[derive(Debug)]
 pub struct Background {
     pub audit_writer: AuditWriter,
+    pub quotas: Arc<QuotaBook>,
 }
 
 impl Background {
     pub async fn shutdown(self) {
+        if let Err(error) = self.quotas.flush().await {
+            tracing::error!(%error, "the last quota counts could not be written");
+        }
         self.audit_writer.shutdown().await;
     }
 }
@@ -97,6 +104,7 @@ impl AppState {
                 ..WriterConfig::default()
             },
         );
+        let quotas = start_quota_book(database.pool(2)?, Arc::clone(&clock));
         let audit_config = AuditConfig {
             taxonomy: NOX_TAXONOMY,
             skip_paths: config.audit_skip_paths.clone(),
@@ -113,9 +121,16 @@ impl AppState {
             max_upload_bytes: config.max_upload_mb * 1024 * 1024,
             runs: Arc::new(RunService::start(config).await?),
             rate_limits: start_rate_limits(config),
+            quotas: Arc::clone(&quotas),
             openapi: openapi::render(),
         };
-        Ok((state, Background { audit_writer }))
+        Ok((
+            state,
+            Background {
+                audit_writer,
+                quotas,
+            },
+        ))
     }
 }
 
@@ -150,6 +165,23 @@ fn start_rate_limits(config: &Config) -> Arc<RateLimits> {
     limits
 }
 
+/// The quota book, and a task that flushes it every second.
+fn start_quota_book(pool: Pool, clock: Arc<dyn Clock>) -> Arc<QuotaBook> {
+    let book = Arc::new(QuotaBook::new(pool, clock));
+    let weak = Arc::downgrade(&book);
+    tokio::spawn(async move {
+        let mut every_second = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            every_second.tick().await;
+            let Some(book) = weak.upgrade() else { break };
+            if let Err(error) = book.flush().await {
+                tracing::warn!(%error, "quota counts not written yet");
+            }
+        }
+    });
+    book
+}
+
 /// Shows a generated admin token exactly once (stdout, never the log) and
 /// keeps it in a file only root and the server's user can read.
 fn announce_admin_token(token: &Secret, data_dir: &Path) -> anyhow::Result<()> {
@@ -178,7 +210,8 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .service(openapi::openapi_json)
         .configure(users::routes)
         .configure(files::routes)
-        .configure(crate::run::routes);
+        .configure(crate::run::routes)
+        .configure(crate::quotas::routes);
 }
 
 /// Starts serving on `listener`. The returned server is a future that
@@ -198,6 +231,7 @@ pub fn serve(
             .configure(configure_extractors)
             .configure(routes)
             .default_service(web::to(not_found))
+            .wrap(from_fn(enforce_request_quota))
             .wrap(from_fn(rate_limit))
             .wrap(from_fn(resolve_identity))
             .wrap(json_error_handlers())

@@ -19,9 +19,16 @@ pub struct ErrorBody {
     pub detail: String,
     /// A stable snake_case code for programs.
     pub code: &'static str,
-    /// Seconds to wait before retrying (rate limits only).
+    /// Seconds to wait before retrying (rate limits and windowed quotas).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<u64>,
+    /// For quota refusals: which quota, the usage and the limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_usage: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +53,9 @@ pub enum ApiError {
         detail: String,
         retry_after_secs: u64,
     },
+    /// 429 (windowed quotas, with `Retry-After`) or 403 (storage, files).
+    #[error("quota exceeded: {} {}/{}", .0.quota_type, .0.current_usage, .0.limit)]
+    QuotaExceeded(nox_quota::Violation),
     #[error("{0}")]
     InvalidParameter(String),
     #[error("{0}")]
@@ -70,6 +80,7 @@ impl ApiError {
             ApiError::InvalidPath(_) => "invalid_path",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::QuotaExceeded(_) => "quota_exceeded",
             ApiError::InvalidParameter(_) => "invalid_parameter",
             ApiError::ServiceUnavailable(_) => "service_unavailable",
             ApiError::Internal(_) => "internal",
@@ -87,6 +98,10 @@ impl ResponseError for ApiError {
             ApiError::PathEscape(_) | ApiError::InvalidPath(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::QuotaExceeded(violation) if violation.retry_after_secs.is_some() => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ApiError::QuotaExceeded(_) => StatusCode::FORBIDDEN,
             ApiError::InvalidParameter(_) => StatusCode::BAD_REQUEST,
             ApiError::ServiceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -97,28 +112,34 @@ impl ResponseError for ApiError {
         if let ApiError::Internal(source) = self {
             tracing::error!(error = format!("{source:#}"), "internal error");
         }
+        let violation = match self {
+            ApiError::QuotaExceeded(violation) => Some(violation),
+            _ => None,
+        };
+        let retry_after = match self {
+            ApiError::RateLimited {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            ApiError::QuotaExceeded(violation) => violation.retry_after_secs,
+            _ => None,
+        };
         let mut response = HttpResponse::build(self.status_code()).json(ErrorBody {
             detail: self.to_string(),
             code: self.code(),
-            retry_after: match self {
-                ApiError::RateLimited {
-                    retry_after_secs, ..
-                } => Some(*retry_after_secs),
-                _ => None,
-            },
+            retry_after,
+            quota_type: violation.map(|v| v.quota_type),
+            current_usage: violation.map(|v| v.current_usage),
+            limit: violation.map(|v| v.limit),
         });
         if let ApiError::Unauthorized(_) = self {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if let ApiError::RateLimited {
-            retry_after_secs, ..
-        } = self
-        {
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }
@@ -166,6 +187,9 @@ pub fn json_error(
         detail: detail.into(),
         code,
         retry_after: None,
+        quota_type: None,
+        current_usage: None,
+        limit: None,
     })
 }
 

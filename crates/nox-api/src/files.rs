@@ -311,11 +311,29 @@ pub async fn write(
         return Err(too_large(max));
     }
     let user = caller.0.user_id;
+    let limits = crate::quotas::limits_of(&state, &caller.0).await;
     let target = path.clone();
-    let mut upload = in_workspace(&state, user, move |workspace| {
-        Ok(workspace.start_upload(&target)?)
+    let handler_state = state.clone();
+    let (mut upload, usage, replaced_size) = in_workspace(&state, user, move |workspace| {
+        let usage = handler_state.workspaces.usage(user, workspace)?;
+        let replaced_size = workspace
+            .stat(&target)
+            .ok()
+            .filter(|entry| entry.kind == EntryKind::File)
+            .map(|entry| entry.size);
+        Ok((workspace.start_upload(&target)?, usage, replaced_size))
     })
     .await?;
+    // Storage and file quotas: refused before reading when the declared
+    // size cannot fit, and again before the file is kept.
+    let fits = |size: u64| {
+        let added = size.saturating_sub(replaced_size.unwrap_or(0));
+        crate::quotas::check_storage(&limits, usage, added, replaced_size.is_none())
+    };
+    if let Err(violation) = fits(declared.unwrap_or(0)) {
+        crate::quotas::record_violation(&request, &violation);
+        return Err(ApiError::QuotaExceeded(violation));
+    }
     let file = upload
         .take_file()
         .ok_or_else(|| ApiError::internal(anyhow::anyhow!("upload without a file")))?;
@@ -353,6 +371,11 @@ pub async fn write(
             return Err(too_large(max));
         }
     };
+    if let Err(violation) = fits(written) {
+        crate::quotas::record_violation(&request, &violation);
+        // Dropping the upload removes its temporary file.
+        return Err(ApiError::QuotaExceeded(violation));
+    }
     file.flush().await.map_err(ApiError::internal)?;
     upload.put_file(file.into_std().await);
     let replaced = web::block(move || upload.commit()).await??;

@@ -10,6 +10,7 @@ pub mod files;
 pub mod health;
 pub mod limits;
 pub mod openapi;
+pub mod quotas;
 pub mod run;
 pub mod schema;
 pub mod telemetry;

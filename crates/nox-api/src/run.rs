@@ -316,6 +316,11 @@ pub async fn run_command(
         ));
     };
     let caller = caller.0;
+    let limits = crate::quotas::limits_of(&state, &caller).await;
+    if let Err(violation) = state.quotas.check_cpu(caller.user_id, &limits) {
+        crate::quotas::record_violation(&request, &violation);
+        return Err(ApiError::QuotaExceeded(violation));
+    }
     let _slot = service.admit(caller.user_id)?;
 
     let user = caller.user_id;
@@ -329,12 +334,10 @@ pub async fn run_command(
         Ok(workspace.root_path().to_path_buf())
     })
     .await??;
-    let memory_mb = caller
-        .tier
-        .run_memory_mb()
-        .map_or(service.max_memory_mb, |tier| {
-            tier.min(service.max_memory_mb)
-        });
+    // The user's memory quota per run, capped by the server's maximum.
+    let memory_mb = limits.mem_mb.map_or(service.max_memory_mb, |quota| {
+        quota.min(service.max_memory_mb)
+    });
     let run = RunRequest {
         workspace,
         command: body.command,
@@ -347,6 +350,9 @@ pub async fn run_command(
         .map_err(ApiError::internal)?;
     // The command may have changed anything in the workspace.
     state.workspaces.invalidate(user);
+    state
+        .quotas
+        .charge_cpu(user, outcome.cpu_time_ms.round() as u64);
     record_outcome(&request, &outcome);
     Ok(respond(outcome, timeout, kind))
 }

@@ -11,12 +11,19 @@ const IDENTITY: Migration = Migration {
     sql: include_str!("../../../migrations/0001_identity.sql"),
 };
 
+const QUOTAS: Migration = Migration {
+    version: 4,
+    name: "quotas",
+    sql: include_str!("../../../migrations/0004_quotas.sql"),
+};
+
 /// Nox's own migrations and the audit crates', in version order. The test
 /// below checks this list against the files.
 pub const MIGRATIONS: &[Migration] = &[
     IDENTITY,
     nox_audit_store::schema::ADMIN_ACTIONS,
     nox_audit_store::schema::AUDIT_TRAIL,
+    QUOTAS,
 ];
 
 #[cfg(test)]

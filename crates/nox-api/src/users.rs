@@ -32,24 +32,26 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .service(revoke_token);
 }
 
-fn actor(request: &HttpRequest, admin: &nox_auth::Caller) -> Result<Actor, ApiError> {
-    let justification = match request.headers().get(JUSTIFICATION_HEADER) {
-        None => None,
-        Some(value) => {
-            let text = value.to_str().map_err(|_| {
-                ApiError::InvalidParameter("X-Nox-Justification must be visible ASCII".into())
-            })?;
-            if text.chars().count() > MAX_JUSTIFICATION_CHARS {
-                return Err(ApiError::InvalidParameter(format!(
-                    "X-Nox-Justification is longer than {MAX_JUSTIFICATION_CHARS} characters"
-                )));
-            }
-            Some(text.to_owned())
-        }
+/// The optional `X-Nox-Justification` header, checked.
+pub fn justification(request: &HttpRequest) -> Result<Option<String>, ApiError> {
+    let Some(value) = request.headers().get(JUSTIFICATION_HEADER) else {
+        return Ok(None);
     };
+    let text = value.to_str().map_err(|_| {
+        ApiError::InvalidParameter("X-Nox-Justification must be visible ASCII".into())
+    })?;
+    if text.chars().count() > MAX_JUSTIFICATION_CHARS {
+        return Err(ApiError::InvalidParameter(format!(
+            "X-Nox-Justification is longer than {MAX_JUSTIFICATION_CHARS} characters"
+        )));
+    }
+    Ok(Some(text.to_owned()))
+}
+
+fn actor(request: &HttpRequest, admin: &nox_auth::Caller) -> Result<Actor, ApiError> {
     Ok(Actor {
         user_id: Some(admin.user_id),
-        justification,
+        justification: justification(request)?,
     })
 }
 

@@ -69,17 +69,6 @@ impl Tier {
         }
     }
 
-    /// Memory per run, in MiB, of this tier (`None`: no tier limit).
-    pub fn run_memory_mb(self) -> Option<u64> {
-        match self {
-            Tier::Free => Some(256),
-            Tier::Standard => Some(512),
-            Tier::Premium => Some(1024),
-            Tier::Developer => Some(2048),
-            Tier::Unlimited => None,
-        }
-    }
-
     /// The tier a new user of `role` gets when none is given.
     pub fn default_for(role: Role) -> Tier {
         match role {

@@ -1,8 +1,16 @@
-//! Fair use. Today: rate limits, GCRA with a burst (`governor`), per user
-//! for authenticated requests and per client address for the others.
+//! Fair use: rate limits, GCRA with a burst (`governor`), per user for
+//! authenticated requests and per client address for the others; and quotas
+//! ([`limits`], [`book`]): requests per calendar UTC hour and day, CPU per
+//! day, memory per run, storage and files.
 //!
-//! Build one [`RateLimits`] per process and share it: every worker must see
-//! the same counters (a limiter per worker would multiply every limit).
+//! Build one [`RateLimits`] and one [`book::QuotaBook`] per process and share
+//! them: every worker must see the same counters.
+
+pub mod book;
+pub mod limits;
+
+pub use book::{QuotaBook, WindowUsage};
+pub use limits::{Limits, Violation, tier_limits};
 
 use std::hash::Hash;
 use std::net::IpAddr;

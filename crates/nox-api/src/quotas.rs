@@ -1,0 +1,473 @@
+//! Quotas: the enforcing middleware, the helpers the file and run endpoints
+//! use, and the `/quotas/*` endpoints.
+
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::Next;
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, ResponseError, get, post, put, web};
+use nox_audit_model::{AdminAction, AdminActionType};
+use nox_auth::{Caller, Role, Tier};
+use nox_quota::{Limits, Violation, tier_limits};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::auth::{Authenticated, Identity};
+use crate::error::{ApiError, ErrorBody};
+
+/// Endpoints a user over quota can still reach, and that do not count.
+const OWN_QUOTA_PREFIX: &str = "/quotas/my/";
+const MIB: u64 = 1024 * 1024;
+
+/// The caller's effective limits: their tier's, overridden per field.
+pub async fn limits_of(state: &AppState, caller: &Caller) -> Limits {
+    state.quotas.load(caller.user_id).await;
+    tier_limits(caller.tier.as_str()).with_overrides(&state.quotas.overrides(caller.user_id))
+}
+
+/// Records a refusal in the request's audit row.
+pub fn record_violation<M: HttpMessage>(message: &M, violation: &Violation) {
+    nox_audit_actix::record(message, |details| {
+        details.quota_violation = true;
+        details.quota_consumed = Some(json!({
+            "quota_type": violation.quota_type,
+            "current_usage": violation.current_usage,
+        }));
+        details.quota_remaining = Some(json!({
+            "quota_type": violation.quota_type,
+            "limit": violation.limit,
+            "remaining": violation.limit.saturating_sub(violation.current_usage),
+        }));
+    });
+}
+
+/// Counts each authenticated request against the hour and day quotas.
+pub async fn enforce_request_quota(
+    request: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let caller = request
+        .extensions()
+        .get::<Identity>()
+        .and_then(|identity| identity.caller().cloned());
+    let state = request.app_data::<web::Data<AppState>>().cloned();
+    if let (Some(caller), Some(state)) = (caller, state)
+        && !request.path().starts_with(OWN_QUOTA_PREFIX)
+    {
+        let limits = limits_of(&state, &caller).await;
+        if let Err(violation) = state.quotas.try_count_request(caller.user_id, &limits) {
+            record_violation(&request, &violation);
+            let response = ApiError::QuotaExceeded(violation).error_response();
+            return Ok(request.into_response(response).map_into_right_body());
+        }
+    }
+    Ok(next.call(request).await?.map_into_left_body())
+}
+
+/// Refuses a write that would take the caller past the storage or file
+/// quota. `new_file` is whether the write adds a file.
+pub fn check_storage(
+    limits: &Limits,
+    usage: nox_sandbox::Usage,
+    adding_bytes: u64,
+    new_file: bool,
+) -> Result<(), Violation> {
+    if let Some(limit_mb) = limits.storage_mb
+        && usage.bytes + adding_bytes > limit_mb * MIB
+    {
+        return Err(Violation {
+            quota_type: "storage_mb",
+            current_usage: usage.bytes.div_ceil(MIB),
+            limit: limit_mb,
+            retry_after_secs: None,
+        });
+    }
+    if let Some(limit) = limits.files_max
+        && new_file
+        && usage.files + 1 > limit
+    {
+        return Err(Violation {
+            quota_type: "files_max",
+            current_usage: usage.files,
+            limit,
+            retry_after_secs: None,
+        });
+    }
+    Ok(())
+}
+
+pub fn routes(config: &mut web::ServiceConfig) {
+    config
+        .service(my_quotas)
+        .service(my_usage)
+        .service(my_violations)
+        .service(admin_get_quotas)
+        .service(admin_put_quotas)
+        .service(admin_violations)
+        .service(admin_statistics)
+        .service(admin_reset);
+}
+
+fn quotas_json(tier: Tier, limits: &Limits) -> Value {
+    json!({
+        "tier": tier,
+        "req_hour": limits.req_hour,
+        "req_day": limits.req_day,
+        "cpu_seconds": limits.cpu_seconds,
+        "mem_mb": limits.mem_mb,
+        "storage_mb": limits.storage_mb,
+        "files_max": limits.files_max,
+    })
+}
+
+fn percent(used: u64, limit: Option<u64>) -> Option<f64> {
+    limit.map(|limit| {
+        if limit == 0 {
+            100.0
+        } else {
+            ((used as f64 / limit as f64) * 1000.0).round() / 10.0
+        }
+    })
+}
+
+#[utoipa::path(responses((status = 200, description = "The caller's effective limits (null: unlimited)")), security(("bearer" = [])), tag = "quotas")]
+#[get("/quotas/my/quotas")]
+pub async fn my_quotas(caller: Authenticated, state: web::Data<AppState>) -> HttpResponse {
+    let limits = limits_of(&state, &caller.0).await;
+    HttpResponse::Ok().json(quotas_json(caller.0.tier, &limits))
+}
+
+async fn usage_json(state: &web::Data<AppState>, caller: &Caller) -> Result<Value, ApiError> {
+    let limits = limits_of(state, caller).await;
+    let windows = state.quotas.usage(caller.user_id);
+    let user = caller.user_id;
+    let handler_state = state.clone();
+    let storage = web::block(move || -> Result<nox_sandbox::Usage, ApiError> {
+        let workspace = handler_state.workspaces.open(user)?;
+        Ok(handler_state.workspaces.usage(user, &workspace)?)
+    })
+    .await??;
+    let cpu_seconds = windows.cpu_ms_day as f64 / 1000.0;
+    let storage_mb = storage.bytes as f64 / MIB as f64;
+    let rfc3339 = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    Ok(json!({
+        "usage": {
+            "req_hour": windows.req_hour,
+            "req_day": windows.req_day,
+            "cpu_seconds": cpu_seconds,
+            "storage_mb": (storage_mb * 1000.0).round() / 1000.0,
+            "files_count": storage.files,
+        },
+        "quotas": quotas_json(caller.tier, &limits),
+        "percentages": {
+            "req_hour": percent(windows.req_hour, limits.req_hour),
+            "req_day": percent(windows.req_day, limits.req_day),
+            "cpu_seconds": percent(windows.cpu_ms_day / 1000, limits.cpu_seconds),
+            "storage_mb": percent(storage.bytes / MIB, limits.storage_mb),
+            "files_count": percent(storage.files, limits.files_max),
+        },
+        "resets": { "hour": rfc3339(windows.hour_resets_at), "day": rfc3339(windows.day_resets_at) },
+    }))
+}
+
+#[utoipa::path(responses((status = 200, description = "Usage, limits, percentages and window resets; reachable over quota")), security(("bearer" = [])), tag = "quotas")]
+#[get("/quotas/my/usage")]
+pub async fn my_usage(
+    caller: Authenticated,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(usage_json(&state, &caller.0).await?))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ViolationsQuery {
+    /// How far back, 1 to 8760 hours (default 24).
+    pub hours: Option<i64>,
+    pub user_id: Option<Uuid>,
+    /// At most this many, 1 to 1000 (default 100).
+    pub limit: Option<i64>,
+}
+
+/// Quota refusals are audit rows: they are read from there.
+async fn violations(
+    state: &AppState,
+    user: Option<Uuid>,
+    hours: i64,
+    limit: i64,
+) -> Result<Vec<Value>, ApiError> {
+    let client = state
+        .pool
+        .get()
+        .await
+        .map_err(|_| ApiError::ServiceUnavailable("the database is unavailable".into()))?;
+    let rows = client
+        .query(
+            "SELECT \"timestamp\", user_id, quota_consumed->>'quota_type',
+                    (quota_consumed->>'current_usage')::bigint, (quota_remaining->>'limit')::bigint,
+                    endpoint, request_id
+             FROM audit_actions
+             WHERE quota_violation AND ($1::uuid IS NULL OR user_id = $1)
+               AND \"timestamp\" >= now() - make_interval(hours => $2::int)
+             ORDER BY \"timestamp\" DESC LIMIT $3",
+            &[&user, &(hours as i32), &limit],
+        )
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let at: time::OffsetDateTime = row.get(0);
+            json!({
+                "timestamp": at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+                "user_id": row.get::<_, Option<Uuid>>(1),
+                "quota_type": row.get::<_, Option<String>>(2),
+                "current_usage": row.get::<_, Option<i64>>(3),
+                "limit": row.get::<_, Option<i64>>(4),
+                "endpoint": row.get::<_, String>(5),
+                "request_id": row.get::<_, Uuid>(6),
+            })
+        })
+        .collect())
+}
+
+fn hours_and_limit(query: &ViolationsQuery) -> Result<(i64, i64), ApiError> {
+    let hours = query.hours.unwrap_or(24);
+    if !(1..=8760).contains(&hours) {
+        return Err(ApiError::InvalidParameter("hours must be 1 to 8760".into()));
+    }
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::InvalidParameter("limit must be 1 to 1000".into()));
+    }
+    Ok((hours, limit))
+}
+
+#[utoipa::path(params(ViolationsQuery), responses((status = 200, description = "The caller's quota refusals")), security(("bearer" = [])), tag = "quotas")]
+#[get("/quotas/my/violations")]
+pub async fn my_violations(
+    caller: Authenticated,
+    state: web::Data<AppState>,
+    query: web::Query<ViolationsQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let (hours, limit) = hours_and_limit(&query)?;
+    let list = violations(&state, Some(caller.0.user_id), hours, limit).await?;
+    Ok(HttpResponse::Ok().json(json!({ "total": list.len(), "hours": hours, "violations": list })))
+}
+
+#[utoipa::path(params(ViolationsQuery), responses((status = 200, description = "Quota refusals of all users"), (status = 403, body = ErrorBody)), security(("bearer" = [])), tag = "quotas")]
+#[get("/quotas/admin/violations")]
+pub async fn admin_violations(
+    caller: Authenticated,
+    state: web::Data<AppState>,
+    query: web::Query<ViolationsQuery>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Admin)?;
+    let (hours, limit) = hours_and_limit(&query)?;
+    let list = violations(&state, query.user_id, hours, limit).await?;
+    Ok(HttpResponse::Ok().json(json!({ "total": list.len(), "hours": hours, "user_id": query.user_id, "violations": list })))
+}
+
+/// A user's tier and overrides, for the admin endpoints.
+async fn stored_quotas(state: &AppState, user: Uuid) -> Result<(Tier, Limits), ApiError> {
+    let record = nox_auth::store::get_user(&state.pool, user).await?;
+    state.quotas.forget_overrides(user);
+    state.quotas.load(user).await;
+    Ok((record.tier, state.quotas.overrides(user)))
+}
+
+#[utoipa::path(params(("id" = Uuid, Path)), responses((status = 200, description = "The tier, the per-user overrides and the effective limits"), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)), security(("bearer" = [])), tag = "quotas")]
+#[get("/quotas/admin/users/{id}/quotas")]
+pub async fn admin_get_quotas(
+    caller: Authenticated,
+    state: web::Data<AppState>,
+    id: web::Path<Uuid>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Admin)?;
+    let (tier, overrides) = stored_quotas(&state, *id).await?;
+    let mut body = quotas_json(tier, &tier_limits(tier.as_str()).with_overrides(&overrides));
+    body["user_id"] = json!(*id);
+    body["overrides"] = serde_json::to_value(overrides).unwrap_or_default();
+    Ok(HttpResponse::Ok().json(body))
+}
+
+/// Absent: unchanged; `null`: back to the tier; a number: an override.
+fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Option<u64>>, D::Error> {
+    Option::<u64>::deserialize(deserializer).map(Some)
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaUpdate {
+    pub tier: Option<Tier>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u64>)]
+    pub req_hour: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u64>)]
+    pub req_day: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u64>)]
+    pub cpu_seconds: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u64>)]
+    pub mem_mb: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u64>)]
+    pub storage_mb: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u64>)]
+    pub files_max: Option<Option<u64>>,
+}
+
+#[utoipa::path(params(("id" = Uuid, Path)), request_body = QuotaUpdate, responses((status = 200, description = "The new tier, overrides and effective limits"), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)), security(("bearer" = [])), tag = "quotas")]
+#[put("/quotas/admin/users/{id}/quotas")]
+pub async fn admin_put_quotas(
+    caller: Authenticated,
+    request: HttpRequest,
+    state: web::Data<AppState>,
+    id: web::Path<Uuid>,
+    body: web::Json<QuotaUpdate>,
+) -> Result<HttpResponse, ApiError> {
+    let admin = caller.require(Role::Admin)?;
+    let user = *id;
+    let (old_tier, old) = stored_quotas(&state, user).await?;
+    let pick = |change: Option<Option<u64>>, current: Option<u64>| change.unwrap_or(current);
+    let new = Limits {
+        req_hour: pick(body.req_hour, old.req_hour),
+        req_day: pick(body.req_day, old.req_day),
+        cpu_seconds: pick(body.cpu_seconds, old.cpu_seconds),
+        mem_mb: pick(body.mem_mb, old.mem_mb),
+        storage_mb: pick(body.storage_mb, old.storage_mb),
+        files_max: pick(body.files_max, old.files_max),
+    };
+    let new_tier = body.tier.unwrap_or(old_tier);
+    let values = |tier: Tier, limits: &Limits| json!({ "tier": tier, "overrides": limits });
+    let action = AdminAction::new(AdminActionType::QuotaUpdate, Some(admin.user_id))
+        .target(user)
+        .old_values(values(old_tier, &old))
+        .new_values(values(new_tier, &new))
+        .justification(crate::users::justification(&request)?);
+    let as_i64 = |v: Option<u64>| v.map(|v| v.min(i64::MAX as u64) as i64);
+    let mut client = state
+        .pool
+        .get()
+        .await
+        .map_err(|_| ApiError::ServiceUnavailable("the database is unavailable".into()))?;
+    let tx = client.transaction().await.map_err(ApiError::internal)?;
+    tx.execute(
+        "UPDATE users SET tier = $2, updated_at = now() WHERE id = $1",
+        &[&user, &new_tier.as_str()],
+    )
+    .await
+    .map_err(ApiError::internal)?;
+    tx.execute(
+        "INSERT INTO user_quotas (user_id, req_hour, req_day, cpu_seconds, mem_mb, storage_mb, files_max)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (user_id) DO UPDATE SET req_hour = $2, req_day = $3, cpu_seconds = $4,
+             mem_mb = $5, storage_mb = $6, files_max = $7, updated_at = now()",
+        &[&user, &as_i64(new.req_hour), &as_i64(new.req_day), &as_i64(new.cpu_seconds), &as_i64(new.mem_mb), &as_i64(new.storage_mb), &as_i64(new.files_max)],
+    )
+    .await
+    .map_err(ApiError::internal)?;
+    nox_audit_store::admin_actions::record(&*tx, &action)
+        .await
+        .map_err(ApiError::internal)?;
+    tx.commit().await.map_err(ApiError::internal)?;
+    // The tier is cached with the token; the overrides with the counters.
+    state.authenticator.forget_user(user);
+    state.quotas.forget_overrides(user);
+    let mut response = quotas_json(
+        new_tier,
+        &tier_limits(new_tier.as_str()).with_overrides(&new),
+    );
+    response["user_id"] = json!(user);
+    response["overrides"] = serde_json::to_value(new).unwrap_or_default();
+    Ok(HttpResponse::Ok().json(response))
+}
+
+#[utoipa::path(params(("id" = Uuid, Path)), responses((status = 200, description = "The current hour and day windows are cleared"), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)), security(("bearer" = [])), tag = "quotas")]
+#[post("/quotas/admin/users/{id}/reset")]
+pub async fn admin_reset(
+    caller: Authenticated,
+    request: HttpRequest,
+    state: web::Data<AppState>,
+    id: web::Path<Uuid>,
+) -> Result<HttpResponse, ApiError> {
+    let admin = caller.require(Role::Admin)?;
+    let user = *id;
+    nox_auth::store::get_user(&state.pool, user).await?;
+    let before = state.quotas.usage(user);
+    state
+        .quotas
+        .reset(user)
+        .await
+        .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
+    let action = AdminAction::new(AdminActionType::QuotaReset, Some(admin.user_id))
+        .target(user)
+        .old_values(json!({ "req_hour": before.req_hour, "req_day": before.req_day, "cpu_ms_day": before.cpu_ms_day }))
+        .new_values(json!({ "req_hour": 0, "req_day": 0, "cpu_ms_day": 0 }))
+        .justification(crate::users::justification(&request)?);
+    let client = state
+        .pool
+        .get()
+        .await
+        .map_err(|_| ApiError::ServiceUnavailable("the database is unavailable".into()))?;
+    nox_audit_store::admin_actions::record(&**client, &action)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(HttpResponse::Ok().json(json!({ "message": "Quota windows reset", "user_id": user })))
+}
+
+#[derive(Debug, Serialize)]
+struct Statistics {
+    total_users: i64,
+    active_users: i64,
+    requests_this_hour: i64,
+    requests_today: i64,
+    cpu_seconds_today: f64,
+    violations_last_24h: i64,
+}
+
+#[utoipa::path(responses((status = 200, description = "Totals over all users"), (status = 403, body = ErrorBody)), security(("bearer" = [])), tag = "quotas")]
+#[get("/quotas/admin/statistics")]
+pub async fn admin_statistics(
+    caller: Authenticated,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Admin)?;
+    // What this server counted but has not written yet.
+    let _ = state.quotas.flush().await;
+    let client = state
+        .pool
+        .get()
+        .await
+        .map_err(|_| ApiError::ServiceUnavailable("the database is unavailable".into()))?;
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM users),
+                    (SELECT count(*) FROM users WHERE is_active),
+                    (SELECT coalesce(sum(requests), 0)::bigint FROM quota_usage
+                      WHERE window_kind = 'hour' AND window_start = date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),
+                    (SELECT coalesce(sum(requests), 0)::bigint FROM quota_usage
+                      WHERE window_kind = 'day' AND window_start = date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),
+                    (SELECT coalesce(sum(cpu_ms), 0)::bigint FROM quota_usage
+                      WHERE window_kind = 'day' AND window_start = date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),
+                    (SELECT count(*) FROM audit_actions WHERE quota_violation AND \"timestamp\" >= now() - interval '24 hours')",
+            &[],
+        )
+        .await
+        .map_err(ApiError::internal)?;
+    let statistics = Statistics {
+        total_users: row.get(0),
+        active_users: row.get(1),
+        requests_this_hour: row.get(2),
+        requests_today: row.get(3),
+        cpu_seconds_today: row.get::<_, i64>(4) as f64 / 1000.0,
+        violations_last_24h: row.get(5),
+    };
+    Ok(HttpResponse::Ok().json(json!({ "statistics": statistics })))
+}
