@@ -157,6 +157,13 @@ impl From<nox_sandbox::SandboxError> for ApiError {
     }
 }
 
+impl From<deadpool_postgres::PoolError> for ApiError {
+    fn from(error: deadpool_postgres::PoolError) -> Self {
+        tracing::warn!(%error, "no database connection");
+        ApiError::ServiceUnavailable("the database is unavailable".into())
+    }
+}
+
 impl From<actix_web::error::BlockingError> for ApiError {
     fn from(error: actix_web::error::BlockingError) -> Self {
         ApiError::internal(anyhow::anyhow!("a blocking task failed: {error}"))

@@ -8,7 +8,7 @@ use actix_web::{HttpMessage, HttpRequest, HttpResponse, ResponseError, get, post
 use nox_audit_model::{AdminAction, AdminActionType};
 use nox_auth::{Caller, Role, Tier};
 use nox_quota::{Limits, Violation, tier_limits};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -294,31 +294,26 @@ pub async fn admin_get_quotas(
     Ok(HttpResponse::Ok().json(body))
 }
 
-/// Absent: unchanged; `null`: back to the tier; a number: an override.
-fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Option<u64>>, D::Error> {
-    Option::<u64>::deserialize(deserializer).map(Some)
-}
-
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QuotaUpdate {
     pub tier: Option<Tier>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "crate::users::present")]
     #[schema(value_type = Option<u64>)]
     pub req_hour: Option<Option<u64>>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "crate::users::present")]
     #[schema(value_type = Option<u64>)]
     pub req_day: Option<Option<u64>>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "crate::users::present")]
     #[schema(value_type = Option<u64>)]
     pub cpu_seconds: Option<Option<u64>>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "crate::users::present")]
     #[schema(value_type = Option<u64>)]
     pub mem_mb: Option<Option<u64>>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "crate::users::present")]
     #[schema(value_type = Option<u64>)]
     pub storage_mb: Option<Option<u64>>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "crate::users::present")]
     #[schema(value_type = Option<u64>)]
     pub files_max: Option<Option<u64>>,
 }

@@ -85,8 +85,8 @@ fn validate_email(email: &Option<String>) -> Result<(), ApiError> {
 }
 
 /// Distinguishes an absent field (`None`) from an explicit `null`
-/// (`Some(None)`).
-fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+/// (`Some(None)`), for partial updates.
+pub fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
 where
     D: Deserializer<'de>,
     T: Deserialize<'de>,
