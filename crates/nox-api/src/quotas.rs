@@ -199,11 +199,7 @@ async fn violations(
     hours: i64,
     limit: i64,
 ) -> Result<Vec<Value>, ApiError> {
-    let client = state
-        .pool
-        .get()
-        .await
-        .map_err(|_| ApiError::ServiceUnavailable("the database is unavailable".into()))?;
+    let client = state.pool.get().await?;
     let rows = client
         .query(
             "SELECT \"timestamp\", user_id, quota_consumed->>'quota_type',
@@ -347,11 +343,7 @@ pub async fn admin_put_quotas(
         .new_values(values(new_tier, &new))
         .justification(crate::users::justification(&request)?);
     let as_i64 = |v: Option<u64>| v.map(|v| v.min(i64::MAX as u64) as i64);
-    let mut client = state
-        .pool
-        .get()
-        .await
-        .map_err(|_| ApiError::ServiceUnavailable("the database is unavailable".into()))?;
+    let mut client = state.pool.get().await?;
     let tx = client.transaction().await.map_err(ApiError::internal)?;
     tx.execute(
         "UPDATE users SET tier = $2, updated_at = now() WHERE id = $1",
@@ -406,11 +398,7 @@ pub async fn admin_reset(
         .old_values(json!({ "req_hour": before.req_hour, "req_day": before.req_day, "cpu_ms_day": before.cpu_ms_day }))
         .new_values(json!({ "req_hour": 0, "req_day": 0, "cpu_ms_day": 0 }))
         .justification(crate::users::justification(&request)?);
-    let client = state
-        .pool
-        .get()
-        .await
-        .map_err(|_| ApiError::ServiceUnavailable("the database is unavailable".into()))?;
+    let client = state.pool.get().await?;
     nox_audit_store::admin_actions::record(&**client, &action)
         .await
         .map_err(ApiError::internal)?;
@@ -436,11 +424,7 @@ pub async fn admin_statistics(
     caller.require(Role::Admin)?;
     // What this server counted but has not written yet.
     let _ = state.quotas.flush().await;
-    let client = state
-        .pool
-        .get()
-        .await
-        .map_err(|_| ApiError::ServiceUnavailable("the database is unavailable".into()))?;
+    let client = state.pool.get().await?;
     let row = client
         .query_one(
             "SELECT (SELECT count(*) FROM users),
