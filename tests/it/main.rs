@@ -1,6 +1,7 @@
 //! Integration tests against a real PostgreSQL and the real app over HTTP.
 
 mod audit;
+mod deploy;
 mod files;
 mod http_basics;
 mod identity;

@@ -14,6 +14,7 @@ use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
 use deadpool_postgres::Pool;
+use metrics_exporter_prometheus::PrometheusHandle;
 use nox_audit_actix::{Audit, AuditConfig};
 use nox_audit_model::{Clock, NOX_TAXONOMY, SystemClock};
 use nox_audit_store::{AuditMode, AuditSink, AuditWriter, Spool, WriterConfig};
@@ -27,6 +28,7 @@ use crate::config::Config;
 use crate::db::Database;
 use crate::error::{configure_extractors, json_error_handlers, not_found};
 use crate::limits::rate_limit;
+use crate::metrics::{MetricsEndpoint, record_http_metrics};
 use crate::quotas::enforce_request_quota;
 use crate::run::RunService;
 use crate::{files, health, openapi, users};
@@ -48,6 +50,7 @@ pub struct AppState {
     pub rate_limits: Arc<RateLimits>,
     /// Quota counters, flushed to the database about once a second.
     pub quotas: Arc<QuotaBook>,
+    pub metrics: MetricsEndpoint,
     /// The OpenAPI document, rendered once.
     pub openapi: String,
 }
@@ -78,6 +81,7 @@ impl AppState {
         config: &Config,
         database: &Database,
         clock: Arc<dyn Clock>,
+        metrics: Option<PrometheusHandle>,
     ) -> anyhow::Result<(AppState, Background)> {
         let admin_token = config.admin_token()?;
         let pool = database.pool(config.storage.db_pool_size)?;
@@ -101,6 +105,7 @@ impl AppState {
             Arc::clone(&clock),
             WriterConfig {
                 session_idle: time::Duration::seconds(config.session_idle_secs as i64),
+                max_user_labels: config.metrics_max_users,
                 ..WriterConfig::default()
             },
         );
@@ -122,6 +127,10 @@ impl AppState {
             runs: Arc::new(RunService::start(config).await?),
             rate_limits: start_rate_limits(config),
             quotas: Arc::clone(&quotas),
+            metrics: MetricsEndpoint {
+                handle: metrics,
+                token: config.metrics_token.clone(),
+            },
             openapi: openapi::render(),
         };
         Ok((
@@ -163,6 +172,19 @@ fn start_rate_limits(config: &Config) -> Arc<RateLimits> {
         }
     });
     limits
+}
+
+/// Every five seconds: the exporter's upkeep (without it histograms grow)
+/// and the gauges that are sampled rather than recorded.
+async fn metrics_upkeep(handle: PrometheusHandle, state: web::Data<AppState>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        every.tick().await;
+        handle.run_upkeep();
+        let usage = state.workspaces.totals();
+        nox_audit_metrics::set_sandbox_usage(usage.files, usage.bytes);
+        nox_audit_metrics::set_queue_depth(state.audit.queue_depth() as usize);
+    }
 }
 
 /// The quota book, and a task that flushes it every second.
@@ -208,6 +230,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
     config
         .service(health::health)
         .service(openapi::openapi_json)
+        .service(crate::metrics::metrics)
         .configure(users::routes)
         .configure(files::routes)
         .configure(crate::run::routes)
@@ -236,6 +259,7 @@ pub fn serve(
             .wrap(from_fn(resolve_identity))
             .wrap(json_error_handlers())
             .wrap(audit.clone())
+            .wrap(from_fn(record_http_metrics))
     })
     .shutdown_timeout(config.shutdown_timeout_secs)
     .disable_signals();
@@ -277,7 +301,7 @@ impl ShutdownSignals {
 
 /// Runs the server until a shutdown signal: opens (or starts) the database,
 /// applies migrations, serves, then drains and stops what it started.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(config: Config, metrics: Option<PrometheusHandle>) -> anyhow::Result<()> {
     let signals = ShutdownSignals::install().context("listening for shutdown signals")?;
     // Refuse a bad admin token before starting anything.
     config.admin_token()?;
@@ -297,8 +321,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let applied = database.migrate().await?;
         tracing::info!(applied = applied.len(), "schema is current");
     }
-    let (state, background) = AppState::build(&config, &database, Arc::new(SystemClock)).await?;
+    let upkeep = metrics.clone();
+    let (state, background) =
+        AppState::build(&config, &database, Arc::new(SystemClock), metrics).await?;
     let state = web::Data::new(state);
+    if let Some(handle) = upkeep {
+        tokio::spawn(metrics_upkeep(handle, state.clone()));
+    }
 
     let listener = TcpListener::bind((config.bind_addr, config.port))
         .with_context(|| format!("binding {}:{}", config.bind_addr, config.port))?;

@@ -151,6 +151,15 @@ pub struct Config {
     #[arg(long, env = "NOX_RATE_LIMIT_BURST_PER_IP", default_value_t = 10)]
     pub rate_limit_burst_per_ip: u32,
 
+    /// When set, GET /metrics requires `Authorization: Bearer <this token>`.
+    #[arg(long, env = "NOX_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<Secret>,
+
+    /// Distinct `user_id` label values in the metrics before the rest are
+    /// `other` (0: every value is `all`).
+    #[arg(long, env = "NOX_METRICS_MAX_USERS", default_value_t = 1000)]
+    pub metrics_max_users: usize,
+
     /// `durable`: a response is sent only once its audit record is committed
     /// (or spooled to disk); `buffered`: responses do not wait for the
     /// record; `off`: no audit records at all (benchmarks only).

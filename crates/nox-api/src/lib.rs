@@ -9,6 +9,7 @@ pub mod error;
 pub mod files;
 pub mod health;
 pub mod limits;
+pub mod metrics;
 pub mod openapi;
 pub mod quotas;
 pub mod run;

@@ -60,6 +60,10 @@ pub async fn rate_limit(
 }
 
 fn record_refusal(request: &ServiceRequest, limited: &Limited) {
+    nox_audit_metrics::record_rate_limited(match limited.scope {
+        nox_quota::Scope::User => "user",
+        nox_quota::Scope::Ip => "ip",
+    });
     nox_audit_actix::record(request, |details| {
         details.quota_violation = true;
         details.quota_consumed = Some(json!({

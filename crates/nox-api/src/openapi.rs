@@ -15,6 +15,7 @@ use crate::app::AppState;
     paths(
         crate::health::health,
         openapi_json,
+        crate::metrics::metrics,
         crate::users::me,
         crate::users::create_user,
         crate::users::list_users,

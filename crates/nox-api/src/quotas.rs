@@ -28,6 +28,7 @@ pub async fn limits_of(state: &AppState, caller: &Caller) -> Limits {
 
 /// Records a refusal in the request's audit row.
 pub fn record_violation<M: HttpMessage>(message: &M, violation: &Violation) {
+    nox_audit_metrics::record_quota_violation(violation.quota_type);
     nox_audit_actix::record(message, |details| {
         details.quota_violation = true;
         details.quota_consumed = Some(json!({

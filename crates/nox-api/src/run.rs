@@ -358,6 +358,20 @@ pub async fn run_command(
 }
 
 fn record_outcome(request: &HttpRequest, outcome: &RunOutcome) {
+    let kind = if outcome.timed_out {
+        "timeout"
+    } else if outcome.limit_hit.is_some() {
+        "limit"
+    } else if outcome.exit_code == Some(0) {
+        "ok"
+    } else {
+        "error"
+    };
+    nox_audit_metrics::record_run(
+        kind,
+        outcome.execution_time_ms / 1000.0,
+        outcome.cpu_time_ms / 1000.0,
+    );
     nox_audit_actix::record(request, |details| {
         details.exit_code = outcome.exit_code;
         details.stdout_size = Some(outcome.stdout.total_bytes as i64);

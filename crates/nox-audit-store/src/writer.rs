@@ -20,6 +20,7 @@ use tokio_postgres::GenericClient;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 
+use nox_audit_metrics::{AuditedAction, UserLabels};
 use nox_audit_model::{ACTION_COLUMNS, ActionRecord, Clock};
 
 use crate::sessions::{SessionRow, SessionTracker};
@@ -68,6 +69,9 @@ pub struct WriterConfig {
     pub session_idle: Duration,
     /// How often the writer retries the spool and sweeps idle sessions.
     pub tick: StdDuration,
+    /// Distinct `user_id` metric labels before the rest become `other`
+    /// (0: every value is `all`).
+    pub max_user_labels: usize,
 }
 
 impl Default for WriterConfig {
@@ -77,6 +81,7 @@ impl Default for WriterConfig {
             max_batch: 1_000,
             session_idle: Duration::minutes(30),
             tick: StdDuration::from_secs(1),
+            max_user_labels: 1000,
         }
     }
 }
@@ -151,12 +156,14 @@ enum Message {
 pub struct AuditSink {
     sender: mpsc::Sender<Message>,
     status: Arc<SinkStatus>,
+    user_labels: Arc<UserLabels>,
 }
 
 impl AuditSink {
     /// Queues a record, waiting for room. With `wait_commit`, returns only
     /// once the record is committed or spooled.
     pub async fn submit(&self, record: ActionRecord, wait_commit: bool) -> Result<(), SinkError> {
+        record_metrics(&record, &self.user_labels);
         if !wait_commit {
             return self
                 .sender
@@ -180,6 +187,29 @@ impl AuditSink {
     pub fn queue_depth(&self) -> u64 {
         self.status.queue_capacity.load(Ordering::Relaxed) - self.sender.capacity() as u64
     }
+}
+
+/// What one record adds to the audit metrics.
+fn record_metrics(record: &ActionRecord, labels: &UserLabels) {
+    let quota_type = record
+        .quota_violation
+        .then(|| {
+            record
+                .quota_consumed
+                .as_ref()
+                .and_then(|facts| facts.get("quota_type"))
+                .and_then(|value| value.as_str())
+        })
+        .flatten();
+    nox_audit_metrics::record_action(AuditedAction {
+        user_label: labels.label(record.user_id),
+        action_type: &record.action_type,
+        route: &record.route,
+        status: record.status_code as u16,
+        success: record.success,
+        seconds: record.response_time_ms / 1000.0,
+        quota_violation: quota_type.or(record.quota_violation.then_some("unknown")),
+    });
 }
 
 /// Owns the writer task.
@@ -219,8 +249,14 @@ impl AuditWriter {
             status: Arc::clone(&status),
             receiver,
         };
+        nox_audit_metrics::set_spool_rows(status.spool_rows());
+        let user_labels = Arc::new(UserLabels::new(task.config.max_user_labels));
         AuditWriter {
-            sink: AuditSink { sender, status },
+            sink: AuditSink {
+                sender,
+                status,
+                user_labels,
+            },
             task: tokio::spawn(task.run()),
         }
     }
@@ -310,11 +346,17 @@ impl Task {
         if records.is_empty() && sessions.is_empty() {
             return;
         }
-        self.status
-            .sessions_opened
-            .store(self.sessions.opened(), Ordering::Relaxed);
+        let opened = self.sessions.opened();
+        let before = self.status.sessions_opened.swap(opened, Ordering::Relaxed);
+        nox_audit_metrics::record_sessions_opened(opened.saturating_sub(before));
+        nox_audit_metrics::set_queue_depth(self.receiver.len());
+        let started = std::time::Instant::now();
         let result = match insert(&self.pool, &sessions, &records, InsertTarget::Direct).await {
             Ok(()) => {
+                nox_audit_metrics::record_batch_written(
+                    records.len(),
+                    started.elapsed().as_secs_f64(),
+                );
                 self.status.database_up.store(true, Ordering::Relaxed);
                 self.status.down.store(false, Ordering::Relaxed);
                 self.status
@@ -328,6 +370,7 @@ impl Task {
                 Ok(())
             }
             Err(error) => {
+                nox_audit_metrics::record_write_failure();
                 tracing::warn!(%error, rows = records.len(), "audit batch not written to the database; spooling it");
                 self.status.database_up.store(false, Ordering::Relaxed);
                 self.status.set_error(Some(format!("database: {error}")));
@@ -357,6 +400,7 @@ impl Task {
                 self.status.down.store(false, Ordering::Relaxed);
                 self.status.spool_rows.fetch_add(count, Ordering::Relaxed);
                 self.status.spool_files.fetch_add(1, Ordering::Relaxed);
+                nox_audit_metrics::set_spool_rows(self.status.spool_rows());
                 Ok(())
             }
             Ok(Err(error)) => {
@@ -413,12 +457,14 @@ impl Task {
                     tracing::info!(file = %path.display(), rows, "audit spool file replayed");
                     self.status.database_up.store(true, Ordering::Relaxed);
                     self.status.rows_written.fetch_add(rows, Ordering::Relaxed);
+                    nox_audit_metrics::record_rows_replayed(rows as usize);
                     self.status
                         .spool_rows
                         .fetch_sub(rows.min(self.status.spool_rows()), Ordering::Relaxed);
                     self.status
                         .spool_files
                         .fetch_sub(1.min(self.status.spool_files()), Ordering::Relaxed);
+                    nox_audit_metrics::set_spool_rows(self.status.spool_rows());
                 }
                 Err(error) => {
                     tracing::debug!(%error, "spool replay postponed: the database is still unreachable");

@@ -141,7 +141,7 @@ pub async fn spawn_app_on(db: Arc<TestDb>, adjust: impl FnOnce(&mut Config)) -> 
         .await
         .expect("open the test database");
     let clock = Arc::new(ManualClock::default());
-    let (state, background) = AppState::build(&config, &database, clock.clone())
+    let (state, background) = AppState::build(&config, &database, clock.clone(), None)
         .await
         .expect("build the app state");
     let state = web::Data::new(state);
