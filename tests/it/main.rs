@@ -1,5 +1,6 @@
 //! Integration tests against a real PostgreSQL and the real app over HTTP.
 
+mod admin_audit;
 mod audit;
 mod deploy;
 mod files;

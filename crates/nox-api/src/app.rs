@@ -234,7 +234,8 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .configure(users::routes)
         .configure(files::routes)
         .configure(crate::run::routes)
-        .configure(crate::quotas::routes);
+        .configure(crate::quotas::routes)
+        .configure(crate::admin_audit::routes);
 }
 
 /// Starts serving on `listener`. The returned server is a future that

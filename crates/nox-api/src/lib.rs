@@ -1,6 +1,7 @@
 //! The Nox HTTP API as a library: the server binary is a thin wrapper around
 //! [`run`], and the integration tests build the same app through [`app`].
 
+pub mod admin_audit;
 pub mod app;
 pub mod auth;
 pub mod config;

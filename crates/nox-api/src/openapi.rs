@@ -38,6 +38,12 @@ use crate::app::AppState;
         crate::quotas::admin_violations,
         crate::quotas::admin_statistics,
         crate::quotas::admin_reset,
+        crate::admin_audit::status,
+        crate::admin_audit::stats,
+        crate::admin_audit::users,
+        crate::admin_audit::daily_summaries,
+        crate::admin_audit::admin_actions,
+        crate::admin_audit::audit_metrics,
     ),
     components(schemas(crate::error::ErrorBody)),
     modifiers(&BearerAuth)
