@@ -2,6 +2,7 @@
 
 mod admin_audit;
 mod audit;
+mod audit_logs;
 mod deploy;
 mod files;
 mod http_basics;

@@ -17,6 +17,7 @@ use crate::error::{ApiError, ErrorBody};
 
 pub fn routes(config: &mut web::ServiceConfig) {
     config
+        .service(crate::audit_logs::logs)
         .service(status)
         .service(stats)
         .service(users)

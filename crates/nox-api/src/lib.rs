@@ -3,6 +3,7 @@
 
 pub mod admin_audit;
 pub mod app;
+pub mod audit_logs;
 pub mod auth;
 pub mod config;
 pub mod db;

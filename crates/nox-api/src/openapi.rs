@@ -38,6 +38,7 @@ use crate::app::AppState;
         crate::quotas::admin_violations,
         crate::quotas::admin_statistics,
         crate::quotas::admin_reset,
+        crate::audit_logs::logs,
         crate::admin_audit::status,
         crate::admin_audit::stats,
         crate::admin_audit::users,
