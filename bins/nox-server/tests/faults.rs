@@ -137,17 +137,12 @@ async fn postgres_restarting_under_load_loses_no_record() {
     );
     let data = data_dir(root.path());
     let envs = [
-        ("DATABASE_URL".to_owned(), url.clone()),
-        ("NOX_DATA_DIR".to_owned(), data.display().to_string()),
-        ("NOX_ADMIN_TOKEN".to_owned(), TOKEN.to_owned()),
-        ("NOX_RATE_LIMIT_PER_USER".to_owned(), "0".to_owned()),
+        ("DATABASE_URL", url.clone()),
+        ("NOX_DATA_DIR", data.display().to_string()),
+        ("NOX_ADMIN_TOKEN", TOKEN.to_owned()),
+        ("NOX_RATE_LIMIT_PER_USER", "0".to_owned()),
     ];
-    let mut server = tokio::task::spawn_blocking(move || {
-        let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        Server::start(&envs)
-    })
-    .await
-    .expect("join");
+    let mut server = Server::start_async(envs.to_vec()).await;
 
     let load = Load::start(&server.base, 4);
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -207,21 +202,13 @@ async fn a_server_killed_under_load_loses_no_acknowledged_record() {
     let root = tempfile::tempdir().expect("tempdir");
     let data = data_dir(root.path());
     let envs = [
-        ("DATABASE_URL".to_owned(), db.url()),
-        ("NOX_DATA_DIR".to_owned(), data.display().to_string()),
-        ("NOX_ADMIN_TOKEN".to_owned(), TOKEN.to_owned()),
-        ("NOX_AUDIT_MODE".to_owned(), "durable".to_owned()),
-        ("NOX_RATE_LIMIT_PER_USER".to_owned(), "0".to_owned()),
+        ("DATABASE_URL", db.url()),
+        ("NOX_DATA_DIR", data.display().to_string()),
+        ("NOX_ADMIN_TOKEN", TOKEN.to_owned()),
+        ("NOX_AUDIT_MODE", "durable".to_owned()),
+        ("NOX_RATE_LIMIT_PER_USER", "0".to_owned()),
     ];
-    let start = move || {
-        let envs = envs.clone();
-        move || {
-            let envs: Vec<(&str, &str)> =
-                envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            Server::start(&envs)
-        }
-    };
-    let mut server = tokio::task::spawn_blocking(start()).await.expect("join");
+    let mut server = Server::start_async(envs.to_vec()).await;
     let load = Load::start(&server.base, 4);
     tokio::time::sleep(Duration::from_millis(500)).await;
     server.signal(Signal::SIGKILL);
@@ -233,7 +220,7 @@ async fn a_server_killed_under_load_loses_no_acknowledged_record() {
     eprintln!("{} requests answered 200 before the kill", ok.len());
 
     // Whatever was spooled is replayed by the next start.
-    let mut restarted = tokio::task::spawn_blocking(start()).await.expect("join");
+    let mut restarted = Server::start_async(envs.to_vec()).await;
     wait_for_empty_spool(&data.join("audit-spool")).await;
     assert_all_recorded(&db.client().await, &ok).await;
     restarted.signal(Signal::SIGTERM);

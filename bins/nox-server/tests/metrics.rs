@@ -57,19 +57,14 @@ async fn metrics_are_complete_exact_and_bounded() {
     let db = TestDb::new().await;
     let data = tempfile::tempdir().expect("tempdir");
     let envs = [
-        ("DATABASE_URL".to_owned(), db.url()),
-        ("NOX_DATA_DIR".to_owned(), data.path().display().to_string()),
-        ("NOX_ADMIN_TOKEN".to_owned(), TOKEN.to_owned()),
-        ("NOX_RATE_LIMIT_PER_IP".to_owned(), "60".to_owned()),
-        ("NOX_RATE_LIMIT_BURST_PER_IP".to_owned(), "3".to_owned()),
-        ("NOX_RATE_LIMIT_PER_USER".to_owned(), "0".to_owned()),
+        ("DATABASE_URL", db.url()),
+        ("NOX_DATA_DIR", data.path().display().to_string()),
+        ("NOX_ADMIN_TOKEN", TOKEN.to_owned()),
+        ("NOX_RATE_LIMIT_PER_IP", "60".to_owned()),
+        ("NOX_RATE_LIMIT_BURST_PER_IP", "3".to_owned()),
+        ("NOX_RATE_LIMIT_PER_USER", "0".to_owned()),
     ];
-    let mut server = tokio::task::spawn_blocking(move || {
-        let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        Server::start(&envs)
-    })
-    .await
-    .expect("join");
+    let mut server = Server::start_async(envs.to_vec()).await;
     let base = server.base.clone();
     let http = reqwest::Client::new();
 
@@ -317,20 +312,12 @@ async fn a_metrics_token_protects_the_endpoint() {
     let db = TestDb::new().await;
     let data = tempfile::tempdir().expect("tempdir");
     let envs = [
-        ("DATABASE_URL".to_owned(), db.url()),
-        ("NOX_DATA_DIR".to_owned(), data.path().display().to_string()),
-        ("NOX_ADMIN_TOKEN".to_owned(), TOKEN.to_owned()),
-        (
-            "NOX_METRICS_TOKEN".to_owned(),
-            "scrape-secret-0123456789".to_owned(),
-        ),
+        ("DATABASE_URL", db.url()),
+        ("NOX_DATA_DIR", data.path().display().to_string()),
+        ("NOX_ADMIN_TOKEN", TOKEN.to_owned()),
+        ("NOX_METRICS_TOKEN", "scrape-secret-0123456789".to_owned()),
     ];
-    let mut server = tokio::task::spawn_blocking(move || {
-        let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        Server::start(&envs)
-    })
-    .await
-    .expect("join");
+    let mut server = Server::start_async(envs.to_vec()).await;
     let (status, body) = scrape(&server.base, None).await;
     assert_eq!(status, 401, "{body}");
     assert_eq!(scrape(&server.base, Some("wrong-secret")).await.0, 401);

@@ -116,6 +116,17 @@ impl Server {
 }
 
 impl Server {
+    /// [`Server::start`] from an async test: the start blocks until the
+    /// server listens, so it runs on a blocking thread.
+    pub async fn start_async(envs: Vec<(&'static str, String)>) -> Server {
+        tokio::task::spawn_blocking(move || {
+            let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            Server::start(&envs)
+        })
+        .await
+        .expect("the server start task")
+    }
+
     /// Everything the server printed on stdout; call after it exited.
     pub fn take_stdout(&mut self) -> String {
         self.stdout
