@@ -68,6 +68,7 @@ impl Background {
         if let Err(error) = self.quotas.flush().await {
             tracing::error!(%error, "the last quota counts could not be written");
         }
+        self.quotas.close();
         self.audit_writer.shutdown().await;
     }
 }

@@ -408,6 +408,12 @@ impl QuotaBook {
         Ok(())
     }
 
+    /// Closes the book's connections (after the last flush), so stopping
+    /// the database does not cut them off mid-flight.
+    pub fn close(&self) {
+        self.pool.close();
+    }
+
     /// Makes the next [`QuotaBook::load`] re-read the user's overrides.
     pub fn forget_overrides(&self, user: Uuid) {
         if let Some(entry) = self.lock().get_mut(&user) {
