@@ -7,13 +7,13 @@ use nox_auth::Role;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
 use crate::app::AppState;
 use crate::auth::Authenticated;
 use crate::error::{ApiError, ErrorBody};
+use crate::timestamp_json;
 
 pub fn routes(config: &mut web::ServiceConfig) {
     config
@@ -24,11 +24,6 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .service(daily_summaries)
         .service(admin_actions)
         .service(audit_metrics);
-}
-
-fn rfc3339(at: Option<OffsetDateTime>) -> Value {
-    at.and_then(|t| t.format(&Rfc3339).ok())
-        .map_or(Value::Null, Value::String)
 }
 
 fn days_back(days: Option<i64>, default: i64) -> Result<i32, ApiError> {
@@ -62,7 +57,7 @@ pub async fn status(
         "spool_rows": sink.spool_rows(),
         "spool_files": sink.spool_files(),
         "rows_written": sink.rows_written(),
-        "last_write_at": rfc3339(sink.last_write_at()),
+        "last_write_at": timestamp_json(sink.last_write_at()),
         "last_error": sink.last_error(),
     })))
 }
@@ -176,8 +171,8 @@ pub async fn users(
                 "code_executions": row.get::<_, i64>("code_executions"),
                 "admin_actions": row.get::<_, i64>("admin_actions"),
                 "quota_violations": row.get::<_, i64>("quota_violations"),
-                "first_activity": rfc3339(row.get("first_activity")),
-                "last_activity": rfc3339(row.get("last_activity")),
+                "first_activity": timestamp_json(row.get::<_, Option<OffsetDateTime>>("first_activity")),
+                "last_activity": timestamp_json(row.get::<_, Option<OffsetDateTime>>("last_activity")),
                 "avg_response_time_ms": row.get::<_, Option<f64>>("avg_response_time_ms"),
                 "total_cpu_ms": row.get::<_, f64>("total_cpu_ms"),
                 "unique_sessions": row.get::<_, i64>("unique_sessions"),
@@ -240,8 +235,8 @@ fn summary_json(row: &Row) -> Value {
         "avg_response_time_ms": float("avg_response_time_ms"),
         "max_response_time_ms": float("max_response_time_ms"),
         "unique_sessions": int("unique_sessions"),
-        "first_activity": rfc3339(row.get("first_activity")),
-        "last_activity": rfc3339(row.get("last_activity")),
+        "first_activity": timestamp_json(row.get::<_, Option<OffsetDateTime>>("first_activity")),
+        "last_activity": timestamp_json(row.get::<_, Option<OffsetDateTime>>("last_activity")),
     })
 }
 
@@ -288,7 +283,7 @@ pub async fn admin_actions(
         .map(|row| {
             json!({
                 "id": row.get::<_, Uuid>(0),
-                "timestamp": rfc3339(Some(row.get(1))),
+                "timestamp": timestamp_json(row.get::<_, OffsetDateTime>(1)),
                 "admin_user_id": row.get::<_, Option<Uuid>>(2),
                 "target_user_id": row.get::<_, Option<Uuid>>(3),
                 "admin_action_type": row.get::<_, String>(4),

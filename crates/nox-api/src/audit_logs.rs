@@ -214,10 +214,6 @@ fn build_filters(query: &HashMap<String, String>) -> Result<Filters, ApiError> {
     Ok(filters)
 }
 
-fn rfc3339(at: OffsetDateTime) -> Value {
-    at.format(&Rfc3339).map_or(Value::Null, Value::String)
-}
-
 /// Every column of the row, as JSON (a value that cannot be read is null,
 /// never a panic).
 fn row_json(row: &Row) -> Value {
@@ -234,11 +230,11 @@ fn row_json(row: &Row) -> Value {
     for (index, column) in row.columns().iter().enumerate() {
         let value = match column.type_().name() {
             "uuid" => get::<Uuid>(row, index),
-            "timestamptz" => row
-                .try_get::<_, Option<OffsetDateTime>>(index)
-                .ok()
-                .flatten()
-                .map_or(Value::Null, rfc3339),
+            "timestamptz" => crate::timestamp_json(
+                row.try_get::<_, Option<OffsetDateTime>>(index)
+                    .ok()
+                    .flatten(),
+            ),
             "inet" => get::<IpAddr>(row, index),
             "int2" => get::<i16>(row, index),
             "int4" => get::<i32>(row, index),

@@ -142,7 +142,7 @@ pub async fn ls(
                 "type": "file",
                 "path": path.display(),
                 "size": entry.size,
-                "modified": rfc3339(entry.modified),
+                "modified": crate::timestamp_json(entry.modified),
             })
         }
         Some(entries) => {
@@ -164,11 +164,6 @@ pub async fn ls(
         }
     };
     Ok(HttpResponse::Ok().json(body))
-}
-
-fn rfc3339(at: OffsetDateTime) -> String {
-    at.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -25,3 +25,13 @@ pub use error::ApiError;
 
 /// The version reported by `/health` and the OpenAPI document.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A timestamp as the API writes it: RFC 3339 (null when absent).
+pub(crate) fn timestamp_json(at: impl Into<Option<time::OffsetDateTime>>) -> serde_json::Value {
+    at.into()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .map_or(serde_json::Value::Null, serde_json::Value::String)
+}

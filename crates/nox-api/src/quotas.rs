@@ -151,10 +151,6 @@ async fn usage_json(state: &web::Data<AppState>, caller: &Caller) -> Result<Valu
     .await??;
     let cpu_seconds = windows.cpu_ms_day as f64 / 1000.0;
     let storage_mb = storage.bytes as f64 / MIB as f64;
-    let rfc3339 = |t: time::OffsetDateTime| {
-        t.format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default()
-    };
     Ok(json!({
         "usage": {
             "req_hour": windows.req_hour,
@@ -171,7 +167,7 @@ async fn usage_json(state: &web::Data<AppState>, caller: &Caller) -> Result<Valu
             "storage_mb": percent(storage.bytes / MIB, limits.storage_mb),
             "files_count": percent(storage.files, limits.files_max),
         },
-        "resets": { "hour": rfc3339(windows.hour_resets_at), "day": rfc3339(windows.day_resets_at) },
+        "resets": { "hour": crate::timestamp_json(windows.hour_resets_at), "day": crate::timestamp_json(windows.day_resets_at) },
     }))
 }
 
@@ -219,7 +215,7 @@ async fn violations(
         .map(|row| {
             let at: time::OffsetDateTime = row.get(0);
             json!({
-                "timestamp": at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+                "timestamp": crate::timestamp_json(at),
                 "user_id": row.get::<_, Option<Uuid>>(1),
                 "quota_type": row.get::<_, Option<String>>(2),
                 "current_usage": row.get::<_, Option<i64>>(3),
