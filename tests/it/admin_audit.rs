@@ -13,7 +13,7 @@ async fn json_of(response: reqwest::Response) -> Value {
     response.json().await.expect("json")
 }
 
-async fn auditor(app: &TestApp) -> String {
+pub(crate) async fn auditor(app: &TestApp) -> String {
     let created: Value = send(
         app.request(Method::POST, "/admin/users", ADMIN)
             .json(&json!({"name": "audrey", "role": "auditor"})),

@@ -4,6 +4,7 @@ mod admin_audit;
 mod audit;
 mod audit_logs;
 mod deploy;
+mod export;
 mod files;
 mod http_basics;
 mod identity;

@@ -18,6 +18,7 @@ use crate::timestamp_json;
 pub fn routes(config: &mut web::ServiceConfig) {
     config
         .service(crate::audit_logs::logs)
+        .service(crate::export::export)
         .service(status)
         .service(stats)
         .service(users)

@@ -51,6 +51,12 @@ pub struct AppState {
     /// Quota counters, flushed to the database about once a second.
     pub quotas: Arc<QuotaBook>,
     pub metrics: MetricsEndpoint,
+    /// The runtime the state was built on (the server's main runtime): CPU
+    /// work that must not stall an HTTP worker, like exports, runs there.
+    pub work_runtime: tokio::runtime::Handle,
+    /// Exports running at once, at most `NOX_EXPORT_CONCURRENCY`: each holds
+    /// a database connection for its whole length.
+    pub exports: Arc<tokio::sync::Semaphore>,
     /// The OpenAPI document, rendered once.
     pub openapi: String,
 }
@@ -132,6 +138,10 @@ impl AppState {
                 handle: metrics,
                 token: config.metrics_token.clone(),
             },
+            work_runtime: tokio::runtime::Handle::current(),
+            exports: Arc::new(tokio::sync::Semaphore::new(
+                config.export_concurrency as usize,
+            )),
             openapi: openapi::render(),
         };
         Ok((

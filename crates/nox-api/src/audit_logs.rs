@@ -8,12 +8,12 @@ use std::net::IpAddr;
 use actix_web::{HttpResponse, get, web};
 use base64::Engine;
 use ipnet::IpNet;
+use nox_audit_export::{Columns, RowJson};
 use nox_auth::Role;
 use serde_json::{Map, Value, json};
 use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
 use time::{Date, OffsetDateTime};
-use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
@@ -21,7 +21,8 @@ use crate::app::AppState;
 use crate::auth::Authenticated;
 use crate::error::{ApiError, ErrorBody};
 
-const KNOWN: &[&str] = &[
+/// The filters `/logs` and `/export` share.
+const FILTERS: &[&str] = &[
     "user_id",
     "session_id",
     "request_id",
@@ -35,17 +36,16 @@ const KNOWN: &[&str] = &[
     "start_date",
     "end_date",
     "search",
-    "page",
-    "page_size",
-    "cursor",
-    "include_total",
 ];
 
-fn invalid(name: &str, why: &str) -> ApiError {
+/// `/logs`'s own parameters, besides the filters.
+const PAGING: &[&str] = &["page", "page_size", "cursor", "include_total"];
+
+pub(crate) fn invalid(name: &str, why: &str) -> ApiError {
     ApiError::InvalidParameter(format!("{name}: {why}"))
 }
 
-fn parse_bool(name: &str, text: &str) -> Result<bool, ApiError> {
+pub(crate) fn parse_bool(name: &str, text: &str) -> Result<bool, ApiError> {
     match text {
         "true" | "1" => Ok(true),
         "false" | "0" => Ok(false),
@@ -92,10 +92,11 @@ fn decode_cursor(text: &str) -> Result<(OffsetDateTime, Uuid), ApiError> {
 
 /// The WHERE clause and its parameters, built from validated input only.
 #[derive(Default)]
-struct Filters {
+pub(crate) struct Filters {
     conditions: Vec<String>,
-    params: Vec<Box<dyn ToSql + Sync + Send>>,
-    applied: Map<String, Value>,
+    pub(crate) params: Vec<Box<dyn ToSql + Sync + Send>>,
+    /// The filters as given, for the response and the export's record.
+    pub(crate) applied: Map<String, Value>,
 }
 
 impl Filters {
@@ -104,7 +105,7 @@ impl Filters {
         self.conditions.push(condition(self.params.len()));
     }
 
-    fn sql(&self) -> String {
+    pub(crate) fn sql(&self) -> String {
         if self.conditions.is_empty() {
             "TRUE".to_owned()
         } else {
@@ -121,8 +122,14 @@ fn like_pattern(text: &str) -> String {
     format!("%{escaped}%")
 }
 
-fn build_filters(query: &HashMap<String, String>) -> Result<Filters, ApiError> {
-    if let Some(unknown) = query.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+/// Validates the filters in `query`; any other key must be one of `own`
+/// (the endpoint's own parameters).
+pub(crate) fn build_filters(
+    query: &HashMap<String, String>,
+    own: &[&str],
+) -> Result<Filters, ApiError> {
+    let known = |key: &str| FILTERS.contains(&key) || own.contains(&key);
+    if let Some(unknown) = query.keys().find(|k| !known(k)) {
         return Err(invalid(unknown, "unknown parameter"));
     }
     let mut filters = Filters::default();
@@ -214,41 +221,6 @@ fn build_filters(query: &HashMap<String, String>) -> Result<Filters, ApiError> {
     Ok(filters)
 }
 
-/// Every column of the row, as JSON (a value that cannot be read is null,
-/// never a panic).
-fn row_json(row: &Row) -> Value {
-    fn get<'a, T: tokio_postgres::types::FromSql<'a> + serde::Serialize>(
-        row: &'a Row,
-        index: usize,
-    ) -> Value {
-        row.try_get::<_, Option<T>>(index)
-            .ok()
-            .flatten()
-            .map_or(Value::Null, |v| json!(v))
-    }
-    let mut entry = Map::new();
-    for (index, column) in row.columns().iter().enumerate() {
-        let value = match column.type_().name() {
-            "uuid" => get::<Uuid>(row, index),
-            "timestamptz" => crate::timestamp_json(
-                row.try_get::<_, Option<OffsetDateTime>>(index)
-                    .ok()
-                    .flatten(),
-            ),
-            "inet" => get::<IpAddr>(row, index),
-            "int2" => get::<i16>(row, index),
-            "int4" => get::<i32>(row, index),
-            "int8" => get::<i64>(row, index),
-            "float8" => get::<f64>(row, index),
-            "bool" => get::<bool>(row, index),
-            "jsonb" | "json" => get::<Value>(row, index),
-            _ => get::<String>(row, index),
-        };
-        entry.insert(column.name().to_owned(), value);
-    }
-    Value::Object(entry)
-}
-
 #[utoipa::path(
     params(
         ("user_id" = Option<Uuid>, Query), ("session_id" = Option<Uuid>, Query), ("request_id" = Option<Uuid>, Query),
@@ -276,7 +248,7 @@ pub async fn logs(
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Auditor)?;
     let query = query.into_inner();
-    let mut filters = build_filters(&query)?;
+    let mut filters = build_filters(&query, PAGING)?;
     let page_size: i64 = match query.get("page_size") {
         None => 50,
         Some(text) => text
@@ -335,8 +307,23 @@ pub async fn logs(
         let last = &rows[rows.len() - 1];
         encode_cursor(last.get("timestamp"), last.get("id"))
     });
+    let logs = match rows.first() {
+        None => Vec::new(),
+        Some(first) => {
+            let columns = Columns::new(first.columns()).map_err(ApiError::internal)?;
+            rows.iter()
+                .map(|row| {
+                    serde_json::to_value(RowJson {
+                        columns: &columns,
+                        row,
+                    })
+                })
+                .collect::<Result<_, _>>()
+                .map_err(ApiError::internal)?
+        }
+    };
     let mut body = json!({
-        "logs": rows.iter().map(row_json).collect::<Vec<_>>(),
+        "logs": logs,
         "page": page,
         "page_size": page_size,
         "has_next": has_next,

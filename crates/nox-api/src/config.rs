@@ -160,6 +160,11 @@ pub struct Config {
     #[arg(long, env = "NOX_METRICS_MAX_USERS", default_value_t = 1000)]
     pub metrics_max_users: usize,
 
+    /// Audit exports that may run at once (each holds a database connection
+    /// while it streams); more get 503.
+    #[arg(long, env = "NOX_EXPORT_CONCURRENCY", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub export_concurrency: u32,
+
     /// `durable`: a response is sent only once its audit record is committed
     /// (or spooled to disk); `buffered`: responses do not wait for the
     /// record; `off`: no audit records at all (benchmarks only).

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod export;
 pub mod files;
 pub mod health;
 pub mod limits;
@@ -28,10 +29,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// A timestamp as the API writes it: RFC 3339 (null when absent).
 pub(crate) fn timestamp_json(at: impl Into<Option<time::OffsetDateTime>>) -> serde_json::Value {
-    at.into()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .map_or(serde_json::Value::Null, serde_json::Value::String)
+    at.into().map_or(serde_json::Value::Null, |t| {
+        serde_json::Value::String(nox_audit_export::rfc3339(t))
+    })
 }

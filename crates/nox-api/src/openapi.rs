@@ -39,6 +39,7 @@ use crate::app::AppState;
         crate::quotas::admin_statistics,
         crate::quotas::admin_reset,
         crate::audit_logs::logs,
+        crate::export::export,
         crate::admin_audit::status,
         crate::admin_audit::stats,
         crate::admin_audit::users,

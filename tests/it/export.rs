@@ -1,0 +1,348 @@
+//! `GET /admin/audit/export`: the file equals `/logs` for the same filters in
+//! every format, gzip decompresses, an empty CSV keeps its header, and every
+//! export leaves its audit row and its `log_export` admin action.
+
+use std::time::Duration;
+
+use nox_testkit::{TEST_ADMIN_TOKEN, TestApp, send, spawn_app};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::admin_audit::auditor;
+
+const ADMIN: &str = TEST_ADMIN_TOKEN;
+
+/// Alice's varied activity: a write whose path needs CSV quoting, a
+/// read that fails with error details, a command-free 404.
+async fn alice_activity(app: &TestApp) -> String {
+    let alice = app.new_user("alice").await;
+    send(
+        app.request(Method::PUT, "/write?path=notes/a,%22b%22.txt", &alice.token)
+            .body("line one\nline two"),
+    )
+    .await;
+    app.get_as("/cat?path=missing.txt", &alice.token).await;
+    app.get_as("/me", &alice.token).await;
+    app.get_as("/nope", &alice.token).await;
+    alice.id
+}
+
+async fn export(app: &TestApp, query: &str, token: &str) -> reqwest::Response {
+    let response = app
+        .get_as(&format!("/admin/audit/export?{query}"), token)
+        .await;
+    assert_eq!(response.status(), StatusCode::OK, "{query}");
+    response
+}
+
+async fn logs(app: &TestApp, query: &str) -> Vec<Value> {
+    let body: Value = app
+        .get_as(&format!("/admin/audit/logs?{query}&page_size=1000"), ADMIN)
+        .await
+        .json()
+        .await
+        .expect("json");
+    body["logs"].as_array().expect("logs").clone()
+}
+
+/// The CSV text the export must hold for a `/logs` JSON value.
+fn same_value(csv: &str, json: &Value) -> bool {
+    match json {
+        Value::Null => csv.is_empty(),
+        Value::Bool(b) => csv == b.to_string(),
+        Value::Number(n) => csv.parse::<f64>().ok() == n.as_f64(),
+        Value::String(s) => csv == s,
+        _ => serde_json::from_str::<Value>(csv).ok().as_ref() == Some(json),
+    }
+}
+
+async fn table_columns(app: &TestApp) -> Vec<String> {
+    app.db
+        .client()
+        .await
+        .query(
+            "SELECT column_name::text FROM information_schema.columns
+             WHERE table_name = 'audit_actions' ORDER BY ordinal_position",
+            &[],
+        )
+        .await
+        .expect("columns")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn csv_export_equals_the_logs_for_the_same_filters() {
+    let app = spawn_app().await;
+    let alice = alice_activity(&app).await;
+    let filter = format!("user_id={alice}");
+    let listed = logs(&app, &filter).await;
+    assert!(listed.len() >= 4, "alice's rows are listed");
+
+    let response = export(&app, &filter, ADMIN).await;
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/csv; charset=utf-8"
+    );
+    let disposition = response.headers()["content-disposition"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let name = disposition
+        .strip_prefix("attachment; filename=\"")
+        .and_then(|rest| rest.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("{disposition}"));
+    assert!(
+        name.len() == "audit_logs_20260101_000000.csv".len()
+            && name.starts_with("audit_logs_")
+            && name.ends_with(".csv"),
+        "{name}"
+    );
+    let body = response.bytes().await.expect("body");
+    let mut reader = csv::Reader::from_reader(&body[..]);
+    let header: Vec<String> = reader
+        .headers()
+        .expect("header")
+        .iter()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        header,
+        table_columns(&app).await,
+        "every column, schema order"
+    );
+    let records: Vec<csv::StringRecord> = reader.records().map(|r| r.expect("record")).collect();
+    assert_eq!(records.len(), listed.len());
+    for (record, entry) in records.iter().zip(&listed) {
+        for (name, text) in header.iter().zip(record.iter()) {
+            assert!(
+                same_value(text, &entry[name]),
+                "{name}: csv {text:?} vs logs {}",
+                entry[name]
+            );
+        }
+    }
+    assert!(
+        records
+            .iter()
+            .any(|r| r.iter().any(|f| f == "notes/a,\"b\".txt")),
+        "a field with a comma and quotes survives CSV quoting"
+    );
+}
+
+#[tokio::test]
+async fn json_ndjson_and_gzip_exports_parse_back_to_the_same_rows() {
+    let app = spawn_app().await;
+    let alice = alice_activity(&app).await;
+    let filter = format!("user_id={alice}");
+    let ids: Vec<Value> = logs(&app, &filter)
+        .await
+        .iter()
+        .map(|r| r["id"].clone())
+        .collect();
+
+    let response = export(&app, &format!("{filter}&format=json"), ADMIN).await;
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let array: Vec<Value> = response.json().await.expect("one JSON array");
+    assert_eq!(
+        array.iter().map(|r| r["id"].clone()).collect::<Vec<_>>(),
+        ids
+    );
+
+    let response = export(&app, &format!("{filter}&format=ndjson"), ADMIN).await;
+    assert_eq!(response.headers()["content-type"], "application/x-ndjson");
+    let text = response.text().await.expect("text");
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one object per line"))
+        .collect();
+    assert_eq!(lines, array, "ndjson holds the same objects as json");
+
+    let plain = export(&app, &filter, ADMIN)
+        .await
+        .bytes()
+        .await
+        .expect("csv");
+    let response = export(&app, &format!("{filter}&compress=true"), ADMIN).await;
+    assert_eq!(response.headers()["content-type"], "application/gzip");
+    assert!(response.headers().get("content-encoding").is_none());
+    let disposition = response.headers()["content-disposition"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert!(disposition.ends_with(".csv.gz\""), "{disposition}");
+    let compressed = response.bytes().await.expect("gzip");
+    let mut decoder = async_compression::tokio::bufread::GzipDecoder::new(&compressed[..]);
+    let mut unzipped = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut decoder, &mut unzipped)
+        .await
+        .expect("gzip decompresses");
+    assert_eq!(unzipped, plain.to_vec());
+}
+
+#[tokio::test]
+async fn an_empty_csv_export_still_has_its_header() {
+    let app = spawn_app().await;
+    let body = export(&app, "start_date=2999-01-01", ADMIN)
+        .await
+        .text()
+        .await
+        .expect("text");
+    let header = table_columns(&app).await.join(",");
+    assert_eq!(body, format!("{header}\r\n"));
+    let body = export(&app, "start_date=2999-01-01&format=json", ADMIN)
+        .await
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).expect("json"),
+        json!([])
+    );
+}
+
+/// Polls until `sql` (a count) reaches `expected`: the admin action is
+/// written once the stream has ended, just after the last byte.
+async fn eventually_count(app: &TestApp, sql: &str, expected: i64) {
+    let client = app.db.client().await;
+    let mut count = -1;
+    for _ in 0..50 {
+        count = client.query_one(sql, &[]).await.expect("count").get(0);
+        if count == expected {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{sql}: {count}, expected {expected}");
+}
+
+#[tokio::test]
+async fn every_export_is_audited_and_recorded_as_log_export() {
+    let app = spawn_app().await;
+    let alice = alice_activity(&app).await;
+    let audrey = auditor(&app).await;
+    let filter = format!("user_id={alice}&limit=2");
+    let text = export(&app, &filter, &audrey)
+        .await
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(
+        text.lines().count(),
+        3,
+        "header and the 2 rows of the limit"
+    );
+    export(&app, "format=ndjson&compress=true", ADMIN)
+        .await
+        .bytes()
+        .await
+        .expect("body");
+
+    eventually_count(
+        &app,
+        "SELECT count(*) FROM audit_admin_actions WHERE admin_action_type = 'log_export'",
+        2,
+    )
+    .await;
+    let client = app.db.client().await;
+    let recorded = client
+        .query_one(
+            "SELECT new_values, target_user_id::text FROM audit_admin_actions
+             WHERE admin_action_type = 'log_export' AND new_values->>'format' = 'csv'",
+            &[],
+        )
+        .await
+        .expect("the auditor's export");
+    let values: Value = recorded.get(0);
+    assert_eq!(values["rows"], 2);
+    assert_eq!(values["limit"], 2);
+    assert_eq!(values["outcome"], "completed");
+    assert_eq!(values["filters"]["user_id"], alice.as_str());
+    assert_eq!(recorded.get::<_, Option<String>>(1), Some(alice.clone()));
+    eventually_count(
+        &app,
+        "SELECT count(*) FROM audit_actions
+         WHERE action_type = 'audit_export' AND route = '/admin/audit/export' AND status_code = 200",
+        2,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_large_export_streams_every_row_and_a_dropped_download_is_recorded() {
+    let app = spawn_app().await;
+    let client = app.db.client().await;
+    client
+        .execute(
+            "INSERT INTO audit_actions (id, \"timestamp\", request_id, endpoint, route, http_method,
+                 action_type, action_category, status_code, success, response_time_ms, metadata)
+             SELECT gen_random_uuid(), now() - (i * interval '1 millisecond'), gen_random_uuid(),
+                    '/seeded', '/seeded', 'GET', 'seeded', 'general', 200, true, 1.25,
+                    jsonb_build_object('i', i)
+             FROM generate_series(1, 30000) AS i",
+            &[],
+        )
+        .await
+        .expect("seed");
+    let text = export(&app, "action_type=seeded", ADMIN)
+        .await
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(text.lines().count(), 30_001);
+
+    // Read one chunk, then hang up.
+    let mut response = export(&app, "action_type=seeded&format=ndjson", ADMIN).await;
+    let first = response.chunk().await.expect("a chunk").expect("not empty");
+    assert!(!first.is_empty());
+    drop(response);
+    eventually_count(
+        &app,
+        "SELECT count(*) FROM audit_admin_actions
+         WHERE new_values->>'outcome' = 'client_disconnected'",
+        1,
+    )
+    .await;
+    let rows: i64 = client
+        .query_one(
+            "SELECT (new_values->>'rows')::bigint FROM audit_admin_actions
+             WHERE new_values->>'outcome' = 'client_disconnected'",
+            &[],
+        )
+        .await
+        .expect("rows")
+        .get(0);
+    assert!(rows > 0 && rows < 30_000, "{rows} rows before the hang-up");
+}
+
+#[tokio::test]
+async fn bad_export_parameters_are_400_and_users_are_refused() {
+    let app = spawn_app().await;
+    let alice = app.new_user("alice").await;
+    for (query, name) in [
+        ("format=xml", "format"),
+        ("compress=maybe", "compress"),
+        ("limit=0", "limit"),
+        ("limit=lots", "limit"),
+        ("user_id=nope", "user_id"),
+        ("page_size=5", "page_size"),
+    ] {
+        let response = app
+            .get_as(&format!("/admin/audit/export?{query}"), ADMIN)
+            .await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{query}");
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(body["code"], "invalid_parameter");
+        assert!(
+            body["detail"].as_str().expect("detail").starts_with(name),
+            "{query}: {body}"
+        );
+    }
+    assert_eq!(
+        app.get_as("/admin/audit/export", &alice.token)
+            .await
+            .status(),
+        StatusCode::FORBIDDEN
+    );
+}
