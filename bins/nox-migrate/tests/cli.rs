@@ -193,3 +193,75 @@ async fn summaries_check_catches_a_corrupted_rollup_and_rebuild_repairs_it() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("YYYY-MM-DD"));
 }
+
+#[tokio::test]
+async fn seeded_rows_verify_tampering_fails_and_retention_keeps_the_rest_verifiable() {
+    let db = TestDb::new().await;
+    let seed = nox_migrate(
+        &db,
+        &["seed", "--rows", "3000", "--days", "90", "--users", "3"],
+    );
+    assert!(seed.status.success(), "{seed:?}");
+    let verify = nox_migrate(&db, &["verify"]);
+    assert!(verify.status.success(), "{}", stdout(&verify));
+    assert!(
+        stdout(&verify).contains("audit_actions: seq 1 to 3000 verified"),
+        "{}",
+        stdout(&verify)
+    );
+    let check = nox_migrate(&db, &["summaries", "check"]);
+    assert!(check.status.success(), "{}", stdout(&check));
+
+    // Retention needs the server's signing key.
+    let data = tempfile::tempdir().expect("data dir");
+    let data_dir = data.path().display().to_string();
+    let before = (time::OffsetDateTime::now_utc() - time::Duration::days(35)).date();
+    let retention = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_nox-migrate"))
+            .args(args)
+            .env("DATABASE_URL", db.url())
+            .env("NOX_DATA_DIR", &data_dir)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run nox-migrate")
+    };
+    let before_text = before.to_string();
+    let refused = retention(&["retention", "--before", &before_text]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no signing key"));
+    nox_audit_store::chain::Checkpointer::open(
+        &data.path().join("audit-signing.key"),
+        &data.path().join("checkpoints"),
+    )
+    .expect("the server's key");
+    let dropped = retention(&["retention", "--before", &before_text]);
+    assert!(dropped.status.success(), "{dropped:?}");
+    assert!(
+        stdout(&dropped).contains("dropped audit_actions_y"),
+        "{}",
+        stdout(&dropped)
+    );
+    let verify = nox_migrate(&db, &["verify"]);
+    assert!(verify.status.success(), "{}", stdout(&verify));
+    assert!(
+        stdout(&verify)
+            .lines()
+            .any(|l| l.starts_with("audit_actions: seq ")
+                && !l.starts_with("audit_actions: seq 1 to")),
+        "verification starts after the dropped months: {}",
+        stdout(&verify)
+    );
+
+    db.client()
+        .await
+        .batch_execute("UPDATE audit_actions SET endpoint = '/elsewhere' WHERE seq = 2900")
+        .await
+        .expect("tamper");
+    let verify = nox_migrate(&db, &["verify"]);
+    assert!(!verify.status.success());
+    assert!(
+        stdout(&verify).contains("audit_actions: seq 2900: the row does not match its hash"),
+        "{}",
+        stdout(&verify)
+    );
+}

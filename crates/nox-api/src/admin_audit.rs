@@ -5,7 +5,7 @@
 use actix_web::{HttpResponse, get, web};
 use nox_auth::Role;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 use tokio_postgres::Row;
 use uuid::Uuid;
@@ -20,6 +20,7 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .service(crate::audit_logs::logs)
         .service(crate::export::export)
         .service(status)
+        .service(checkpoints)
         .service(stats)
         .service(users)
         .service(daily_summaries)
@@ -44,8 +45,17 @@ pub async fn status(
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Auditor)?;
     let sink = state.audit.status();
+    let mut chains = Map::new();
+    let mut last_checkpoint_at = None;
     let connected = match state.pool.get().await {
-        Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
+        Ok(client) => match chain_state(&client).await {
+            Ok((heads, last)) => {
+                chains = heads;
+                last_checkpoint_at = last;
+                true
+            }
+            Err(_) => false,
+        },
         Err(_) => false,
     };
     let healthy = connected && !sink.is_down() && sink.database_up();
@@ -60,6 +70,75 @@ pub async fn status(
         "rows_written": sink.rows_written(),
         "last_write_at": timestamp_json(sink.last_write_at()),
         "last_error": sink.last_error(),
+        "chains": Value::Object(chains),
+        "last_checkpoint_at": timestamp_json(last_checkpoint_at),
+    })))
+}
+
+/// Each chain's head, and the time of the newest checkpoint.
+async fn chain_state(
+    client: &deadpool_postgres::Client,
+) -> Result<(Map<String, Value>, Option<OffsetDateTime>), tokio_postgres::Error> {
+    let heads = client
+        .query("SELECT chain, seq, row_hash FROM audit_chain_heads ORDER BY chain", &[])
+        .await?
+        .iter()
+        .map(|row| {
+            let head = json!({"seq": row.get::<_, i64>(1), "row_hash": hex::encode(row.get::<_, &[u8]>(2))});
+            (row.get::<_, String>(0), head)
+        })
+        .collect();
+    let last = client
+        .query_one("SELECT max(\"timestamp\") FROM audit_checkpoints", &[])
+        .await?
+        .get(0);
+    Ok((heads, last))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct CheckpointsQuery {
+    /// Newest first; 1 to 1000, default 100.
+    limit: Option<i64>,
+}
+
+#[utoipa::path(params(CheckpointsQuery), responses((status = 200, description = "The checkpoint signing key and the newest checkpoints"), (status = 403, body = ErrorBody)), security(("bearer" = [])), tag = "admin-audit")]
+#[get("/admin/audit/checkpoints")]
+pub async fn checkpoints(
+    caller: Authenticated,
+    state: web::Data<AppState>,
+    query: web::Query<CheckpointsQuery>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require(Role::Auditor)?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::InvalidParameter("limit must be 1 to 1000".into()));
+    }
+    let client = state.pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT chain, seq, row_hash, \"timestamp\", reason, public_key, signature
+             FROM audit_checkpoints ORDER BY id DESC LIMIT $1",
+            &[&limit],
+        )
+        .await
+        .map_err(ApiError::internal)?;
+    let checkpoints: Vec<Value> = rows
+        .iter()
+        .map(|row| {
+            json!({
+                "chain": row.get::<_, String>(0),
+                "seq": row.get::<_, i64>(1),
+                "row_hash": hex::encode(row.get::<_, &[u8]>(2)),
+                "timestamp": timestamp_json(row.get::<_, OffsetDateTime>(3)),
+                "reason": row.get::<_, String>(4),
+                "public_key": hex::encode(row.get::<_, &[u8]>(5)),
+                "signature": hex::encode(row.get::<_, &[u8]>(6)),
+            })
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({
+        "public_key": state.checkpointer.public_key_hex(),
+        "checkpoints": checkpoints,
     })))
 }
 

@@ -17,6 +17,7 @@ use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
 use nox_audit_actix::{Audit, AuditConfig};
 use nox_audit_model::{Clock, NOX_TAXONOMY, SystemClock};
+use nox_audit_store::chain::Checkpointer;
 use nox_audit_store::{AuditMode, AuditSink, AuditWriter, Spool, WriterConfig};
 use nox_auth::{Authenticator, Secret};
 use nox_quota::{QuotaBook, Rate, RateLimits};
@@ -57,6 +58,8 @@ pub struct AppState {
     /// Exports running at once, at most `NOX_EXPORT_CONCURRENCY`: each holds
     /// a database connection for its whole length.
     pub exports: Arc<tokio::sync::Semaphore>,
+    /// Signs checkpoints of the audit hash chains.
+    pub checkpointer: Arc<Checkpointer>,
     /// The OpenAPI document, rendered once.
     pub openapi: String,
 }
@@ -67,6 +70,7 @@ pub struct AppState {
 pub struct Background {
     pub audit_writer: AuditWriter,
     pub quotas: Arc<QuotaBook>,
+    pub checkpoints: CheckpointTask,
 }
 
 impl Background {
@@ -76,6 +80,63 @@ impl Background {
         }
         self.quotas.close();
         self.audit_writer.shutdown().await;
+        // After the writer's last batch, so the checkpoint covers every row.
+        self.checkpoints.shutdown().await;
+    }
+}
+
+/// Signs a checkpoint of each chain whose head moved, every
+/// `NOX_AUDIT_CHECKPOINT_SECS`, and once more at shutdown.
+#[derive(Debug)]
+pub struct CheckpointTask {
+    pool: Pool,
+    checkpointer: Arc<Checkpointer>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CheckpointTask {
+    fn start(pool: Pool, checkpointer: Arc<Checkpointer>, every_secs: u64) -> CheckpointTask {
+        let (task_pool, signer) = (pool.clone(), Arc::clone(&checkpointer));
+        let task = tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(every_secs));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                checkpoint(&task_pool, &signer, "interval").await;
+            }
+        });
+        CheckpointTask {
+            pool,
+            checkpointer,
+            task,
+        }
+    }
+
+    async fn shutdown(self) {
+        self.task.abort();
+        checkpoint(&self.pool, &self.checkpointer, "shutdown").await;
+    }
+}
+
+async fn checkpoint(pool: &Pool, checkpointer: &Checkpointer, reason: &str) {
+    let result = async {
+        let client = pool.get().await.map_err(|e| e.to_string())?;
+        checkpointer
+            .checkpoint_heads(&**client, reason, false)
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    match result {
+        Ok(written) => {
+            for checkpoint in written {
+                tracing::info!(chain = %checkpoint.chain, seq = checkpoint.seq, reason, "audit checkpoint signed");
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, reason, "audit checkpoint not written; retrying at the next one")
+        }
     }
 }
 
@@ -117,6 +178,22 @@ impl AppState {
             },
         );
         let quotas = start_quota_book(database.pool(2)?, Arc::clone(&clock));
+        let checkpointer = Arc::new(
+            config
+                .storage
+                .checkpointer()
+                .context("opening the audit checkpoint signing key")?,
+        );
+        println!(
+            "audit checkpoint public key: {}",
+            checkpointer.public_key_hex()
+        );
+        tracing::info!(public_key = %checkpointer.public_key_hex(), "audit checkpoints are signed with this key");
+        let checkpoints = CheckpointTask::start(
+            database.pool(1)?,
+            Arc::clone(&checkpointer),
+            config.audit_checkpoint_secs,
+        );
         let audit_config = AuditConfig {
             taxonomy: NOX_TAXONOMY,
             skip_paths: config.audit_skip_paths.clone(),
@@ -142,6 +219,7 @@ impl AppState {
             exports: Arc::new(tokio::sync::Semaphore::new(
                 config.export_concurrency as usize,
             )),
+            checkpointer,
             openapi: openapi::render(),
         };
         Ok((
@@ -149,6 +227,7 @@ impl AppState {
             Background {
                 audit_writer,
                 quotas,
+                checkpoints,
             },
         ))
     }

@@ -49,6 +49,40 @@ pub struct StorageConfig {
     /// Maximum number of pooled database connections.
     #[arg(long, env = "NOX_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: usize,
+
+    /// The Ed25519 key that signs audit checkpoints (64 hex digits; default
+    /// <NOX_DATA_DIR>/audit-signing.key, generated with mode 0600 on first
+    /// start).
+    #[arg(long, env = "NOX_AUDIT_SIGNING_KEY_FILE")]
+    pub audit_signing_key_file: Option<PathBuf>,
+
+    /// Where signed checkpoints are appended (`checkpoints.log`) beside the
+    /// public key (`public-key`), for shipping off the database host
+    /// (default <NOX_DATA_DIR>/checkpoints).
+    #[arg(long, env = "NOX_AUDIT_CHECKPOINT_DIR")]
+    pub audit_checkpoint_dir: Option<PathBuf>,
+}
+
+impl StorageConfig {
+    pub fn signing_key_file(&self) -> PathBuf {
+        self.audit_signing_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("audit-signing.key"))
+    }
+
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.audit_checkpoint_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("checkpoints"))
+    }
+
+    /// The checkpoint signer (loading or generating its key).
+    pub fn checkpointer(&self) -> anyhow::Result<nox_audit_store::chain::Checkpointer> {
+        Ok(nox_audit_store::chain::Checkpointer::open(
+            &self.signing_key_file(),
+            &self.checkpoint_dir(),
+        )?)
+    }
 }
 
 /// The Nox API server.
@@ -159,6 +193,11 @@ pub struct Config {
     /// `other` (0: every value is `all`).
     #[arg(long, env = "NOX_METRICS_MAX_USERS", default_value_t = 1000)]
     pub metrics_max_users: usize,
+
+    /// Seconds between signed checkpoints of the audit hash chains while rows
+    /// arrive (one is also written at graceful shutdown).
+    #[arg(long, env = "NOX_AUDIT_CHECKPOINT_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub audit_checkpoint_secs: u64,
 
     /// Audit exports that may run at once (each holds a database connection
     /// while it streams); more get 503.

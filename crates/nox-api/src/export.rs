@@ -233,7 +233,7 @@ async fn open(
 }
 
 async fn write_record(pool: &Pool, record: &AdminAction) -> anyhow::Result<()> {
-    let client = pool.get().await?;
-    nox_audit_store::admin_actions::record(&**client, record).await?;
+    let mut client = pool.get().await?;
+    nox_audit_store::admin_actions::record_alone(&mut client, record).await?;
     Ok(())
 }

@@ -41,6 +41,7 @@ use crate::app::AppState;
         crate::audit_logs::logs,
         crate::export::export,
         crate::admin_audit::status,
+        crate::admin_audit::checkpoints,
         crate::admin_audit::stats,
         crate::admin_audit::users,
         crate::admin_audit::daily_summaries,

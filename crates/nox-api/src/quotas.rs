@@ -357,7 +357,7 @@ pub async fn admin_put_quotas(
     )
     .await
     .map_err(ApiError::internal)?;
-    nox_audit_store::admin_actions::record(&*tx, &action)
+    nox_audit_store::admin_actions::record(&tx, &action)
         .await
         .map_err(ApiError::internal)?;
     tx.commit().await.map_err(ApiError::internal)?;
@@ -395,8 +395,8 @@ pub async fn admin_reset(
         .old_values(json!({ "req_hour": before.req_hour, "req_day": before.req_day, "cpu_ms_day": before.cpu_ms_day }))
         .new_values(json!({ "req_hour": 0, "req_day": 0, "cpu_ms_day": 0 }))
         .justification(crate::users::justification(&request)?);
-    let client = state.pool.get().await?;
-    nox_audit_store::admin_actions::record(&**client, &action)
+    let mut client = state.pool.get().await?;
+    nox_audit_store::admin_actions::record_alone(&mut client, &action)
         .await
         .map_err(ApiError::internal)?;
     Ok(HttpResponse::Ok().json(json!({ "message": "Quota windows reset", "user_id": user })))

@@ -24,6 +24,8 @@ pub const MIGRATIONS: &[Migration] = &[
     nox_audit_store::schema::ADMIN_ACTIONS,
     nox_audit_store::schema::AUDIT_TRAIL,
     QUOTAS,
+    nox_audit_store::schema::AUDIT_CHAIN,
+    nox_audit_store::schema::AUDIT_SESSION_INDEX,
 ];
 
 #[cfg(test)]

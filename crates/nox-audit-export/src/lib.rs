@@ -95,6 +95,8 @@ enum Kind {
     Bool,
     Json,
     Text,
+    /// Written as lowercase hex (the chain's `row_hash`).
+    Bytes,
 }
 
 impl Kind {
@@ -110,6 +112,7 @@ impl Kind {
             Type::BOOL => Kind::Bool,
             Type::JSON | Type::JSONB => Kind::Json,
             Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME => Kind::Text,
+            Type::BYTEA => Kind::Bytes,
             _ => return Err(format!("column type {} cannot be exported", ty.name())),
         })
     }
@@ -152,6 +155,7 @@ enum Cell<'a> {
     Timestamp(OffsetDateTime),
     Inet(IpAddr),
     Json(serde_json::Value),
+    Bytes(&'a [u8]),
 }
 
 fn cell<'a>(row: &'a Row, index: usize, kind: Kind) -> Result<Cell<'a>, tokio_postgres::Error> {
@@ -172,6 +176,7 @@ fn cell<'a>(row: &'a Row, index: usize, kind: Kind) -> Result<Cell<'a>, tokio_po
         Kind::Bool => get(row, index)?.map(Cell::Bool),
         Kind::Json => get(row, index)?.map(Cell::Json),
         Kind::Text => get(row, index)?.map(Cell::Text),
+        Kind::Bytes => get(row, index)?.map(Cell::Bytes),
     }
     .unwrap_or(Cell::Null))
 }
@@ -190,6 +195,7 @@ impl Serialize for Cell<'_> {
             Cell::Timestamp(v) => serializer.serialize_str(&rfc3339(*v)),
             Cell::Inet(v) => serializer.collect_str(v),
             Cell::Json(v) => v.serialize(serializer),
+            Cell::Bytes(v) => serializer.serialize_str(&hex::encode(v)),
         }
     }
 }
@@ -209,6 +215,7 @@ impl Cell<'_> {
             Cell::Timestamp(v) => out.extend_from_slice(rfc3339(*v).as_bytes()),
             Cell::Inet(v) => write!(out, "{v}")?,
             Cell::Json(v) => serde_json::to_writer(&mut *out, v)?,
+            Cell::Bytes(v) => out.extend_from_slice(hex::encode(v).as_bytes()),
         }
         Ok(())
     }
@@ -475,6 +482,7 @@ mod tests {
                 r#"{"a":[1,2]}"#,
             ),
             (Cell::Inet("10.0.0.1".parse().unwrap()), "10.0.0.1"),
+            (Cell::Bytes(&[0, 171, 255]), "00abff"),
         ];
         for (value, text) in cases {
             value.write_csv(&mut out).unwrap();

@@ -1,6 +1,7 @@
 //! Records of what admins did (`audit_admin_actions`).
 
 use serde_json::Value;
+use time::OffsetDateTime;
 use uuid::Uuid;
 
 /// The kinds of admin mutation Nox records. Host services may record their
@@ -39,6 +40,8 @@ impl AdminActionType {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminAction {
     pub id: Uuid,
+    /// When the action was taken, in whole microseconds (as stored).
+    pub timestamp: OffsetDateTime,
     /// `None` when the server itself acted (the first admin's bootstrap).
     pub admin_user_id: Option<Uuid>,
     pub target_user_id: Option<Uuid>,
@@ -53,6 +56,7 @@ impl AdminAction {
     pub fn new(action_type: AdminActionType, admin_user_id: Option<Uuid>) -> Self {
         AdminAction {
             id: Uuid::now_v7(),
+            timestamp: crate::chain::to_micros(OffsetDateTime::now_utc()),
             admin_user_id,
             target_user_id: None,
             action_type,

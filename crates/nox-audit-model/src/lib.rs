@@ -3,6 +3,7 @@
 //! service (and any verifier) can depend on it cheaply.
 
 mod admin_action;
+pub mod chain;
 pub mod clock;
 pub mod record;
 pub mod taxonomy;

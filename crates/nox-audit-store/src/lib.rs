@@ -8,16 +8,24 @@
 //! - [`schema`]: the audit tables' migrations, as data.
 //! - [`admin_actions`]: recording admin mutations inside the caller's
 //!   transaction.
+//! - [`chain`]: the hash chains' heads and signed checkpoints; [`verify`]
+//!   recomputes the chains.
 //! - [`writer`]: the batched, never-dropping writer of `audit_actions`, with
 //!   its [`spool`] and [`sessions`] tracking.
+//! - [`summaries`]: rebuilding and checking the daily rollups.
+//! - [`seed`]: synthetic rows for benchmarks.
 
 pub mod admin_actions;
+pub mod chain;
 pub mod migrate;
 pub mod pool;
+pub mod retention;
 pub mod schema;
+pub mod seed;
 pub mod sessions;
 pub mod spool;
 pub mod summaries;
+pub mod verify;
 pub mod writer;
 
 pub use migrate::{MigrateError, Migration, MigrationState, MigrationStatus, Migrator};

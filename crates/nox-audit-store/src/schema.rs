@@ -15,5 +15,18 @@ pub const AUDIT_TRAIL: Migration = Migration {
     sql: include_str!("../../../migrations/0003_audit_trail.sql"),
 };
 
+pub const AUDIT_CHAIN: Migration = Migration {
+    version: 5,
+    name: "audit_chain",
+    sql: include_str!("../../../migrations/0005_audit_chain.sql"),
+};
+
+pub const AUDIT_SESSION_INDEX: Migration = Migration {
+    version: 6,
+    name: "audit_session_index",
+    sql: include_str!("../../../migrations/0006_audit_session_index.sql"),
+};
+
 /// Every audit migration, in version order.
-pub const MIGRATIONS: &[Migration] = &[ADMIN_ACTIONS, AUDIT_TRAIL];
+pub const MIGRATIONS: &[Migration] =
+    &[ADMIN_ACTIONS, AUDIT_TRAIL, AUDIT_CHAIN, AUDIT_SESSION_INDEX];

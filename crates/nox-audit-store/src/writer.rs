@@ -6,7 +6,11 @@
 //! replayed, idempotently by id, once PostgreSQL is back. Only when neither
 //! can take a batch do its senders get an error (and the sink reports itself
 //! down, so callers can refuse mutations up front).
+//!
+//! Each batch's rows join the actions hash chain inside the batch's
+//! transaction, under the chain head's lock (see [`crate::chain`]).
 
+use std::collections::HashSet;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,8 +25,11 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 
 use nox_audit_metrics::{AuditedAction, UserLabels};
+use nox_audit_model::chain::ACTIONS_CHAIN;
 use nox_audit_model::{ACTION_COLUMNS, ActionRecord, Clock};
+use uuid::Uuid;
 
+use crate::chain;
 use crate::sessions::{SessionRow, SessionTracker};
 use crate::spool::Spool;
 
@@ -492,10 +499,10 @@ async fn ensure_partitions(pool: &Pool, now: OffsetDateTime) {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InsertTarget {
-    /// `COPY` straight into `audit_actions`.
+    /// Every record is new.
     Direct,
-    /// `COPY` into a staging table, then insert what is not there yet: for
-    /// replays, which may repeat rows already written.
+    /// A replay, which may repeat rows already written: those are skipped,
+    /// and only the new ones join the chain.
     Idempotent,
 }
 
@@ -532,9 +539,13 @@ const COLUMN_TYPES: &[Type] = &[
     Type::JSONB,
     Type::JSONB,
     Type::TEXT,
+    // The chain's columns: seq, row_hash.
+    Type::INT8,
+    Type::BYTEA,
 ];
 
-/// Writes sessions and records in one transaction.
+/// Writes sessions and records in one transaction, appending the records to
+/// the actions chain in the order given.
 pub async fn insert(
     pool: &Pool,
     sessions: &[SessionRow],
@@ -547,41 +558,54 @@ pub async fn insert(
         upsert_sessions(&*tx, sessions).await?;
     }
     if !records.is_empty() {
+        let (mut seq, mut prev) = chain::lock_head(&tx, ACTIONS_CHAIN).await?;
+        let mut records: Vec<&ActionRecord> = records.iter().collect();
+        if target == InsertTarget::Idempotent {
+            let ids: Vec<Uuid> = records.iter().map(|r| r.id).collect();
+            let written: HashSet<Uuid> = tx
+                .query("SELECT id FROM audit_actions WHERE id = ANY($1)", &[&ids])
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            records.retain(|r| !written.contains(&r.id));
+        }
+        let links: Vec<(i64, [u8; 32])> = records
+            .iter()
+            .map(|record| {
+                seq += 1;
+                prev = record.canonical(seq).link(&prev);
+                (seq, prev)
+            })
+            .collect();
         let columns = ACTION_COLUMNS
             .iter()
+            .chain(&["seq", "row_hash"])
             .map(|c| format!("\"{c}\""))
             .collect::<Vec<_>>()
             .join(", ");
-        let table = match target {
-            InsertTarget::Direct => "audit_actions",
-            InsertTarget::Idempotent => {
-                tx.batch_execute(
-                    "CREATE TEMP TABLE audit_replay (LIKE audit_actions) ON COMMIT DROP",
-                )
-                .await?;
-                "audit_replay"
-            }
-        };
         let sink = tx
-            .copy_in(&format!("COPY {table} ({columns}) FROM STDIN BINARY"))
+            .copy_in(&format!("COPY audit_actions ({columns}) FROM STDIN BINARY"))
             .await?;
         let mut writer = pin!(BinaryCopyInWriter::new(sink, COLUMN_TYPES));
-        for record in records {
-            writer.as_mut().write(&row_values(record)).await?;
+        for (record, (seq, hash)) in records.iter().zip(&links) {
+            writer
+                .as_mut()
+                .write(&row_values(record, seq, &hash.as_slice()))
+                .await?;
         }
         writer.finish().await?;
-        if target == InsertTarget::Idempotent {
-            tx.batch_execute(&format!(
-                "INSERT INTO audit_actions ({columns}) SELECT {columns} FROM audit_replay ON CONFLICT DO NOTHING"
-            ))
-            .await?;
-        }
+        chain::set_head(&tx, ACTIONS_CHAIN, seq, &prev).await?;
     }
     tx.commit().await?;
     Ok(())
 }
 
-fn row_values(r: &ActionRecord) -> [&(dyn ToSql + Sync); 32] {
+fn row_values<'a>(
+    r: &'a ActionRecord,
+    seq: &'a i64,
+    row_hash: &'a &'a [u8],
+) -> [&'a (dyn ToSql + Sync); 34] {
     [
         &r.id,
         &r.timestamp,
@@ -615,6 +639,8 @@ fn row_values(r: &ActionRecord) -> [&(dyn ToSql + Sync); 32] {
         &r.quota_remaining,
         &r.metadata,
         &r.error_details,
+        seq,
+        row_hash,
     ]
 }
 

@@ -198,7 +198,7 @@ pub async fn create_user(
         .target(user.id)
         .new_values(values)
         .justification(actor.justification.clone());
-    admin_actions::record(&*tx, &action).await?;
+    admin_actions::record(&tx, &action).await?;
     tx.commit().await?;
     Ok((
         user,
@@ -302,7 +302,7 @@ pub async fn update_user(
         .old_values(old_values)
         .new_values(new_values)
         .justification(actor.justification.clone());
-    admin_actions::record(&*tx, &action).await?;
+    admin_actions::record(&tx, &action).await?;
     tx.commit().await?;
     Ok(updated)
 }
@@ -340,7 +340,7 @@ pub async fn create_token(
         .target(user_id)
         .new_values(token_values(&info))
         .justification(actor.justification.clone());
-    admin_actions::record(&*tx, &action).await?;
+    admin_actions::record(&tx, &action).await?;
     tx.commit().await?;
     Ok(IssuedToken {
         info,
@@ -402,7 +402,7 @@ pub async fn revoke_token(
         .old_values(json!({ "token_id": info.id, "revoked": false }))
         .new_values(json!({ "token_id": info.id, "prefix": info.prefix, "revoked": true }))
         .justification(actor.justification.clone());
-    admin_actions::record(&*tx, &action).await?;
+    admin_actions::record(&tx, &action).await?;
     tx.commit().await?;
     Ok(Some(info))
 }
@@ -490,7 +490,7 @@ pub async fn bootstrap_admin(
         .target(user.id)
         .new_values(values)
         .justification(Some("bootstrap".into()));
-    admin_actions::record(&*tx, &action).await?;
+    admin_actions::record(&tx, &action).await?;
     tx.commit().await?;
     tracing::info!(user_id = %user.id, "created the first admin user");
     Ok(given_token.is_none().then_some(token.secret))

@@ -1,0 +1,503 @@
+//! The tamper-evident hash chains: an untouched trail verifies (also after a
+//! retention drop, a replay and two servers writing at once); each kind of
+//! tampering done directly in SQL is caught and named by its seq.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nox_audit_model::ActionRecord;
+use nox_audit_model::chain::{ACTIONS_CHAIN, ADMIN_CHAIN, GENESIS};
+use nox_audit_store::chain::{Checkpoint, Checkpointer, read_public_key};
+use nox_audit_store::verify::{ChainSummary, Problem, VerifyError, VerifyOptions, action_from_row};
+use nox_audit_store::writer::{InsertTarget, insert};
+use nox_testkit::{TEST_ADMIN_TOKEN, TestApp, send, spawn_app, spawn_app_on, spawn_app_with};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+const ADMIN: &str = TEST_ADMIN_TOKEN;
+
+/// An app with some history (requests of two users, admin actions),
+/// stopped so its shutdown checkpoint is written.
+async fn populated() -> TestApp {
+    let app = spawn_app().await;
+    for name in ["alice", "bob"] {
+        let user = app.new_user(name).await;
+        for i in 0..8 {
+            send(
+                app.request(Method::PUT, &format!("/write?path=f{i}.txt"), &user.token)
+                    .body("x"),
+            )
+            .await;
+            app.get_as("/ls?path=.", &user.token).await;
+        }
+    }
+    app.stop().await;
+    app
+}
+
+fn checkpoint_file(app: &TestApp) -> PathBuf {
+    app.data_dir.path().join("checkpoints/checkpoints.log")
+}
+
+async fn verify(app: &TestApp, options: &VerifyOptions) -> Result<Vec<ChainSummary>, VerifyError> {
+    let mut client = app.db.client().await;
+    nox_audit_store::verify::verify(&mut client, options).await
+}
+
+/// Verifies and expects the first problem at `chain`/`seq`.
+async fn expect_broken(app: &TestApp, options: &VerifyOptions, chain: &str, seq: i64) -> Problem {
+    match verify(app, options).await {
+        Err(VerifyError::Broken {
+            chain: found,
+            seq: at,
+            problem,
+        }) => {
+            assert_eq!((found, at), (chain, seq), "{problem}");
+            problem
+        }
+        other => panic!("expected a broken chain at {chain} seq {seq}, got {other:?}"),
+    }
+}
+
+async fn sql(app: &TestApp, statement: &str) {
+    app.db
+        .client()
+        .await
+        .batch_execute(statement)
+        .await
+        .unwrap_or_else(|e| panic!("{statement}: {e}"));
+}
+
+#[tokio::test]
+async fn an_untouched_trail_verifies_with_its_external_checkpoints_and_key() {
+    let app = populated().await;
+    let options = VerifyOptions {
+        external_checkpoints: Checkpoint::read_log(&checkpoint_file(&app)).expect("log"),
+        public_key: Some(
+            read_public_key(&app.data_dir.path().join("checkpoints/public-key")).expect("key"),
+        ),
+        ..VerifyOptions::default()
+    };
+    assert_eq!(
+        options.external_checkpoints.len(),
+        2,
+        "one per chain at shutdown"
+    );
+    let chains = verify(&app, &options).await.expect("verifies");
+    let rows: i64 = app
+        .db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM audit_actions", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(chains[0].chain, ACTIONS_CHAIN);
+    assert_eq!((chains[0].first_seq, chains[0].last_seq), (1, rows));
+    assert_eq!(chains[1].chain, ADMIN_CHAIN);
+    assert!(chains[1].last_seq >= 3, "bootstrap and two user creations");
+    // --from-seq starts in the middle.
+    let partial = VerifyOptions {
+        from_seq: Some(rows / 2),
+        ..VerifyOptions::default()
+    };
+    assert_eq!(
+        verify(&app, &partial).await.expect("verifies")[0].first_seq,
+        rows / 2
+    );
+}
+
+#[tokio::test]
+async fn an_edited_field_is_caught_at_its_row() {
+    let app = populated().await;
+    sql(
+        &app,
+        "UPDATE audit_actions SET response_size = response_size + 1 WHERE seq = 5",
+    )
+    .await;
+    let problem = expect_broken(&app, &VerifyOptions::default(), ACTIONS_CHAIN, 5).await;
+    assert_eq!(problem, Problem::HashMismatch);
+}
+
+#[tokio::test]
+async fn an_edited_admin_action_is_caught_in_its_own_chain() {
+    let app = populated().await;
+    sql(
+        &app,
+        "UPDATE audit_admin_actions SET justification = 'routine' WHERE seq = 2",
+    )
+    .await;
+    let problem = expect_broken(&app, &VerifyOptions::default(), ADMIN_CHAIN, 2).await;
+    assert_eq!(problem, Problem::HashMismatch);
+}
+
+#[tokio::test]
+async fn a_deleted_middle_row_is_caught_as_missing() {
+    let app = populated().await;
+    sql(&app, "DELETE FROM audit_actions WHERE seq = 7").await;
+    let problem = expect_broken(&app, &VerifyOptions::default(), ACTIONS_CHAIN, 7).await;
+    assert_eq!(problem, Problem::Missing);
+}
+
+/// Inserts a copy of row 4 under a new id, with `chain_columns` as its
+/// seq and row_hash.
+async fn forge_row(app: &TestApp, id: uuid::Uuid, chain_columns: &str) {
+    sql(
+        app,
+        &format!(
+            "INSERT INTO audit_actions SELECT '{id}', \"timestamp\", request_id, session_id,
+                 user_id, endpoint, route, http_method, action_type, action_category, client_ip,
+                 user_agent, request_size, response_size, status_code, success, response_time_ms,
+                 cpu_time_ms, memory_peak_mb, file_path, file_size_bytes, files_affected,
+                 command_type, command_text, exit_code, stdout_size, stderr_size, quota_violation,
+                 quota_consumed, quota_remaining, metadata, error_details, {chain_columns}
+             FROM audit_actions WHERE seq = 4"
+        ),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn inserted_rows_are_caught() {
+    let app = populated().await;
+    let forged = uuid::Uuid::now_v7();
+    forge_row(&app, forged, "seq, row_hash").await;
+    let problem = expect_broken(&app, &VerifyOptions::default(), ACTIONS_CHAIN, 4).await;
+    assert!(
+        matches!(problem, Problem::Duplicate | Problem::HashMismatch),
+        "{problem}"
+    );
+    sql(
+        &app,
+        &format!("DELETE FROM audit_actions WHERE id = '{forged}'"),
+    )
+    .await;
+    verify(&app, &VerifyOptions::default())
+        .await
+        .expect("whole again");
+    let unchained = uuid::Uuid::now_v7();
+    forge_row(&app, unchained, "NULL, NULL").await;
+    let problem = expect_broken(&app, &VerifyOptions::default(), ACTIONS_CHAIN, 0).await;
+    assert_eq!(
+        problem,
+        Problem::Unchained {
+            id: unchained.to_string()
+        }
+    );
+}
+
+#[tokio::test]
+async fn two_swapped_rows_are_caught() {
+    let app = populated().await;
+    sql(
+        &app,
+        "UPDATE audit_actions SET seq = CASE seq WHEN 5 THEN 6 ELSE 5 END WHERE seq IN (5, 6)",
+    )
+    .await;
+    let problem = expect_broken(&app, &VerifyOptions::default(), ACTIONS_CHAIN, 5).await;
+    assert_eq!(problem, Problem::HashMismatch);
+}
+
+#[tokio::test]
+async fn deleting_the_newest_rows_is_caught_by_the_external_checkpoints() {
+    let app = populated().await;
+    let last: i64 = app
+        .db
+        .client()
+        .await
+        .query_one("SELECT max(seq) FROM audit_actions", &[])
+        .await
+        .expect("max")
+        .get(0);
+    let cut = last - 10;
+    sql(
+        &app,
+        &format!("DELETE FROM audit_actions WHERE seq > {cut}"),
+    )
+    .await;
+    // The database's own shutdown checkpoint gives it away.
+    let problem = expect_broken(&app, &VerifyOptions::default(), ACTIONS_CHAIN, last).await;
+    assert_eq!(problem, Problem::Truncated { chain_end: cut });
+    // Without it, the head still does.
+    sql(&app, "DELETE FROM audit_checkpoints").await;
+    let problem = expect_broken(&app, &VerifyOptions::default(), ACTIONS_CHAIN, cut).await;
+    assert_eq!(problem, Problem::HeadMismatch { head_seq: last });
+    // A careful forger also rewinds the head; the checkpoint file kept
+    // elsewhere still knows.
+    sql(
+        &app,
+        &format!(
+            "UPDATE audit_chain_heads SET seq = {cut},
+                 row_hash = (SELECT row_hash FROM audit_actions WHERE seq = {cut})
+             WHERE chain = 'audit_actions'"
+        ),
+    )
+    .await;
+    verify(&app, &VerifyOptions::default())
+        .await
+        .expect("without outside evidence, a clean truncation cannot be seen");
+    let options = VerifyOptions {
+        external_checkpoints: Checkpoint::read_log(&checkpoint_file(&app)).expect("log"),
+        ..VerifyOptions::default()
+    };
+    let problem = expect_broken(&app, &options, ACTIONS_CHAIN, last).await;
+    assert_eq!(problem, Problem::Truncated { chain_end: cut });
+}
+
+#[tokio::test]
+async fn a_chain_recomputed_without_the_key_is_caught_by_the_signatures() {
+    let app = populated().await;
+    let real_key =
+        read_public_key(&app.data_dir.path().join("checkpoints/public-key")).expect("key");
+    // The forger edits row 3, recomputes every hash from there, moves the
+    // head, and re-signs the database's checkpoints with a key of their own.
+    let client = app.db.client().await;
+    client
+        .batch_execute("UPDATE audit_actions SET response_size = 1 WHERE seq = 3")
+        .await
+        .expect("edit");
+    let columns = nox_audit_model::ACTION_COLUMNS
+        .iter()
+        .map(|c| format!("\"{c}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rows = client
+        .query(
+            &format!("SELECT seq, row_hash, {columns} FROM audit_actions ORDER BY seq"),
+            &[],
+        )
+        .await
+        .expect("rows");
+    let mut prev = GENESIS;
+    for row in &rows {
+        let seq: i64 = row.get(0);
+        let record: ActionRecord = action_from_row(row, 2);
+        prev = record.canonical(seq).link(&prev);
+        client
+            .execute(
+                "UPDATE audit_actions SET row_hash = $2 WHERE seq = $1",
+                &[&seq, &prev.as_slice()],
+            )
+            .await
+            .expect("rehash");
+    }
+    let last = rows.len() as i64;
+    client
+        .execute(
+            "UPDATE audit_chain_heads SET row_hash = $1 WHERE chain = 'audit_actions'",
+            &[&prev.as_slice()],
+        )
+        .await
+        .expect("head");
+    client
+        .batch_execute("DELETE FROM audit_checkpoints")
+        .await
+        .expect("drop checkpoints");
+    let forger_dir = tempfile::tempdir().expect("dir");
+    let forger = Checkpointer::open(
+        &forger_dir.path().join("key"),
+        &forger_dir.path().join("cp"),
+    )
+    .expect("forger's key");
+    forger
+        .sign(&client, ACTIONS_CHAIN, last, prev, "shutdown")
+        .await
+        .expect("forged checkpoint");
+    verify(&app, &VerifyOptions::default())
+        .await
+        .expect("trusting the database's own key, the forgery holds");
+    let options = VerifyOptions {
+        public_key: Some(real_key),
+        ..VerifyOptions::default()
+    };
+    let problem = expect_broken(&app, &options, ACTIONS_CHAIN, last).await;
+    assert_eq!(problem, Problem::BadSignature);
+    // The checkpoint file kept elsewhere also contradicts the forgery.
+    let options = VerifyOptions {
+        external_checkpoints: Checkpoint::read_log(&checkpoint_file(&app)).expect("log"),
+        public_key: Some(real_key),
+        ..VerifyOptions::default()
+    };
+    assert!(verify(&app, &options).await.is_err());
+}
+
+/// Records whose arrival was `days_ago` days back.
+fn records_at(days_ago: i64, count: usize) -> Vec<ActionRecord> {
+    let at = time::OffsetDateTime::now_utc() - time::Duration::days(days_ago);
+    (0..count)
+        .map(|i| {
+            let mut record = ActionRecord::arrived(
+                uuid::Uuid::now_v7(),
+                at + time::Duration::seconds(i as i64),
+                "GET",
+                "/seeded",
+            );
+            record.route = "/seeded".into();
+            record.action_type = "api_call".into();
+            record.action_category = "general".into();
+            record.status_code = 200;
+            record.success = true;
+            record.metadata = Some(json!({"i": i, "nested": {"b": 1, "a": [1.5, null]}}));
+            record
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_retention_drop_and_a_replay_keep_the_trail_verifiable() {
+    let app = spawn_app().await;
+    let pool = app.state.pool.clone();
+    let client = app.db.client().await;
+    client
+        .execute(
+            "SELECT audit_ensure_partitions(((now() - interval '100 days') AT TIME ZONE 'UTC')::date, 4)",
+            &[],
+        )
+        .await
+        .expect("old partitions");
+    let old = records_at(100, 30);
+    insert(&pool, &[], &old, InsertTarget::Direct)
+        .await
+        .expect("old rows");
+    let recent = records_at(0, 20);
+    insert(&pool, &[], &recent[..10], InsertTarget::Direct)
+        .await
+        .expect("recent rows");
+    // A replay repeats rows already written: only the new ones are chained.
+    insert(&pool, &[], &recent, InsertTarget::Idempotent)
+        .await
+        .expect("replay");
+    let count: i64 = client
+        .query_one("SELECT count(*) FROM audit_actions", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(count, 50, "the replay added only the 10 new rows");
+    verify(&app, &VerifyOptions::default())
+        .await
+        .expect("verifies after the replay");
+
+    let checkpointer = Checkpointer::open(
+        &app.data_dir.path().join("audit-signing.key"),
+        &app.data_dir.path().join("checkpoints"),
+    )
+    .expect("the server's key");
+    let before = (time::OffsetDateTime::now_utc() - time::Duration::days(40)).date();
+    let mut client = app.db.client().await;
+    let dropped =
+        nox_audit_store::retention::drop_months_before(&mut client, before, &checkpointer)
+            .await
+            .expect("retention");
+    assert!(!dropped.partitions.is_empty());
+    assert_eq!(dropped.rows, 30);
+    assert_eq!(dropped.boundary_seq, Some(30));
+    let chains = verify(&app, &VerifyOptions::default())
+        .await
+        .expect("verifies after the drop");
+    assert_eq!((chains[0].first_seq, chains[0].last_seq), (31, 50));
+    let recorded: i64 = client
+        .query_one(
+            "SELECT count(*) FROM audit_admin_actions WHERE admin_action_type = 'retention_drop'
+             AND (new_values->>'rows')::int = 30",
+            &[],
+        )
+        .await
+        .expect("admin action")
+        .get(0);
+    assert_eq!(recorded, 1);
+    // Without the boundary checkpoint, the start of the chain is unproven.
+    client
+        .batch_execute("DELETE FROM audit_checkpoints WHERE reason = 'retention'")
+        .await
+        .expect("delete");
+    let problem = expect_broken(&app, &VerifyOptions::default(), ACTIONS_CHAIN, 31).await;
+    assert_eq!(problem, Problem::NoStart);
+}
+
+#[tokio::test]
+async fn two_servers_writing_at_once_make_one_valid_chain() {
+    let first = spawn_app().await;
+    let second = spawn_app_on(Arc::clone(&first.db), |_| {}).await;
+    let alice = first.new_user("alice").await;
+    let mut requests = Vec::new();
+    for i in 0..200 {
+        let app = if i % 2 == 0 { &first } else { &second };
+        requests.push(app.get_as("/ls?path=.", &alice.token));
+    }
+    for response in futures_util::future::join_all(requests).await {
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    first.stop().await;
+    second.stop().await;
+    let chains = verify(&first, &VerifyOptions::default())
+        .await
+        .expect("one valid chain");
+    let rows: i64 = first
+        .db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM audit_actions", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert!(rows >= 201);
+    assert_eq!(chains[0].last_seq, rows, "every row is on the chain once");
+}
+
+#[tokio::test]
+async fn status_and_checkpoints_show_the_chain_heads_and_signatures() {
+    let app = spawn_app_with(|config| config.audit_checkpoint_secs = 1).await;
+    app.get_as("/me", ADMIN).await;
+    // The interval checkpoint needs a second; poll for it.
+    let mut listed = Value::Null;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        listed = app
+            .get_as("/admin/audit/checkpoints", ADMIN)
+            .await
+            .json()
+            .await
+            .expect("json");
+        if listed["checkpoints"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["chain"] == ACTIONS_CHAIN))
+        {
+            break;
+        }
+    }
+    let checkpoints = listed["checkpoints"].as_array().expect("checkpoints");
+    let newest = checkpoints
+        .iter()
+        .find(|c| c["chain"] == ACTIONS_CHAIN)
+        .unwrap_or_else(|| panic!("an interval checkpoint: {listed}"));
+    assert_eq!(newest["reason"], "interval");
+    assert_eq!(newest["public_key"], listed["public_key"]);
+    assert_eq!(newest["signature"].as_str().expect("hex").len(), 128);
+    let status: Value = app
+        .get_as("/admin/audit/status", ADMIN)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        status["chains"][ACTIONS_CHAIN]["seq"]
+            .as_i64()
+            .expect("seq")
+            >= 1
+    );
+    assert_eq!(
+        status["chains"][ACTIONS_CHAIN]["row_hash"]
+            .as_str()
+            .expect("hash")
+            .len(),
+        64
+    );
+    assert!(status["last_checkpoint_at"].is_string(), "{status}");
+    assert_eq!(
+        app.get_as("/admin/audit/checkpoints?limit=0", ADMIN)
+            .await
+            .status(),
+        StatusCode::BAD_REQUEST
+    );
+}
