@@ -25,11 +25,15 @@ migrate *ARGS:
 migrate-status:
     cargo run --release -p nox-migrate -- status
 
-# Benchmarks (not part of CI; see BENCHMARKS.md).
+# Benchmarks (not part of CI; see BENCHMARKS.md). Each prints its figures
+# beside the baseline measured in the same run.
 bench:
+    cargo build --release --bins
     cargo bench --workspace
-    scripts/bench-audit-modes.sh
+    DURATION=4 scripts/bench-audit-modes.sh
+    scripts/bench-durable-latency.sh
     scripts/bench-run-overhead.sh
+    DURATION=2 scripts/bench-audit-queries.sh
 
 # Everything CI runs.
 ci:

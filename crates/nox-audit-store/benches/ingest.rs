@@ -1,5 +1,6 @@
-//! Writer ingest against the ceiling of one raw binary COPY of the same rows
-//! into the same schema (indexes and rollup trigger on), side by side.
+//! Writer ingest, with and without the hash chain, against the ceiling of one
+//! raw binary COPY of the same rows into the same schema (indexes and rollup
+//! trigger on), side by side in each run.
 //!
 //! `cargo bench -p nox-audit-store --bench ingest` (uses DATABASE_URL, else
 //! 127.0.0.1:5432, else a throwaway cluster; see nox-testkit). `NOX_BENCH_ROWS`
@@ -62,15 +63,15 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let mut writer_rates = Vec::new();
-    let mut copy_rates = Vec::new();
+    let (mut copy_rates, mut chained_rates, mut unchained_rates) =
+        (Vec::new(), Vec::new(), Vec::new());
     for run in 1..=runs {
-        // Raw COPY: one statement, no writer, no sessions.
+        // Raw COPY: one statement, no writer, no sessions, no chain.
         let db = TestDb::new().await;
         let pool = build_pool(db.config.clone(), &PoolOptions::default()).expect("pool");
         let batch = records(rows);
         let started = Instant::now();
-        insert(&pool, &[], &batch, InsertTarget::Direct)
+        insert(&pool, &[], &batch, InsertTarget::Unchained)
             .await
             .expect("copy");
         let copy_rate = rows as f64 / started.elapsed().as_secs_f64();
@@ -78,41 +79,59 @@ async fn main() {
         drop(pool);
         drop(db);
 
-        // The writer: queue, batches of 1000, sessions, one COPY per batch.
-        let db = TestDb::new().await;
-        let pool = build_pool(db.config.clone(), &PoolOptions::default()).expect("pool");
-        let spool_dir = tempfile::tempdir().expect("tempdir");
-        let writer = AuditWriter::start(
-            pool,
-            Spool::open(spool_dir.path()).expect("spool"),
-            Arc::new(SystemClock),
-            WriterConfig::default(),
-        );
-        let sink = writer.sink();
-        let batch = records(rows);
-        let started = Instant::now();
-        for record in batch {
-            sink.submit(record, false).await.expect("queued");
-        }
-        writer.shutdown().await;
-        let writer_rate = rows as f64 / started.elapsed().as_secs_f64();
-        writer_rates.push(writer_rate);
-        let client = db.client().await;
-        let written: i64 = client
-            .query_one("SELECT count(*) FROM audit_actions", &[])
-            .await
-            .expect("count")
-            .get(0);
-        assert_eq!(written as usize, rows, "every row written");
+        let unchained = writer_rate(rows, false).await;
+        let chained = writer_rate(rows, true).await;
+        unchained_rates.push(unchained);
+        chained_rates.push(chained);
         println!(
-            "run {run}: raw COPY {copy_rate:>9.0} rows/s | writer {writer_rate:>9.0} rows/s | ratio {:.2}",
-            writer_rate / copy_rate
+            "run {run}: raw COPY {copy_rate:>9.0} rows/s | writer unchained {unchained:>9.0} | writer chained {chained:>9.0} | chained/COPY {:.2} | chained/unchained {:.2}",
+            chained / copy_rate,
+            chained / unchained
         );
     }
-    let (copy, writer) = (median(copy_rates), median(writer_rates));
-    println!(
-        "median of {runs} runs, {rows} rows, {} columns: raw COPY {copy:.0} rows/s, writer {writer:.0} rows/s, writer/COPY {:.2}",
-        ACTION_COLUMNS.len(),
-        writer / copy
+    let (copy, chained, unchained) = (
+        median(copy_rates),
+        median(chained_rates),
+        median(unchained_rates),
     );
+    println!(
+        "median of {runs} runs, {rows} rows, {} columns: raw COPY {copy:.0} rows/s, writer unchained {unchained:.0}, writer chained {chained:.0}; chained/COPY {:.2}, chained/unchained {:.2}",
+        ACTION_COLUMNS.len(),
+        chained / copy,
+        chained / unchained
+    );
+}
+
+/// The writer: queue, batches of 1000, sessions, one COPY per batch, with
+/// or without the hash chain. Rows per second, on a fresh database.
+async fn writer_rate(rows: usize, chained: bool) -> f64 {
+    let db = TestDb::new().await;
+    let pool = build_pool(db.config.clone(), &PoolOptions::default()).expect("pool");
+    let spool_dir = tempfile::tempdir().expect("tempdir");
+    let writer = AuditWriter::start(
+        pool,
+        Spool::open(spool_dir.path()).expect("spool"),
+        Arc::new(SystemClock),
+        WriterConfig {
+            chained,
+            ..WriterConfig::default()
+        },
+    );
+    let sink = writer.sink();
+    let batch = records(rows);
+    let started = Instant::now();
+    for record in batch {
+        sink.submit(record, false).await.expect("queued");
+    }
+    writer.shutdown().await;
+    let rate = rows as f64 / started.elapsed().as_secs_f64();
+    let client = db.client().await;
+    let row = client
+        .query_one("SELECT count(*), count(seq) FROM audit_actions", &[])
+        .await
+        .expect("count");
+    let (written, with_seq): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!(written as usize, rows, "every row written");
+    assert_eq!(with_seq as usize, if chained { rows } else { 0 });
+    rate
 }

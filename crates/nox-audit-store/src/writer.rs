@@ -79,6 +79,9 @@ pub struct WriterConfig {
     /// Distinct `user_id` metric labels before the rest become `other`
     /// (0: every value is `all`).
     pub max_user_labels: usize,
+    /// Whether rows join the hash chain. Always on in Nox; off only to
+    /// measure what the chain costs (`verify` reports unchained rows).
+    pub chained: bool,
 }
 
 impl Default for WriterConfig {
@@ -89,6 +92,7 @@ impl Default for WriterConfig {
             session_idle: Duration::minutes(30),
             tick: StdDuration::from_secs(1),
             max_user_labels: 1000,
+            chained: true,
         }
     }
 }
@@ -358,7 +362,12 @@ impl Task {
         nox_audit_metrics::record_sessions_opened(opened.saturating_sub(before));
         nox_audit_metrics::set_queue_depth(self.receiver.len());
         let started = std::time::Instant::now();
-        let result = match insert(&self.pool, &sessions, &records, InsertTarget::Direct).await {
+        let target = if self.config.chained {
+            InsertTarget::Direct
+        } else {
+            InsertTarget::Unchained
+        };
+        let result = match insert(&self.pool, &sessions, &records, target).await {
             Ok(()) => {
                 nox_audit_metrics::record_batch_written(
                     records.len(),
@@ -504,6 +513,9 @@ pub enum InsertTarget {
     /// A replay, which may repeat rows already written: those are skipped,
     /// and only the new ones join the chain.
     Idempotent,
+    /// Every record is new and none joins the chain (no `seq`; `verify`
+    /// reports such rows). Only for measuring what the chain costs.
+    Unchained,
 }
 
 const COLUMN_TYPES: &[Type] = &[
@@ -557,7 +569,9 @@ pub async fn insert(
     if !sessions.is_empty() {
         upsert_sessions(&*tx, sessions).await?;
     }
-    if !records.is_empty() {
+    if target == InsertTarget::Unchained {
+        copy_actions(&tx, records.iter().map(|r| (r, None))).await?;
+    } else if !records.is_empty() {
         let (mut seq, mut prev) = chain::lock_head(&tx, ACTIONS_CHAIN).await?;
         let mut records: Vec<&ActionRecord> = records.iter().collect();
         if target == InsertTarget::Idempotent {
@@ -578,33 +592,45 @@ pub async fn insert(
                 (seq, prev)
             })
             .collect();
-        let columns = ACTION_COLUMNS
-            .iter()
-            .chain(&["seq", "row_hash"])
-            .map(|c| format!("\"{c}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let sink = tx
-            .copy_in(&format!("COPY audit_actions ({columns}) FROM STDIN BINARY"))
-            .await?;
-        let mut writer = pin!(BinaryCopyInWriter::new(sink, COLUMN_TYPES));
-        for (record, (seq, hash)) in records.iter().zip(&links) {
-            writer
-                .as_mut()
-                .write(&row_values(record, seq, &hash.as_slice()))
-                .await?;
-        }
-        writer.finish().await?;
+        copy_actions(&tx, records.iter().copied().zip(links.iter().map(Some))).await?;
         chain::set_head(&tx, ACTIONS_CHAIN, seq, &prev).await?;
     }
     tx.commit().await?;
     Ok(())
 }
 
+/// One binary `COPY` of the records, each with its `(seq, row_hash)` or
+/// none.
+async fn copy_actions<'a>(
+    tx: &tokio_postgres::Transaction<'_>,
+    rows: impl Iterator<Item = (&'a ActionRecord, Option<&'a (i64, [u8; 32])>)>,
+) -> Result<(), tokio_postgres::Error> {
+    let columns = ACTION_COLUMNS
+        .iter()
+        .chain(&["seq", "row_hash"])
+        .map(|c| format!("\"{c}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sink = tx
+        .copy_in(&format!("COPY audit_actions ({columns}) FROM STDIN BINARY"))
+        .await?;
+    let mut writer = pin!(BinaryCopyInWriter::new(sink, COLUMN_TYPES));
+    for (record, link) in rows {
+        let seq = link.map(|(seq, _)| *seq);
+        let hash = link.map(|(_, hash)| hash.as_slice());
+        writer
+            .as_mut()
+            .write(&row_values(record, &seq, &hash))
+            .await?;
+    }
+    writer.finish().await?;
+    Ok(())
+}
+
 fn row_values<'a>(
     r: &'a ActionRecord,
-    seq: &'a i64,
-    row_hash: &'a &'a [u8],
+    seq: &'a Option<i64>,
+    row_hash: &'a Option<&'a [u8]>,
 ) -> [&'a (dyn ToSql + Sync); 34] {
     [
         &r.id,
