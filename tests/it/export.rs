@@ -346,3 +346,55 @@ async fn bad_export_parameters_are_400_and_users_are_refused() {
         StatusCode::FORBIDDEN
     );
 }
+
+#[tokio::test]
+async fn a_database_failure_mid_export_aborts_the_download_and_is_recorded() {
+    let app = spawn_app().await;
+    let client = app.db.client().await;
+    client
+        .execute(
+            "INSERT INTO audit_actions (id, \"timestamp\", request_id, endpoint, route, http_method,
+                 action_type, action_category, status_code, success, response_time_ms)
+             SELECT gen_random_uuid(), now() - (i * interval '1 millisecond'), gen_random_uuid(),
+                    '/seeded', '/seeded', 'GET', 'seeded', 'general', 200, true, 1
+             FROM generate_series(1, 200000) AS i",
+            &[],
+        )
+        .await
+        .expect("seed");
+    let mut response = export(&app, "action_type=seeded", ADMIN).await;
+    response.chunk().await.expect("a first chunk");
+    // The export's query is still running (the channel holds 4 chunks);
+    // kill its backend.
+    let killed: i64 = client
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE query LIKE 'SELECT a.* FROM audit_actions a%' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("terminate")
+        .get(0);
+    assert_eq!(killed, 1, "the export's backend was found");
+    let mut failed = false;
+    loop {
+        match response.chunk().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => break,
+            Err(_) => {
+                failed = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        failed,
+        "the download ends in an error, not as a complete file"
+    );
+    eventually_count(
+        &app,
+        "SELECT count(*) FROM audit_admin_actions WHERE new_values->>'outcome' = 'failed'",
+        1,
+    )
+    .await;
+}
