@@ -29,7 +29,7 @@ migrate-status:
 # beside the baseline measured in the same run.
 bench:
     cargo build --release --bins
-    cargo bench --workspace
+    cargo bench --workspace --bench '*'
     DURATION=4 scripts/bench-audit-modes.sh
     scripts/bench-durable-latency.sh
     scripts/bench-run-overhead.sh
