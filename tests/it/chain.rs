@@ -95,6 +95,10 @@ async fn an_untouched_trail_verifies_with_its_external_checkpoints_and_key() {
         .get(0);
     assert_eq!(chains[0].chain, ACTIONS_CHAIN);
     assert_eq!((chains[0].first_seq, chains[0].last_seq), (1, rows));
+    assert_eq!(
+        chains[0].checkpoints, 1,
+        "the log file repeats the database's checkpoint: counted once"
+    );
     assert_eq!(chains[1].chain, ADMIN_CHAIN);
     assert!(chains[1].last_seq >= 3, "bootstrap and two user creations");
     // --from-seq starts in the middle.

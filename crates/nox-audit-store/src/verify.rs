@@ -137,13 +137,19 @@ pub async fn verify(
         .start()
         .await?;
     let mut checkpoints = Checkpoint::all(&tx).await?;
-    checkpoints.extend(options.external_checkpoints.iter().cloned());
+    // Without a key from outside, trust the one the database's oldest
+    // checkpoint was signed with (the CLI says so), else the log file's.
     let key = match options.public_key {
         Some(key) => Some(key),
         None => checkpoints
             .first()
+            .or(options.external_checkpoints.first())
             .and_then(|c| VerifyingKey::from_bytes(&c.public_key).ok()),
     };
+    // The log file usually repeats the database's checkpoints: count each once.
+    checkpoints.extend(options.external_checkpoints.iter().cloned());
+    checkpoints.sort_by_key(|c| (c.chain.clone(), c.seq, c.signature));
+    checkpoints.dedup();
     let mut summaries = Vec::new();
     for chain in CHAINS {
         let mine: Vec<&Checkpoint> = checkpoints.iter().filter(|c| c.chain == chain).collect();
