@@ -478,6 +478,13 @@ async fn status_and_checkpoints_show_the_chain_heads_and_signatures() {
     assert_eq!(newest["reason"], "interval");
     assert_eq!(newest["public_key"], listed["public_key"]);
     assert_eq!(newest["signature"].as_str().expect("hex").len(), 128);
+    assert_eq!(newest["row_hash"].as_str().expect("hex").len(), 64);
+    assert!(
+        newest["timestamp"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "RFC 3339 UTC: {newest}"
+    );
     let status: Value = app
         .get_as("/admin/audit/status", ADMIN)
         .await

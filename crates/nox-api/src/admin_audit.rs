@@ -3,6 +3,7 @@
 //! is itself audited (`admin_read`).
 
 use actix_web::{HttpResponse, get, web};
+use nox_audit_store::chain::Checkpoint;
 use nox_auth::Role;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -114,28 +115,10 @@ pub async fn checkpoints(
         return Err(ApiError::InvalidParameter("limit must be 1 to 1000".into()));
     }
     let client = state.pool.get().await?;
-    let rows = client
-        .query(
-            "SELECT chain, seq, row_hash, \"timestamp\", reason, public_key, signature
-             FROM audit_checkpoints ORDER BY id DESC LIMIT $1",
-            &[&limit],
-        )
+    // Serialised as stored: hex for the binary fields, RFC 3339 UTC times.
+    let checkpoints = Checkpoint::newest(&**client, limit)
         .await
         .map_err(ApiError::internal)?;
-    let checkpoints: Vec<Value> = rows
-        .iter()
-        .map(|row| {
-            json!({
-                "chain": row.get::<_, String>(0),
-                "seq": row.get::<_, i64>(1),
-                "row_hash": hex::encode(row.get::<_, &[u8]>(2)),
-                "timestamp": timestamp_json(row.get::<_, OffsetDateTime>(3)),
-                "reason": row.get::<_, String>(4),
-                "public_key": hex::encode(row.get::<_, &[u8]>(5)),
-                "signature": hex::encode(row.get::<_, &[u8]>(6)),
-            })
-        })
-        .collect();
     Ok(HttpResponse::Ok().json(json!({
         "public_key": state.checkpointer.public_key_hex(),
         "checkpoints": checkpoints,

@@ -125,11 +125,29 @@ impl Checkpoint {
     pub async fn all<C: GenericClient>(
         client: &C,
     ) -> Result<Vec<Checkpoint>, tokio_postgres::Error> {
+        Self::query(client, "ORDER BY id", &[]).await
+    }
+
+    /// The newest `limit` checkpoints, newest first.
+    pub async fn newest<C: GenericClient>(
+        client: &C,
+        limit: i64,
+    ) -> Result<Vec<Checkpoint>, tokio_postgres::Error> {
+        Self::query(client, "ORDER BY id DESC LIMIT $1", &[&limit]).await
+    }
+
+    async fn query<C: GenericClient>(
+        client: &C,
+        order: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Checkpoint>, tokio_postgres::Error> {
         let rows = client
             .query(
-                "SELECT chain, seq, row_hash, \"timestamp\", reason, public_key, signature
-                 FROM audit_checkpoints ORDER BY id",
-                &[],
+                &format!(
+                    "SELECT chain, seq, row_hash, \"timestamp\", reason, public_key, signature
+                     FROM audit_checkpoints {order}"
+                ),
+                params,
             )
             .await?;
         Ok(rows
