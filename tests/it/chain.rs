@@ -9,6 +9,8 @@ use std::time::Duration;
 use nox_audit_model::ActionRecord;
 use nox_audit_model::chain::{ACTIONS_CHAIN, ADMIN_CHAIN, GENESIS};
 use nox_audit_store::chain::{Checkpoint, Checkpointer, read_public_key};
+use nox_audit_store::pool::{PoolOptions, build_pool};
+use nox_audit_store::sessions::SessionRow;
 use nox_audit_store::verify::{ChainSummary, Problem, VerifyError, VerifyOptions, action_from_row};
 use nox_audit_store::writer::{InsertTarget, insert};
 use nox_testkit::{TEST_ADMIN_TOKEN, TestApp, send, spawn_app, spawn_app_on, spawn_app_with};
@@ -346,6 +348,66 @@ fn records_at(days_ago: i64, count: usize) -> Vec<ActionRecord> {
             record
         })
         .collect()
+}
+
+#[tokio::test]
+async fn a_failed_batch_leaves_nothing_and_the_next_one_gets_a_clean_connection() {
+    let db = nox_testkit::TestDb::new().await;
+    // One connection, so the batch after the failure would reuse it if it
+    // went back to the pool still inside the failed transaction.
+    let options = PoolOptions {
+        max_size: 1,
+        ..PoolOptions::default()
+    };
+    let pool = build_pool(db.config.clone(), &options).expect("pool");
+    let first = records_at(0, 3);
+    insert(&pool, &[], &first, InsertTarget::Direct)
+        .await
+        .expect("first batch");
+    // A session the schema refuses fails the batch's first round trip
+    // (BEGIN, session upsert, head lock, COPY start); a repeated id fails
+    // the last (COPY end, head update, COMMIT).
+    let now = time::OffsetDateTime::now_utc();
+    let bad_session = SessionRow {
+        id: uuid::Uuid::now_v7(),
+        user_id: uuid::Uuid::now_v7(),
+        session_token_hash: "f".repeat(65),
+        client_ip: None,
+        user_agent: None,
+        started_at: now,
+        last_activity: now,
+        ended_at: None,
+        is_active: true,
+    };
+    insert(
+        &pool,
+        &[bad_session],
+        &records_at(0, 2),
+        InsertTarget::Direct,
+    )
+    .await
+    .expect_err("a session hash longer than the schema allows");
+    let mut repeated = records_at(0, 2);
+    repeated.push(first[0].clone());
+    insert(&pool, &[], &repeated, InsertTarget::Direct)
+        .await
+        .expect_err("a repeated id");
+    let next = records_at(0, 4);
+    insert(&pool, &[], &next, InsertTarget::Direct)
+        .await
+        .expect("the batch after a failure");
+
+    let mut client = db.client().await;
+    let (count, newest): (i64, i64) = client
+        .query_one("SELECT count(*), max(seq) FROM audit_actions", &[])
+        .await
+        .map(|row| (row.get(0), row.get(1)))
+        .expect("rows");
+    assert_eq!((count, newest), (7, 7), "nothing of the failed batches");
+    let chains = nox_audit_store::verify::verify(&mut client, &VerifyOptions::default())
+        .await
+        .expect("the chain continues where the first batch ended");
+    assert_eq!((chains[0].chain, chains[0].last_seq), (ACTIONS_CHAIN, 7));
 }
 
 #[tokio::test]

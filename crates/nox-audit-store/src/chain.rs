@@ -17,34 +17,39 @@ use tokio_postgres::{GenericClient, Transaction};
 pub const CHAINS: [&str; 2] = [ACTIONS_CHAIN, ADMIN_CHAIN];
 
 /// Locks the chain's head row until the transaction ends and returns its
-/// newest `(seq, row_hash)`: one lock per batch, and rows join the chain in
-/// the order their transactions commit, whichever server wrote them.
+/// newest `(seq, row_hash)` (see [`head_of`]): one lock per batch, and rows
+/// join the chain in the order their transactions commit, whichever server
+/// wrote them. Parameter: the chain's name.
+pub const LOCK_HEAD: &str =
+    "SELECT seq, row_hash FROM audit_chain_heads WHERE chain = $1 FOR UPDATE";
+
+/// Moves the chain's head (inside the transaction that locked it).
+/// Parameters: chain, seq, row_hash.
+pub const SET_HEAD: &str = "UPDATE audit_chain_heads SET seq = $2, row_hash = $3 WHERE chain = $1";
+
+/// Runs [`LOCK_HEAD`].
 pub async fn lock_head(
     tx: &Transaction<'_>,
     chain: &str,
 ) -> Result<(i64, [u8; 32]), tokio_postgres::Error> {
-    let row = tx
-        .query_one(
-            "SELECT seq, row_hash FROM audit_chain_heads WHERE chain = $1 FOR UPDATE",
-            &[&chain],
-        )
-        .await?;
-    Ok((row.get(0), hash32(row.get(1))))
+    Ok(head_of(&tx.query_one(LOCK_HEAD, &[&chain]).await?))
 }
 
-/// Moves the chain's head (inside the transaction that locked it).
+/// Runs [`SET_HEAD`].
 pub async fn set_head(
     tx: &Transaction<'_>,
     chain: &str,
     seq: i64,
     row_hash: &[u8; 32],
 ) -> Result<(), tokio_postgres::Error> {
-    tx.execute(
-        "UPDATE audit_chain_heads SET seq = $2, row_hash = $3 WHERE chain = $1",
-        &[&chain, &seq, &row_hash.as_slice()],
-    )
-    .await?;
+    tx.execute(SET_HEAD, &[&chain, &seq, &row_hash.as_slice()])
+        .await?;
     Ok(())
+}
+
+/// A head row's `(seq, row_hash)`.
+pub fn head_of(row: &tokio_postgres::Row) -> (i64, [u8; 32]) {
+    (row.get(0), hash32(row.get(1)))
 }
 
 /// The chain's newest `(seq, row_hash)`, without locking.
@@ -58,7 +63,7 @@ pub async fn head<C: GenericClient>(
             &[&chain],
         )
         .await?;
-    Ok((row.get(0), hash32(row.get(1))))
+    Ok(head_of(&row))
 }
 
 /// A stored hash as 32 bytes (anything else, which the schema forbids,

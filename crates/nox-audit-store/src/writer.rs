@@ -13,14 +13,14 @@
 use std::collections::HashSet;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration as StdDuration;
 
 use deadpool_postgres::Pool;
 use time::{Duration, OffsetDateTime};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio_postgres::GenericClient;
+use tokio::try_join;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 
@@ -556,74 +556,178 @@ const COLUMN_TYPES: &[Type] = &[
     Type::BYTEA,
 ];
 
-/// Writes sessions and records in one transaction, appending the records to
-/// the actions chain in the order given.
-pub async fn insert(
-    pool: &Pool,
-    sessions: &[SessionRow],
-    records: &[ActionRecord],
-    target: InsertTarget,
-) -> Result<(), InsertError> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    if !sessions.is_empty() {
-        upsert_sessions(&*tx, sessions).await?;
-    }
-    if target == InsertTarget::Unchained {
-        copy_actions(&tx, records.iter().map(|r| (r, None))).await?;
-    } else if !records.is_empty() {
-        let (mut seq, mut prev) = chain::lock_head(&tx, ACTIONS_CHAIN).await?;
-        let mut records: Vec<&ActionRecord> = records.iter().collect();
-        if target == InsertTarget::Idempotent {
-            let ids: Vec<Uuid> = records.iter().map(|r| r.id).collect();
-            let written: HashSet<Uuid> = tx
-                .query("SELECT id FROM audit_actions WHERE id = ANY($1)", &[&ids])
-                .await?
-                .iter()
-                .map(|row| row.get(0))
-                .collect();
-            records.retain(|r| !written.contains(&r.id));
-        }
-        let links: Vec<(i64, [u8; 32])> = records
-            .iter()
-            .map(|record| {
-                seq += 1;
-                prev = record.canonical(seq).link(&prev);
-                (seq, prev)
-            })
-            .collect();
-        copy_actions(&tx, records.iter().copied().zip(links.iter().map(Some))).await?;
-        chain::set_head(&tx, ACTIONS_CHAIN, seq, &prev).await?;
-    }
-    tx.commit().await?;
-    Ok(())
-}
-
-/// One binary `COPY` of the records, each with its `(seq, row_hash)` or
-/// none.
-async fn copy_actions<'a>(
-    tx: &tokio_postgres::Transaction<'_>,
-    rows: impl Iterator<Item = (&'a ActionRecord, Option<&'a (i64, [u8; 32])>)>,
-) -> Result<(), tokio_postgres::Error> {
+/// The `COPY` statement for [`ACTION_COLUMNS`] plus the chain's columns.
+static COPY_ACTIONS: LazyLock<String> = LazyLock::new(|| {
     let columns = ACTION_COLUMNS
         .iter()
         .chain(&["seq", "row_hash"])
         .map(|c| format!("\"{c}\""))
         .collect::<Vec<_>>()
         .join(", ");
-    let sink = tx
-        .copy_in(&format!("COPY audit_actions ({columns}) FROM STDIN BINARY"))
-        .await?;
-    let mut writer = pin!(BinaryCopyInWriter::new(sink, COLUMN_TYPES));
-    for (record, link) in rows {
-        let seq = link.map(|(seq, _)| *seq);
-        let hash = link.map(|(_, hash)| hash.as_slice());
-        writer
-            .as_mut()
-            .write(&row_values(record, &seq, &hash))
-            .await?;
+    format!("COPY audit_actions ({columns}) FROM STDIN BINARY")
+});
+
+const UPSERT_SESSIONS: &str = "INSERT INTO audit_sessions
+        (id, user_id, session_token_hash, client_ip, user_agent,
+         started_at, last_activity, ended_at, is_active)
+     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::inet[], $5::text[],
+                          $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::bool[])
+     ON CONFLICT (id) DO UPDATE SET
+        last_activity = greatest(audit_sessions.last_activity, EXCLUDED.last_activity),
+        ended_at = coalesce(audit_sessions.ended_at, EXCLUDED.ended_at),
+        is_active = audit_sessions.is_active AND EXCLUDED.is_active";
+
+/// Writes sessions and records in one transaction, appending the records to
+/// the actions chain in the order given.
+///
+/// A durable request waits for this transaction, so it is built for few
+/// round trips: statements are prepared once per connection (deadpool's
+/// cache); `BEGIN`, the session upsert, the head lock and the start of the
+/// `COPY` travel together, and so do the end of the `COPY`, the head update
+/// and `COMMIT`. Two round trips per batch (a replay adds one, to read which
+/// rows exist).
+pub async fn insert(
+    pool: &Pool,
+    sessions: &[SessionRow],
+    records: &[ActionRecord],
+    target: InsertTarget,
+) -> Result<(), InsertError> {
+    let mut connection = CloseUnlessCommitted(Some(pool.get().await?));
+    insert_in_transaction(connection.client(), sessions, records, target).await?;
+    connection.committed();
+    Ok(())
+}
+
+/// A pooled connection on which [`insert`] began a transaction with a plain
+/// `BEGIN` (so it can share a round trip). Dropped before the transaction
+/// committed, after an error or with a cancelled future, the connection is
+/// closed instead of going back to the pool mid-transaction, and PostgreSQL
+/// rolls the transaction back.
+struct CloseUnlessCommitted(Option<deadpool_postgres::Object>);
+
+impl CloseUnlessCommitted {
+    fn client(&self) -> &deadpool_postgres::Object {
+        self.0.as_ref().expect("present until dropped")
     }
-    writer.finish().await?;
+
+    /// Lets the connection go back to the pool.
+    fn committed(&mut self) {
+        self.0.take();
+    }
+}
+
+impl Drop for CloseUnlessCommitted {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
+async fn insert_in_transaction(
+    client: &deadpool_postgres::Object,
+    sessions: &[SessionRow],
+    records: &[ActionRecord],
+    target: InsertTarget,
+) -> Result<(), InsertError> {
+    let (upsert, lock_head, copy, set_head) = try_join!(
+        client.prepare_cached(UPSERT_SESSIONS),
+        client.prepare_cached(chain::LOCK_HEAD),
+        client.prepare_cached(&COPY_ACTIONS),
+        client.prepare_cached(chain::SET_HEAD),
+    )?;
+    let chained = target != InsertTarget::Unchained && !records.is_empty();
+    // A replay must read which rows exist before it can start its COPY (the
+    // connection runs one statement at a time and a COPY holds it).
+    let copy_early = !records.is_empty() && target != InsertTarget::Idempotent;
+    // `biased`: polled in order, so the requests go out in this order; the
+    // COPY must be last, as the connection sends nothing else until its
+    // rows, which need the head, have been written.
+    let ((), _, head, early_sink) = try_join!(
+        biased;
+        client.batch_execute("BEGIN"),
+        async {
+            if sessions.is_empty() {
+                return Ok(0);
+            }
+            client
+                .execute(&upsert, &SessionColumns::new(sessions).params())
+                .await
+        },
+        async {
+            if !chained {
+                return Ok(None);
+            }
+            let row = client.query_one(&lock_head, &[&ACTIONS_CHAIN]).await?;
+            Ok(Some(chain::head_of(&row)))
+        },
+        async {
+            if !copy_early {
+                return Ok(None);
+            }
+            client.copy_in(&copy).await.map(Some)
+        },
+    )?;
+    let mut records: Vec<&ActionRecord> = records.iter().collect();
+    if target == InsertTarget::Idempotent && !records.is_empty() {
+        let ids: Vec<Uuid> = records.iter().map(|r| r.id).collect();
+        let written: HashSet<Uuid> = client
+            .query("SELECT id FROM audit_actions WHERE id = ANY($1)", &[&ids])
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        records.retain(|r| !written.contains(&r.id));
+    }
+    let links: Option<Vec<(i64, [u8; 32])>> = head.map(|(mut seq, mut prev)| {
+        records
+            .iter()
+            .map(|record| {
+                seq += 1;
+                prev = record.canonical(seq).link(&prev);
+                (seq, prev)
+            })
+            .collect()
+    });
+    let sink = match early_sink {
+        Some(sink) => Some(sink),
+        None if !records.is_empty() => Some(client.copy_in(&copy).await?),
+        None => None,
+    };
+    let mut writer = pin!(sink.map(|sink| BinaryCopyInWriter::new(sink, COLUMN_TYPES)));
+    if let Some(mut writer) = writer.as_mut().as_pin_mut() {
+        for (i, record) in records.iter().enumerate() {
+            let link = links.as_ref().map(|links| &links[i]);
+            let seq = link.map(|(seq, _)| *seq);
+            let hash = link.map(|(_, hash)| hash.as_slice());
+            writer
+                .as_mut()
+                .write(&row_values(record, &seq, &hash))
+                .await?;
+        }
+    }
+    let new_head = links.as_ref().and_then(|links| links.last());
+    // A failed statement makes PostgreSQL answer this COMMIT with a
+    // rollback, and that statement's own future reports the error.
+    try_join!(
+        biased;
+        async {
+            match writer.as_mut().as_pin_mut() {
+                Some(writer) => writer.finish().await.map(drop),
+                None => Ok(()),
+            }
+        },
+        async {
+            match new_head {
+                Some((seq, hash)) => client
+                    .execute(&set_head, &[&ACTIONS_CHAIN, seq, &hash.as_slice()])
+                    .await
+                    .map(drop),
+                None => Ok(()),
+            }
+        },
+        client.batch_execute("COMMIT"),
+    )?;
     Ok(())
 }
 
@@ -670,39 +774,50 @@ fn row_values<'a>(
     ]
 }
 
-async fn upsert_sessions<C: GenericClient>(
-    client: &C,
-    sessions: &[SessionRow],
-) -> Result<(), tokio_postgres::Error> {
-    let ids: Vec<_> = sessions.iter().map(|s| s.id).collect();
-    let users: Vec<_> = sessions.iter().map(|s| s.user_id).collect();
-    let hashes: Vec<_> = sessions
-        .iter()
-        .map(|s| s.session_token_hash.as_str())
-        .collect();
-    let ips: Vec<_> = sessions.iter().map(|s| s.client_ip).collect();
-    let agents: Vec<_> = sessions.iter().map(|s| s.user_agent.as_deref()).collect();
-    let started: Vec<_> = sessions.iter().map(|s| s.started_at).collect();
-    let last: Vec<_> = sessions.iter().map(|s| s.last_activity).collect();
-    let ended: Vec<_> = sessions.iter().map(|s| s.ended_at).collect();
-    let active: Vec<_> = sessions.iter().map(|s| s.is_active).collect();
-    client
-        .execute(
-            "INSERT INTO audit_sessions
-                (id, user_id, session_token_hash, client_ip, user_agent,
-                 started_at, last_activity, ended_at, is_active)
-             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::inet[], $5::text[],
-                                  $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::bool[])
-             ON CONFLICT (id) DO UPDATE SET
-                last_activity = greatest(audit_sessions.last_activity, EXCLUDED.last_activity),
-                ended_at = coalesce(audit_sessions.ended_at, EXCLUDED.ended_at),
-                is_active = audit_sessions.is_active AND EXCLUDED.is_active",
-            &[
-                &ids, &users, &hashes, &ips, &agents, &started, &last, &ended, &active,
-            ],
-        )
-        .await?;
-    Ok(())
+/// The session rows as the column arrays [`UPSERT_SESSIONS`] unnests.
+struct SessionColumns<'a> {
+    ids: Vec<Uuid>,
+    users: Vec<Uuid>,
+    hashes: Vec<&'a str>,
+    ips: Vec<Option<std::net::IpAddr>>,
+    agents: Vec<Option<&'a str>>,
+    started: Vec<OffsetDateTime>,
+    last: Vec<OffsetDateTime>,
+    ended: Vec<Option<OffsetDateTime>>,
+    active: Vec<bool>,
+}
+
+impl<'a> SessionColumns<'a> {
+    fn new(sessions: &'a [SessionRow]) -> Self {
+        SessionColumns {
+            ids: sessions.iter().map(|s| s.id).collect(),
+            users: sessions.iter().map(|s| s.user_id).collect(),
+            hashes: sessions
+                .iter()
+                .map(|s| s.session_token_hash.as_str())
+                .collect(),
+            ips: sessions.iter().map(|s| s.client_ip).collect(),
+            agents: sessions.iter().map(|s| s.user_agent.as_deref()).collect(),
+            started: sessions.iter().map(|s| s.started_at).collect(),
+            last: sessions.iter().map(|s| s.last_activity).collect(),
+            ended: sessions.iter().map(|s| s.ended_at).collect(),
+            active: sessions.iter().map(|s| s.is_active).collect(),
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 9] {
+        [
+            &self.ids,
+            &self.users,
+            &self.hashes,
+            &self.ips,
+            &self.agents,
+            &self.started,
+            &self.last,
+            &self.ended,
+            &self.active,
+        ]
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
