@@ -28,12 +28,7 @@ migrate-status:
 # Benchmarks (not part of CI; see BENCHMARKS.md). Each prints its figures
 # beside the baseline measured in the same run.
 bench:
-    cargo build --release --bins
-    cargo bench --workspace --bench '*'
-    DURATION=4 scripts/bench-audit-modes.sh
-    scripts/bench-durable-latency.sh
-    scripts/bench-run-overhead.sh
-    DURATION=2 scripts/bench-audit-queries.sh
+    scripts/bench.sh
 
 # Everything CI runs.
 ci:

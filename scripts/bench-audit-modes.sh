@@ -5,6 +5,10 @@
 #
 #   scripts/bench-audit-modes.sh            # RUNS=3 DURATION=8 CONNECTIONS="32 128"
 #
+# Each line also splits the CPU the machine spent per request between the
+# server, PostgreSQL (its processes on this machine) and everything else
+# (mostly wrk): with both cores busy, throughput is bounded by their sum.
+#
 # Needs a PostgreSQL at DATABASE_ADMIN_URL (default: postgres@127.0.0.1:5432),
 # where it creates and drops the database nox_bench_modes.
 set -euo pipefail
@@ -21,7 +25,18 @@ PORT=${PORT:-8099}
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 cargo build --release -q -p nox-server
 
-run_mode() { # mode connections -> "rps p50 p99"
+# CPU time (clock ticks) of a process, of every PostgreSQL process, and of
+# the whole machine (busy, all cores): where each request's CPU goes.
+ticks_of() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+postgres_ticks() {
+    local total=0 pid
+    for pid in $(pgrep -u postgres || true); do total=$((total + $(ticks_of "$pid"))); done
+    echo "$total"
+}
+busy_ticks() { awk '$1 == "cpu" {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+run_mode() { # mode connections -> "rps p50 p99 server_us postgres_us other_us"
     psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS nox_bench_modes" -c "CREATE DATABASE nox_bench_modes" 2>/dev/null
     local data; data=$(mktemp -d)
     NOX_AUDIT_MODE=$1 NOX_RATE_LIMIT_PER_USER=0 NOX_RATE_LIMIT_PER_IP=0 NOX_ADMIN_TOKEN=$TOKEN DATABASE_URL=$DB_URL NOX_DATA_DIR=$data \
@@ -29,22 +44,31 @@ run_mode() { # mode connections -> "rps p50 p99"
     local server=$!
     for _ in $(seq 50); do curl -sf "localhost:$PORT/health" >/dev/null && break; sleep 0.1; done
     curl -sf -X PUT "localhost:$PORT/write?path=a.txt" -H "Authorization: Bearer $TOKEN" --data-binary hello >/dev/null
+    local server0 pg0 busy0
+    server0=$(ticks_of "$server"); pg0=$(postgres_ticks); busy0=$(busy_ticks)
     local out; out=$(wrk -t1 -c"$2" -d"${SECONDS_PER_RUN}s" --latency \
         -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$PORT/ls?path=.")
+    local server_ticks=$(($(ticks_of "$server") - server0)) pg_ticks=$(($(postgres_ticks) - pg0))
+    local busy=$(($(busy_ticks) - busy0))
     kill -TERM "$server"; wait "$server" || true
     rm -rf "$data"
-    local rps p50 p99
+    local rps p50 p99 requests
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
     p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-    echo "$rps $p50 $p99"
+    requests=$(awk '/requests in/ {print $1}' <<<"$out")
+    # CPU µs per request: the server, PostgreSQL, everything else (wrk).
+    awk -v r="$requests" -v t="$TICK_US" -v s="$server_ticks" -v p="$pg_ticks" -v b="$busy" \
+        -v rps="$rps" -v p50="$p50" -v p99="$p99" \
+        'BEGIN {printf "%s %s %s %.1f %.1f %.1f\n", rps, p50, p99, s * t / r, p * t / r, (b - s - p) * t / r}'
 }
 
 for c in $CONNECTIONS; do
     for run in $(seq "$RUNS"); do
         for mode in off buffered durable; do
-            read -r rps p50 p99 <<<"$(run_mode "$mode" "$c")"
-            echo "connections=$c run=$run mode=$mode rps=$rps p50=$p50 p99=$p99"
+            read -r rps p50 p99 server_us pg_us other_us <<<"$(run_mode "$mode" "$c")"
+            echo "connections=$c run=$run mode=$mode rps=$rps p50=$p50 p99=$p99" \
+                "cpu_us_per_request: server=$server_us postgres=$pg_us other=$other_us"
         done
     done
 done

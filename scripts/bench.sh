@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole benchmark suite, as `just bench` runs it (this script needs no
+# `just`): a release build, the micro-benchmarks and ingest (`cargo bench`),
+# then each load script. Every step prints its figures beside the baseline
+# measured in the same run; the wall time of each step is listed at the end.
+#
+#   scripts/bench.sh        # DATABASE_ADMIN_URL=postgres://postgres@127.0.0.1:5432/postgres
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+timings=()
+step() { # name command...
+    local name=$1 started=$SECONDS
+    shift
+    echo "== $name"
+    "$@"
+    timings+=("$(printf '%5d s  %s' $((SECONDS - started)) "$name")")
+}
+
+step "release build" cargo build --release --bins
+step "cargo bench (ingest, hot paths, encoding)" cargo bench --workspace --bench '*'
+step "audit modes" env DURATION=4 scripts/bench-audit-modes.sh
+step "durable latency and RSS" scripts/bench-durable-latency.sh
+step "/run overhead" scripts/bench-run-overhead.sh
+step "/logs and export on 5M rows" env DURATION=2 scripts/bench-audit-queries.sh
+
+echo "== wall time per step"
+printf '%s\n' "${timings[@]}"
+echo "total $SECONDS s"
