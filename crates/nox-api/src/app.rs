@@ -174,6 +174,10 @@ impl AppState {
             WriterConfig {
                 session_idle: time::Duration::seconds(config.session_idle_secs as i64),
                 max_user_labels: config.metrics_max_users,
+                linger: match config.audit_mode {
+                    AuditMode::Buffered => BUFFERED_LINGER,
+                    AuditMode::Durable | AuditMode::Off => std::time::Duration::ZERO,
+                },
                 ..WriterConfig::default()
             },
         );
@@ -236,6 +240,11 @@ impl AppState {
 /// The writer needs one connection; a second lets a spool replay and a
 /// partition check overlap a slow batch.
 const AUDIT_WRITER_CONNECTIONS: usize = 2;
+
+/// In buffered mode the writer waits this long for a batch to fill: records
+/// reach the database up to 10 ms later, and each transaction's fixed cost
+/// is shared by ~10× more rows under load (BENCHMARKS.md, audit modes).
+const BUFFERED_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The limiters, and a task that forgets idle keys every minute.
 fn start_rate_limits(config: &Config) -> Arc<RateLimits> {

@@ -82,6 +82,12 @@ pub struct WriterConfig {
     /// Whether rows join the hash chain. Always on in Nox; off only to
     /// measure what the chain costs (`verify` reports unchained rows).
     pub chained: bool,
+    /// How long the writer waits, once a record arrives, for more to join
+    /// its batch (unless a full batch is already queued). Zero for durable
+    /// mode, where every request waits for its batch; in buffered mode
+    /// nobody waits, and larger batches spread each transaction's fixed
+    /// cost over more rows.
+    pub linger: StdDuration,
 }
 
 impl Default for WriterConfig {
@@ -93,6 +99,7 @@ impl Default for WriterConfig {
             tick: StdDuration::from_secs(1),
             max_user_labels: 1000,
             chained: true,
+            linger: StdDuration::ZERO,
         }
     }
 }
@@ -319,6 +326,12 @@ impl Task {
                 }
             };
             let Some(first) = first else { break };
+            if !self.config.linger.is_zero()
+                && matches!(first, Message::Record(..))
+                && self.receiver.len() + 1 < self.config.max_batch
+            {
+                tokio::time::sleep(self.config.linger).await;
+            }
             let mut batch = Vec::with_capacity(self.config.max_batch);
             let mut shutdown = None;
             match first {
