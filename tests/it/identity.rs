@@ -45,16 +45,6 @@ async fn admin_actions(
         .collect()
 }
 
-async fn count(app: &TestApp, sql: &str) -> i64 {
-    app.db
-        .client()
-        .await
-        .query_one(sql, &[])
-        .await
-        .expect("count")
-        .get(0)
-}
-
 async fn assert_unauthorized(response: reqwest::Response) {
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(response.headers()["www-authenticate"], "Bearer");
@@ -118,9 +108,11 @@ async fn bootstrap_without_a_token_generates_saves_and_never_repeats() {
     // A second server on the same database finds the admin and adds none.
     let second = spawn_app_on(Arc::clone(&app.db), |config| config.admin_token = None).await;
     assert!(!second.data_dir.path().join("admin-token").exists());
-    assert_eq!(count(&app, "SELECT count(*) FROM users").await, 1);
+    assert_eq!(app.db.scalar("SELECT count(*) FROM users").await, 1);
     assert_eq!(
-        count(&app, "SELECT count(*) FROM audit_admin_actions").await,
+        app.db
+            .scalar("SELECT count(*) FROM audit_admin_actions")
+            .await,
         1
     );
 }
@@ -186,12 +178,17 @@ async fn created_users_and_their_tokens_work_until_revoked() {
     assert_eq!(app.get_as("/me", &first).await.status(), StatusCode::OK);
 
     // Revoking again changes nothing and records nothing.
-    let before = count(&app, "SELECT count(*) FROM audit_admin_actions").await;
+    let before = app
+        .db
+        .scalar("SELECT count(*) FROM audit_admin_actions")
+        .await;
     let again =
         send(app.request(Method::DELETE, &format!("/admin/tokens/{token_id}"), ADMIN)).await;
     assert_eq!(again.status(), StatusCode::NO_CONTENT);
     assert_eq!(
-        count(&app, "SELECT count(*) FROM audit_admin_actions").await,
+        app.db
+            .scalar("SELECT count(*) FROM audit_admin_actions")
+            .await,
         before
     );
 
@@ -343,7 +340,7 @@ async fn roles_gate_the_admin_api() {
         StatusCode::OK
     );
     // The refused calls changed nothing.
-    assert_eq!(count(&app, "SELECT count(*) FROM users").await, 3);
+    assert_eq!(app.db.scalar("SELECT count(*) FROM users").await, 3);
 }
 
 #[tokio::test]
@@ -428,11 +425,13 @@ async fn every_mutation_leaves_exactly_one_admin_action_with_its_justification()
         update.3,
         Some(json!({"tier": "premium", "email": "bob@example.com"}))
     );
-    let admin_user_ids = count(
-        &app,
-        "SELECT count(*) FROM audit_admin_actions a JOIN users u ON u.id = a.admin_user_id WHERE u.name = 'admin'",
-    )
-    .await;
+    let admin_user_ids = app
+        .db
+        .scalar(
+            "SELECT count(*) FROM audit_admin_actions a
+             JOIN users u ON u.id = a.admin_user_id WHERE u.name = 'admin'",
+        )
+        .await;
     assert_eq!(admin_user_ids, 4, "the acting admin is recorded");
 }
 
@@ -445,8 +444,11 @@ async fn bad_input_is_a_clear_400_or_409_and_writes_nothing() {
         .as_str()
         .expect("id")
         .to_owned();
-    let users_before = count(&app, "SELECT count(*) FROM users").await;
-    let actions_before = count(&app, "SELECT count(*) FROM audit_admin_actions").await;
+    let users_before = app.db.scalar("SELECT count(*) FROM users").await;
+    let actions_before = app
+        .db
+        .scalar("SELECT count(*) FROM audit_admin_actions")
+        .await;
 
     let cases: Vec<(Method, String, Option<Value>, StatusCode, &str)> = vec![
         (
@@ -595,11 +597,13 @@ async fn bad_input_is_a_clear_400_or_409_and_writes_nothing() {
     assert_eq!(json_of(garbage).await["code"], "invalid_parameter");
 
     assert_eq!(
-        count(&app, "SELECT count(*) FROM users").await,
+        app.db.scalar("SELECT count(*) FROM users").await,
         users_before
     );
     assert_eq!(
-        count(&app, "SELECT count(*) FROM audit_admin_actions").await,
+        app.db
+            .scalar("SELECT count(*) FROM audit_admin_actions")
+            .await,
         actions_before
     );
 

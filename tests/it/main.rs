@@ -14,3 +14,4 @@ mod migrations;
 mod quotas;
 mod rollups;
 mod run;
+mod writer;

@@ -73,15 +73,6 @@ fn writer_for(db: &TestDb, spool: Spool) -> AuditWriter {
     AuditWriter::start(pool, spool, Arc::new(SystemClock), WriterConfig::default())
 }
 
-async fn count(db: &TestDb, sql: &str) -> i64 {
-    db.client()
-        .await
-        .query_one(sql, &[])
-        .await
-        .expect("count")
-        .get(0)
-}
-
 #[tokio::test]
 async fn rollups_equal_a_recomputation_after_10000_random_records() {
     let db = TestDb::new().await;
@@ -98,24 +89,18 @@ async fn rollups_equal_a_recomputation_after_10000_random_records() {
     writer.shutdown().await;
 
     assert_eq!(
-        count(&db, "SELECT count(*) FROM audit_actions").await,
+        db.scalar("SELECT count(*) FROM audit_actions").await,
         10_000
     );
     assert_eq!(
-        count(
-            &db,
-            "SELECT sum(total_actions)::bigint FROM audit_daily_summaries"
-        )
-        .await,
+        db.scalar("SELECT sum(total_actions)::bigint FROM audit_daily_summaries")
+            .await,
         10_000
     );
     // Anonymous requests share one row per day.
     assert_eq!(
-        count(
-            &db,
-            "SELECT count(*) FROM audit_daily_summaries WHERE user_id IS NULL"
-        )
-        .await,
+        db.scalar("SELECT count(*) FROM audit_daily_summaries WHERE user_id IS NULL")
+            .await,
         4
     );
     let client = db.client().await;
@@ -189,7 +174,7 @@ async fn replaying_the_spool_twice_inserts_nothing_twice() {
         let writer = writer_for(&db, spool.clone());
         writer.shutdown().await;
         assert!(!file.exists(), "a replayed file is removed");
-        assert_eq!(count(&db, "SELECT count(*) FROM audit_actions").await, 500);
+        assert_eq!(db.scalar("SELECT count(*) FROM audit_actions").await, 500);
     }
     let client = db.client().await;
     assert!(

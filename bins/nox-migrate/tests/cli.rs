@@ -17,15 +17,6 @@ fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-async fn applied_count(db: &TestDb) -> i64 {
-    db.client()
-        .await
-        .query_one("SELECT count(*) FROM schema_migrations", &[])
-        .await
-        .expect("count")
-        .get(0)
-}
-
 #[tokio::test]
 async fn up_twice_applies_once_then_nothing() {
     let db = TestDb::empty().await;
@@ -45,7 +36,7 @@ async fn up_twice_applies_once_then_nothing() {
         stdout(&second)
     );
     assert_eq!(
-        applied_count(&db).await,
+        db.scalar("SELECT count(*) FROM schema_migrations").await,
         nox_api::schema::MIGRATIONS.len() as i64
     );
 
@@ -94,7 +85,7 @@ async fn two_processes_migrating_at_once_both_succeed_and_apply_once() {
         .count();
     assert_eq!(applied_lines, nox_api::schema::MIGRATIONS.len());
     assert_eq!(
-        applied_count(&db).await,
+        db.scalar("SELECT count(*) FROM schema_migrations").await,
         nox_api::schema::MIGRATIONS.len() as i64
     );
 }

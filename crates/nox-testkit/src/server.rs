@@ -225,6 +225,14 @@ impl TestDb {
         }
     }
 
+    /// The one `bigint` a query returns, such as a `count(*)`.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        match self.client().await.query_one(sql, &[]).await {
+            Ok(row) => row.get(0),
+            Err(error) => panic!("{sql}: {error}"),
+        }
+    }
+
     /// Drops the database now (terminating its connections), as a test of
     /// "the database went away" needs.
     pub async fn drop_now(&self) -> anyhow::Result<()> {
