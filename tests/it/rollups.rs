@@ -1,10 +1,8 @@
 //! The writer, the spool and the daily rollups, driven directly.
 
-use std::sync::Arc;
-
-use nox_audit_model::{ActionKind, ActionRecord, SystemClock};
+use nox_audit_model::{ActionKind, ActionRecord};
 use nox_audit_store::summaries;
-use nox_audit_store::{AuditWriter, PoolOptions, Spool, WriterConfig, build_pool};
+use nox_audit_store::{Spool, WriterConfig};
 use nox_testkit::TestDb;
 use time::{Date, Duration, Time};
 use uuid::Uuid;
@@ -68,16 +66,14 @@ fn random_record(random: &mut Random, users: &[Uuid]) -> ActionRecord {
     record
 }
 
-fn writer_for(db: &TestDb, spool: Spool) -> AuditWriter {
-    let pool = build_pool(db.config.clone(), &PoolOptions::default()).expect("pool");
-    AuditWriter::start(pool, spool, Arc::new(SystemClock), WriterConfig::default())
-}
-
 #[tokio::test]
 async fn rollups_equal_a_recomputation_after_10000_random_records() {
     let db = TestDb::new().await;
     let spool_dir = tempfile::tempdir().expect("tempdir");
-    let writer = writer_for(&db, Spool::open(spool_dir.path()).expect("spool"));
+    let writer = db.audit_writer(
+        Spool::open(spool_dir.path()).expect("spool"),
+        WriterConfig::default(),
+    );
     let sink = writer.sink();
     let users: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
     let mut random = Random(0x9e37_79b9_7f4a_7c15);
@@ -171,7 +167,7 @@ async fn replaying_the_spool_twice_inserts_nothing_twice() {
         if !file.exists() {
             std::fs::copy(&copy, &file).expect("restore");
         }
-        let writer = writer_for(&db, spool.clone());
+        let writer = db.audit_writer(spool.clone(), WriterConfig::default());
         writer.shutdown().await;
         assert!(!file.exists(), "a replayed file is removed");
         assert_eq!(db.scalar("SELECT count(*) FROM audit_actions").await, 500);

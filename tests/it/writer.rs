@@ -1,23 +1,19 @@
 //! The audit writer's buffered mode: submissions do not wait, the writer
 //! lingers for a batch to fill, and shutdown drains what is queued.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use nox_audit_model::{ActionRecord, SystemClock};
-use nox_audit_store::{AuditWriter, PoolOptions, Spool, WriterConfig, build_pool};
+use nox_audit_model::ActionRecord;
+use nox_audit_store::{Spool, WriterConfig};
 use nox_testkit::TestDb;
 use uuid::Uuid;
 
 #[tokio::test]
 async fn buffered_records_linger_into_one_batch_and_shutdown_drains_them() {
     let db = TestDb::new().await;
-    let pool = build_pool(db.config.clone(), &PoolOptions::default()).expect("pool");
     let spool_dir = tempfile::tempdir().expect("tempdir");
-    let writer = AuditWriter::start(
-        pool,
+    let writer = db.audit_writer(
         Spool::open(spool_dir.path()).expect("spool"),
-        Arc::new(SystemClock),
         WriterConfig {
             // Long enough that the submissions below always fit in it.
             linger: Duration::from_millis(500),

@@ -7,13 +7,12 @@
 //! 127.0.0.1:5432, else a throwaway cluster; see nox-testkit). `NOX_BENCH_ROWS`
 //! sets the row count (default 200000); `NOX_BENCH_RUNS` the runs (default 3).
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use nox_audit_model::taxonomy::FILE_READ;
-use nox_audit_model::{ACTION_COLUMNS, ActionRecord, SystemClock};
+use nox_audit_model::{ACTION_COLUMNS, ActionRecord};
 use nox_audit_store::writer::{InsertTarget, insert};
-use nox_audit_store::{AuditWriter, PoolOptions, Spool, WriterConfig, build_pool};
+use nox_audit_store::{PoolOptions, Spool, WriterConfig, build_pool};
 use nox_testkit::TestDb;
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
@@ -144,12 +143,9 @@ fn psql(db: &TestDb, command: &str) {
 /// or without the hash chain. Rows per second, on a fresh database.
 async fn writer_rate(rows: usize, chained: bool) -> f64 {
     let db = TestDb::new().await;
-    let pool = build_pool(db.config.clone(), &PoolOptions::default()).expect("pool");
     let spool_dir = tempfile::tempdir().expect("tempdir");
-    let writer = AuditWriter::start(
-        pool,
+    let writer = db.audit_writer(
         Spool::open(spool_dir.path()).expect("spool"),
-        Arc::new(SystemClock),
         WriterConfig {
             chained,
             ..WriterConfig::default()

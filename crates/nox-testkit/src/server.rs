@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use nox_api::schema::MIGRATIONS;
-use nox_audit_store::Migrator;
+use nox_audit_store::{AuditWriter, Migrator, PoolOptions, Spool, WriterConfig, build_pool};
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 use tokio_postgres::{Client, Config, NoTls};
@@ -223,6 +223,17 @@ impl TestDb {
             Ok(client) => client,
             Err(error) => panic!("{error:#}"),
         }
+    }
+
+    /// An audit writer on this database (system clock), spooling to `spool`.
+    pub fn audit_writer(&self, spool: Spool, config: WriterConfig) -> AuditWriter {
+        let pool = build_pool(self.config.clone(), &PoolOptions::default()).expect("pool");
+        AuditWriter::start(
+            pool,
+            spool,
+            std::sync::Arc::new(nox_audit_model::SystemClock),
+            config,
+        )
     }
 
     /// The one `bigint` a query returns, such as a `count(*)`.
