@@ -25,8 +25,7 @@ migrate *ARGS:
 migrate-status:
     cargo run --release -p nox-migrate -- status
 
-# Benchmarks (not part of CI; see BENCHMARKS.md). Each prints its figures
-# beside the baseline measured in the same run.
+# Benchmarks, each figure beside its same-run baseline (not in CI; BENCHMARKS.md).
 bench:
     scripts/bench.sh
 
