@@ -4,6 +4,8 @@
 # loopback client, bounded in time), once per mode, RUNS times each.
 #
 #   scripts/bench-audit-modes.sh            # RUNS=3 DURATION=8 CONNECTIONS="32 128"
+#   NOX_SERVER_BIN=/tmp/nox-server-before scripts/bench-audit-modes.sh
+#                                           # another build (A/B), no rebuild
 #
 # Each line also splits the CPU the machine spent per request between the
 # server, PostgreSQL (its processes on this machine) and everything else
@@ -23,7 +25,7 @@ TOKEN=bench-admin-token-0123456789abcdef0123456789
 PORT=${PORT:-8099}
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
-cargo build --release -q -p nox-server
+[ -n "${NOX_SERVER_BIN:-}" ] || cargo build --release -q -p nox-server
 
 # CPU time (clock ticks) of a process, of every PostgreSQL process, and of
 # the whole machine (busy, all cores): where each request's CPU goes.
@@ -40,7 +42,7 @@ run_mode() { # mode connections -> "rps p50 p99 server_us postgres_us other_us"
     psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS nox_bench_modes" -c "CREATE DATABASE nox_bench_modes" 2>/dev/null
     local data; data=$(mktemp -d)
     NOX_AUDIT_MODE=$1 NOX_RATE_LIMIT_PER_USER=0 NOX_RATE_LIMIT_PER_IP=0 NOX_ADMIN_TOKEN=$TOKEN DATABASE_URL=$DB_URL NOX_DATA_DIR=$data \
-        NOX_PORT=$PORT RUST_LOG=warn ./target/release/nox-server >/dev/null 2>&1 &
+        NOX_PORT=$PORT RUST_LOG=warn "${NOX_SERVER_BIN:-./target/release/nox-server}" >/dev/null 2>&1 &
     local server=$!
     for _ in $(seq 50); do curl -sf "localhost:$PORT/health" >/dev/null && break; sleep 0.1; done
     curl -sf -X PUT "localhost:$PORT/write?path=a.txt" -H "Authorization: Bearer $TOKEN" --data-binary hello >/dev/null
