@@ -181,6 +181,63 @@ async fn storage_and_file_quotas_refuse_writes_and_leave_nothing() {
 }
 
 #[tokio::test]
+async fn concurrent_uploads_cannot_together_exceed_the_storage_quota() {
+    let app = spawn_app().await;
+    let alice = app.new_user("alice").await;
+    set_quotas(&app, &alice.id, json!({"storage_mb": 1})).await;
+    // Two uploads of 600 KiB, each of which fits alone. Both bodies are held
+    // half-sent until both requests are in their handlers, so each handler
+    // checked the quota against the empty workspace before either finished.
+    let both_started = Arc::new(tokio::sync::Barrier::new(2));
+    let upload = |path: &'static str| {
+        let both_started = Arc::clone(&both_started);
+        let half = vec![b'x'; 300 * 1024];
+        let body = futures_util::stream::unfold(0, move |sent| {
+            let (both_started, half) = (Arc::clone(&both_started), half.clone());
+            async move {
+                match sent {
+                    0 => Some((Ok::<_, std::io::Error>(half), 1)),
+                    1 => {
+                        both_started.wait().await;
+                        // Room for the other request's handler to start.
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        Some((Ok(half), 2))
+                    }
+                    _ => None,
+                }
+            }
+        });
+        let request = app
+            .request(Method::PUT, &format!("/write?path={path}"), &alice.token)
+            .body(reqwest::Body::wrap_stream(body));
+        async move { send(request).await.status() }
+    };
+    let (first, second) = tokio::join!(upload("a.bin"), upload("b.bin"));
+    let mut statuses = [first, second];
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [StatusCode::OK, StatusCode::FORBIDDEN],
+        "exactly one of the two uploads fits"
+    );
+    let workspace = app.data_dir.path().join("sandboxes").join(&alice.id);
+    let kept: Vec<u64> = std::fs::read_dir(&workspace)
+        .expect("workspace")
+        .map(|entry| entry.expect("entry").metadata().expect("metadata").len())
+        .collect();
+    assert_eq!(kept, [600 * 1024], "one file kept, no temporary file left");
+    let usage = json_of(app.get_as("/quotas/my/usage", &alice.token).await).await;
+    assert_eq!(
+        (
+            &usage["usage"]["files_count"],
+            &usage["usage"]["storage_mb"]
+        ),
+        (&json!(1), &json!(0.586)),
+        "the accounting counts the kept file only: {usage}"
+    );
+}
+
+#[tokio::test]
 async fn the_cpu_quota_refuses_the_next_run_once_spent() {
     if !nix::unistd::Uid::effective().is_root() {
         eprintln!("skipped: runs need root (namespaces, cgroups, setuid)");

@@ -320,12 +320,16 @@ pub async fn write(
     })
     .await?;
     // Storage and file quotas: refused before reading when the declared
-    // size cannot fit, and again before the file is kept.
-    let fits = |size: u64| {
-        let added = size.saturating_sub(replaced_size.unwrap_or(0));
-        crate::quotas::check_storage(&limits, usage, added, replaced_size.is_none())
-    };
-    if let Err(violation) = fits(declared.unwrap_or(0)) {
+    // size cannot fit, and again as the file is kept (below).
+    let declared_fits = crate::quotas::check_storage(
+        &limits,
+        usage,
+        declared
+            .unwrap_or(0)
+            .saturating_sub(replaced_size.unwrap_or(0)),
+        replaced_size.is_none(),
+    );
+    if let Err(violation) = declared_fits {
         crate::quotas::record_violation(&request, &violation);
         return Err(ApiError::QuotaExceeded(violation));
     }
@@ -366,15 +370,27 @@ pub async fn write(
             return Err(too_large(max));
         }
     };
-    if let Err(violation) = fits(written) {
-        crate::quotas::record_violation(&request, &violation);
-        // Dropping the upload removes its temporary file.
-        return Err(ApiError::QuotaExceeded(violation));
-    }
     file.flush().await.map_err(ApiError::internal)?;
     upload.put_file(file.into_std().await);
-    let replaced = web::block(move || upload.commit()).await??;
-    state.workspaces.record_write(user, written, replaced);
+    // Checked against the usage at the moment of the rename, under the
+    // accounting's lock: concurrent uploads cannot together overrun it.
+    let accounting = state.clone();
+    let kept = in_workspace(&state, user, move |workspace| {
+        let mut upload = upload;
+        upload.sync()?;
+        let fits = |usage, replacing: Option<u64>| {
+            let added = written.saturating_sub(replacing.unwrap_or(0));
+            crate::quotas::check_storage(&limits, usage, added, replacing.is_none())
+        };
+        Ok(accounting
+            .workspaces
+            .commit_upload(user, workspace, upload, written, fits)?)
+    })
+    .await?;
+    if let Err(violation) = kept {
+        crate::quotas::record_violation(&request, &violation);
+        return Err(ApiError::QuotaExceeded(violation));
+    }
     audit_file(&request, &path, Some(written), 1);
     Ok(HttpResponse::Ok().json(WriteResponse {
         message: format!("File written to {}", path.display()),

@@ -71,17 +71,35 @@ impl Workspaces {
         Ok(*self.lock().entry(user).or_insert(usage))
     }
 
-    /// A file of `size` bytes was written, replacing `replaced`.
-    pub fn record_write(&self, user: Uuid, size: u64, replaced: Replaced) {
-        if let Some(usage) = self.lock().get_mut(&user) {
-            match replaced.previous_size {
-                Some(previous) => usage.bytes = (usage.bytes + size).saturating_sub(previous),
-                None => {
-                    usage.bytes += size;
-                    usage.files += 1;
-                }
+    /// Keeps `upload` (of `size` bytes) if `fits` accepts the user's usage
+    /// at this moment and the size of the file it replaces. The check, the
+    /// rename and the accounting happen under the usage lock, so concurrent
+    /// uploads cannot together exceed a limit each fits alone. Blocking;
+    /// [`Upload::sync`] it first, so that the lock is held for a rename only.
+    pub fn commit_upload<E>(
+        &self,
+        user: Uuid,
+        workspace: &Workspace,
+        upload: Upload,
+        size: u64,
+        fits: impl FnOnce(Usage, Option<u64>) -> Result<(), E>,
+    ) -> Result<Result<Replaced, E>, SandboxError> {
+        let measured = self.usage(user, workspace)?;
+        let mut usages = self.lock();
+        let usage = usages.entry(user).or_insert(measured);
+        if let Err(refusal) = fits(*usage, upload.replacing()?) {
+            // Dropping the upload removes its temporary file.
+            return Ok(Err(refusal));
+        }
+        let replaced = upload.commit()?;
+        match replaced.previous_size {
+            Some(previous) => usage.bytes = (usage.bytes + size).saturating_sub(previous),
+            None => {
+                usage.bytes += size;
+                usage.files += 1;
             }
         }
+        Ok(Ok(replaced))
     }
 
     /// `files` files holding `bytes` bytes were deleted.
@@ -115,14 +133,26 @@ mod tests {
 
     use super::*;
 
-    fn write(workspace: &Workspace, path: &str, body: &[u8]) -> Replaced {
+    fn upload(workspace: &Workspace, path: &str, body: &[u8]) -> Upload {
         let mut upload = workspace
             .start_upload(&SandboxPath::parse(path).expect("path"))
             .expect("upload");
         let mut file = upload.take_file().expect("file");
         file.write_all(body).expect("write");
         upload.put_file(file);
-        upload.commit().expect("commit")
+        upload
+    }
+
+    /// Commits through the accounting, with a check that accepts anything.
+    fn write(workspaces: &Workspaces, user: Uuid, path: &str, body: &[u8]) -> Replaced {
+        let workspace = workspaces.open(user).expect("open");
+        let upload = upload(&workspace, path, body);
+        workspaces
+            .commit_upload(user, &workspace, upload, body.len() as u64, |_, _| {
+                Ok::<_, ()>(())
+            })
+            .expect("commit")
+            .expect("fits")
     }
 
     #[test]
@@ -131,17 +161,17 @@ mod tests {
         let workspaces = Workspaces::new(base.path());
         let user = Uuid::new_v4();
         let workspace = workspaces.open(user).expect("open");
-        write(&workspace, "before.txt", b"12345");
+        upload(&workspace, "before.txt", b"12345")
+            .commit()
+            .expect("commit");
         assert_eq!(
             workspaces.usage(user, &workspace).expect("scan"),
             Usage { bytes: 5, files: 1 }
         );
 
-        let replaced = write(&workspace, "a/b/new.txt", b"123");
-        workspaces.record_write(user, 3, replaced);
-        let replaced = write(&workspace, "before.txt", b"1");
+        write(&workspaces, user, "a/b/new.txt", b"123");
+        let replaced = write(&workspaces, user, "before.txt", b"1");
         assert_eq!(replaced.previous_size, Some(5));
-        workspaces.record_write(user, 1, replaced);
         let (files, bytes) = workspace
             .delete(&SandboxPath::parse("a").expect("path"))
             .expect("delete");
@@ -152,5 +182,38 @@ mod tests {
         assert_eq!(kept, Usage { bytes, files });
         assert_eq!(kept, Usage { bytes: 1, files: 1 });
         assert_eq!(workspaces.totals(), kept);
+    }
+
+    #[test]
+    fn a_refused_upload_leaves_nothing_and_the_check_sees_what_it_replaces() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let workspaces = Workspaces::new(base.path());
+        let user = Uuid::new_v4();
+        let workspace = workspaces.open(user).expect("open");
+        write(&workspaces, user, "kept.txt", b"12345");
+        let mut seen = None;
+        let refused = workspaces
+            .commit_upload(
+                user,
+                &workspace,
+                upload(&workspace, "kept.txt", b"123456789"),
+                9,
+                |usage, replacing| {
+                    seen = Some((usage, replacing));
+                    Err("over quota")
+                },
+            )
+            .expect("no file system error");
+        assert_eq!(refused, Err("over quota"));
+        assert_eq!(seen, Some((Usage { bytes: 5, files: 1 }, Some(5))));
+        assert_eq!(
+            workspace.usage().expect("rescan"),
+            (5, 1),
+            "the old file is intact and no temporary file is left"
+        );
+        assert_eq!(
+            workspaces.usage(user, &workspace).expect("usage"),
+            Usage { bytes: 5, files: 1 }
+        );
     }
 }

@@ -352,6 +352,10 @@ fn chown_tree(
 fn usage_of(dir: OwnedFd) -> Result<(u64, u64), SandboxError> {
     let (mut bytes, mut files) = (0, 0);
     for child in child_names(dir.try_clone()?)? {
+        // Uploads in progress count once they are kept, not before.
+        if child.to_bytes().starts_with(UPLOAD_PREFIX.as_bytes()) {
+            continue;
+        }
         let Ok(stat) = fstatat(&dir, child.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else {
             continue;
         };
@@ -401,31 +405,41 @@ impl Upload {
         self.file = Some(file);
     }
 
-    /// Flushes the data to disk and renames the file into place, replacing
-    /// a file (or a symbolic link) of that name; a directory there refuses.
-    pub fn commit(mut self) -> Result<Replaced, SandboxError> {
+    /// Flushes the data to disk. Blocking. [`Upload::commit`] does it too;
+    /// doing it first leaves the commit only a rename.
+    pub fn sync(&mut self) -> Result<(), SandboxError> {
         if let Some(file) = self.file.take() {
             file.sync_all()?;
         }
-        let previous = match fstatat(
+        Ok(())
+    }
+
+    /// The size of the file the upload would replace, if any. A directory
+    /// or a symbolic link of that name refuses the upload.
+    pub fn replacing(&self) -> Result<Option<u64>, SandboxError> {
+        match fstatat(
             &self.parent,
             self.final_name.as_str(),
             AtFlags::AT_SYMLINK_NOFOLLOW,
         ) {
-            Ok(stat) if kind_of(&stat) == EntryKind::Directory => {
-                return Err(SandboxError::InvalidPath(
-                    "a directory exists at that path".into(),
-                ));
-            }
-            Ok(stat) if kind_of(&stat) == EntryKind::Symlink => {
-                return Err(SandboxError::PathEscape(
-                    "a symbolic link exists at that path; links are never written through or replaced".into(),
-                ));
-            }
-            Ok(stat) => Some(regular_size(&stat)),
-            Err(Errno::ENOENT) => None,
-            Err(errno) => return Err(map_errno(errno)),
-        };
+            Ok(stat) if kind_of(&stat) == EntryKind::Directory => Err(SandboxError::InvalidPath(
+                "a directory exists at that path".into(),
+            )),
+            Ok(stat) if kind_of(&stat) == EntryKind::Symlink => Err(SandboxError::PathEscape(
+                "a symbolic link exists at that path; links are never written through or replaced"
+                    .into(),
+            )),
+            Ok(stat) => Ok(Some(regular_size(&stat))),
+            Err(Errno::ENOENT) => Ok(None),
+            Err(errno) => Err(map_errno(errno)),
+        }
+    }
+
+    /// Flushes the data to disk and renames the file into place, replacing
+    /// a regular file of that name. Blocking.
+    pub fn commit(mut self) -> Result<Replaced, SandboxError> {
+        self.sync()?;
+        let previous = self.replacing()?;
         renameat(
             &self.parent,
             self.temp_name.as_str(),
