@@ -376,8 +376,6 @@ pub async fn write(
     // accounting's lock: concurrent uploads cannot together overrun it.
     let accounting = state.clone();
     let kept = in_workspace(&state, user, move |workspace| {
-        let mut upload = upload;
-        upload.sync()?;
         let fits = |usage, replacing: Option<u64>| {
             let added = written.saturating_sub(replacing.unwrap_or(0));
             crate::quotas::check_storage(&limits, usage, added, replacing.is_none())

@@ -74,21 +74,26 @@ impl Workspaces {
     /// Keeps `upload` (of `size` bytes) if `fits` accepts the user's usage
     /// at this moment and the size of the file it replaces. The check, the
     /// rename and the accounting happen under the usage lock, so concurrent
-    /// uploads cannot together exceed a limit each fits alone. Blocking;
-    /// [`Upload::sync`] it first, so that the lock is held for a rename only.
+    /// uploads cannot together exceed a limit each fits alone. Blocking: the
+    /// data is fsynced before the lock is taken (and not at all for an
+    /// upload that already does not fit), so the lock covers a rename only.
     pub fn commit_upload<E>(
         &self,
         user: Uuid,
         workspace: &Workspace,
-        upload: Upload,
+        mut upload: Upload,
         size: u64,
-        fits: impl FnOnce(Usage, Option<u64>) -> Result<(), E>,
+        mut fits: impl FnMut(Usage, Option<u64>) -> Result<(), E>,
     ) -> Result<Result<Replaced, E>, SandboxError> {
+        // Dropping a refused upload removes its temporary file.
         let measured = self.usage(user, workspace)?;
+        if let Err(refusal) = fits(measured, upload.replacing()?) {
+            return Ok(Err(refusal));
+        }
+        upload.sync()?;
         let mut usages = self.lock();
         let usage = usages.entry(user).or_insert(measured);
         if let Err(refusal) = fits(*usage, upload.replacing()?) {
-            // Dropping the upload removes its temporary file.
             return Ok(Err(refusal));
         }
         let replaced = upload.commit()?;
@@ -186,34 +191,44 @@ mod tests {
 
     #[test]
     fn a_refused_upload_leaves_nothing_and_the_check_sees_what_it_replaces() {
-        let base = tempfile::tempdir().expect("tempdir");
-        let workspaces = Workspaces::new(base.path());
-        let user = Uuid::new_v4();
-        let workspace = workspaces.open(user).expect("open");
-        write(&workspaces, user, "kept.txt", b"12345");
-        let mut seen = None;
-        let refused = workspaces
-            .commit_upload(
-                user,
-                &workspace,
-                upload(&workspace, "kept.txt", b"123456789"),
-                9,
-                |usage, replacing| {
-                    seen = Some((usage, replacing));
-                    Err("over quota")
-                },
-            )
-            .expect("no file system error");
-        assert_eq!(refused, Err("over quota"));
-        assert_eq!(seen, Some((Usage { bytes: 5, files: 1 }, Some(5))));
-        assert_eq!(
-            workspace.usage().expect("rescan"),
-            (5, 1),
-            "the old file is intact and no temporary file is left"
-        );
-        assert_eq!(
-            workspaces.usage(user, &workspace).expect("usage"),
-            Usage { bytes: 5, files: 1 }
-        );
+        // Refused by the check before the fsync, then by the one under the lock.
+        for refused_at_call in [1, 2] {
+            let base = tempfile::tempdir().expect("tempdir");
+            let workspaces = Workspaces::new(base.path());
+            let user = Uuid::new_v4();
+            let workspace = workspaces.open(user).expect("open");
+            write(&workspaces, user, "kept.txt", b"12345");
+            let mut seen = Vec::new();
+            let refused = workspaces
+                .commit_upload(
+                    user,
+                    &workspace,
+                    upload(&workspace, "kept.txt", b"123456789"),
+                    9,
+                    |usage, replacing| {
+                        seen.push((usage, replacing));
+                        if seen.len() == refused_at_call {
+                            Err("over quota")
+                        } else {
+                            Ok(())
+                        }
+                    },
+                )
+                .expect("no file system error");
+            assert_eq!(refused, Err("over quota"));
+            assert_eq!(
+                seen,
+                vec![(Usage { bytes: 5, files: 1 }, Some(5)); refused_at_call]
+            );
+            assert_eq!(
+                workspace.usage().expect("rescan"),
+                (5, 1),
+                "the old file is intact and no temporary file is left"
+            );
+            assert_eq!(
+                workspaces.usage(user, &workspace).expect("usage"),
+                Usage { bytes: 5, files: 1 }
+            );
+        }
     }
 }

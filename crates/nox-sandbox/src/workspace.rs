@@ -405,8 +405,8 @@ impl Upload {
         self.file = Some(file);
     }
 
-    /// Flushes the data to disk. Blocking. [`Upload::commit`] does it too;
-    /// doing it first leaves the commit only a rename.
+    /// Flushes the data to disk. Blocking. [`Upload::commit`] does it too
+    /// if it was not done before.
     pub fn sync(&mut self) -> Result<(), SandboxError> {
         if let Some(file) = self.file.take() {
             file.sync_all()?;
