@@ -92,16 +92,19 @@ impl Workspaces {
         }
         upload.sync()?;
         let mut usages = self.lock();
-        let usage = usages.entry(user).or_insert(measured);
-        if let Err(refusal) = fits(*usage, upload.replacing()?) {
+        let current = usages.get(&user).copied().unwrap_or(measured);
+        if let Err(refusal) = fits(current, upload.replacing()?) {
             return Ok(Err(refusal));
         }
         let replaced = upload.commit()?;
-        match replaced.previous_size {
-            Some(previous) => usage.bytes = (usage.bytes + size).saturating_sub(previous),
-            None => {
-                usage.bytes += size;
-                usage.files += 1;
+        // Forgotten meanwhile (`invalidate`): the next walk counts the file.
+        if let Some(usage) = usages.get_mut(&user) {
+            match replaced.previous_size {
+                Some(previous) => usage.bytes = (usage.bytes + size).saturating_sub(previous),
+                None => {
+                    usage.bytes += size;
+                    usage.files += 1;
+                }
             }
         }
         Ok(Ok(replaced))
