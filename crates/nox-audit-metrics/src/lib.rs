@@ -6,11 +6,12 @@
 //! Labels are bounded: routes are templates (`unmatched` otherwise), and
 //! user ids are capped by [`UserLabels`].
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use metrics::{
-    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+    Counter, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge,
+    histogram,
 };
 use uuid::Uuid;
 
@@ -156,50 +157,55 @@ pub fn describe(version: &str) {
     gauge!(BUILD_INFO, "version" => version.to_owned()).set(1.0);
 }
 
-/// Bounds the `user_id` label: the first `max` users seen keep their id,
-/// later ones are `other`; with `max = 0` every value is `all`.
+/// The per-record audit series, with their handles resolved once per label
+/// set: resolving a handle hashes its labels into the recorder's registry,
+/// which costs more than the increment itself, on every request.
+///
+/// The `user_id` label is bounded: the first `max_users` users seen keep
+/// their id, later ones share `other`; with `max_users = 0` every value is
+/// `all`. Handles are resolved against the recorder installed when they are
+/// first used, so install the recorder before recording anything.
 #[derive(Debug)]
-pub struct UserLabels {
-    max: usize,
-    seen: Mutex<HashSet<Uuid>>,
+pub struct AuditMetrics {
+    max_users: usize,
+    series: Mutex<Series>,
 }
 
-impl UserLabels {
-    pub fn new(max: usize) -> Self {
-        UserLabels {
-            max,
-            seen: Mutex::new(HashSet::new()),
-        }
-    }
-
-    pub fn label(&self, user: Option<Uuid>) -> String {
-        let Some(user) = user else {
-            return "anonymous".to_owned();
-        };
-        if self.max == 0 {
-            return "all".to_owned();
-        }
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.contains(&user) || seen.len() < self.max {
-            seen.insert(user);
-            user.to_string()
-        } else {
-            "other".to_owned()
-        }
-    }
+#[derive(Debug, Default)]
+struct Series {
+    users: HashMap<Uuid, UserSeries>,
+    anonymous: Option<UserSeries>,
+    /// Users past the bound (`other`), or everyone when it is 0 (`all`).
+    shared: Option<UserSeries>,
+    /// By route template.
+    response_times: HashMap<String, Histogram>,
+    /// By route template, then status code.
+    errors: HashMap<String, HashMap<u16, Counter>>,
 }
 
-/// One HTTP request.
-pub fn record_http(route: &str, method: &str, status: u16, seconds: f64) {
-    let (route, method) = (route.to_owned(), method.to_owned());
-    counter!(HTTP_REQUESTS_TOTAL, "route" => route.clone(), "method" => method.clone(), "status" => status.to_string()).increment(1);
-    histogram!(HTTP_REQUEST_DURATION_SECONDS, "route" => route, "method" => method).record(seconds);
+#[derive(Debug)]
+struct UserSeries {
+    label: String,
+    /// By action type: `[error, success]`.
+    actions: HashMap<String, [Counter; 2]>,
+    /// By quota type.
+    quota_violations: HashMap<String, Counter>,
+}
+
+impl UserSeries {
+    fn new(label: String) -> Self {
+        UserSeries {
+            label,
+            actions: HashMap::new(),
+            quota_violations: HashMap::new(),
+        }
+    }
 }
 
 /// What an audited request contributes to the audit families.
 #[derive(Debug)]
 pub struct AuditedAction<'a> {
-    pub user_label: String,
+    pub user_id: Option<Uuid>,
     pub action_type: &'a str,
     pub route: &'a str,
     pub status: u16,
@@ -209,17 +215,95 @@ pub struct AuditedAction<'a> {
     pub quota_violation: Option<&'a str>,
 }
 
-pub fn record_action(action: AuditedAction<'_>) {
-    let outcome = if action.success { "success" } else { "error" };
-    counter!(AUDIT_ACTIONS_TOTAL, "user_id" => action.user_label.clone(), "action_type" => action.action_type.to_owned(), "status" => outcome).increment(1);
-    histogram!(AUDIT_RESPONSE_TIME_SECONDS, "endpoint" => action.route.to_owned())
+impl AuditMetrics {
+    pub fn new(max_users: usize) -> Self {
+        AuditMetrics {
+            max_users,
+            series: Mutex::new(Series::default()),
+        }
+    }
+
+    /// The `user_id` label `user` is recorded under.
+    pub fn user_label(&self, user: Option<Uuid>) -> String {
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        self.user_series(&mut series, user).label.clone()
+    }
+
+    fn user_series<'s>(&self, series: &'s mut Series, user: Option<Uuid>) -> &'s mut UserSeries {
+        let Some(id) = user else {
+            return series
+                .anonymous
+                .get_or_insert_with(|| UserSeries::new("anonymous".to_owned()));
+        };
+        if !series.users.contains_key(&id) && series.users.len() >= self.max_users {
+            let label = if self.max_users == 0 { "all" } else { "other" };
+            return series
+                .shared
+                .get_or_insert_with(|| UserSeries::new(label.to_owned()));
+        }
+        series
+            .users
+            .entry(id)
+            .or_insert_with(|| UserSeries::new(id.to_string()))
+    }
+
+    pub fn record(&self, action: AuditedAction<'_>) {
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let series = &mut *series;
+        let user = self.user_series(series, action.user_id);
+        let outcomes = match user.actions.get(action.action_type) {
+            Some(outcomes) => outcomes,
+            None => {
+                let counter = |outcome: &'static str| counter!(AUDIT_ACTIONS_TOTAL, "user_id" => user.label.clone(), "action_type" => action.action_type.to_owned(), "status" => outcome);
+                let outcomes = [counter("error"), counter("success")];
+                user.actions
+                    .entry(action.action_type.to_owned())
+                    .or_insert(outcomes)
+            }
+        };
+        outcomes[usize::from(action.success)].increment(1);
+        if let Some(quota_type) = action.quota_violation {
+            match user.quota_violations.get(quota_type) {
+                Some(violations) => violations,
+                None => user
+                    .quota_violations
+                    .entry(quota_type.to_owned())
+                    .or_insert_with(|| {
+                        counter!(AUDIT_QUOTA_VIOLATIONS_TOTAL, "user_id" => user.label.clone(), "quota_type" => quota_type.to_owned())
+                    }),
+            }
+            .increment(1);
+        }
+        match series.response_times.get(action.route) {
+            Some(histogram) => histogram,
+            None => series
+                .response_times
+                .entry(action.route.to_owned())
+                .or_insert_with(|| {
+                    histogram!(AUDIT_RESPONSE_TIME_SECONDS, "endpoint" => action.route.to_owned())
+                }),
+        }
         .record(action.seconds);
-    if action.status >= 400 {
-        counter!(AUDIT_ERRORS_TOTAL, "endpoint" => action.route.to_owned(), "status_code" => action.status.to_string()).increment(1);
+        if action.status >= 400 {
+            let by_status = match series.errors.get_mut(action.route) {
+                Some(by_status) => by_status,
+                None => series.errors.entry(action.route.to_owned()).or_default(),
+            };
+            by_status
+                .entry(action.status)
+                .or_insert_with(|| {
+                    counter!(AUDIT_ERRORS_TOTAL, "endpoint" => action.route.to_owned(), "status_code" => action.status.to_string())
+                })
+                .increment(1);
+        }
     }
-    if let Some(quota_type) = action.quota_violation {
-        counter!(AUDIT_QUOTA_VIOLATIONS_TOTAL, "user_id" => action.user_label, "quota_type" => quota_type.to_owned()).increment(1);
-    }
+}
+
+/// One HTTP request.
+pub fn record_http(route: &str, method: &str, status: u16, seconds: f64) {
+    let (route, method) = (route.to_owned(), method.to_owned());
+    counter!(HTTP_REQUESTS_TOTAL, "route" => route.clone(), "method" => method.clone(), "status" => status.to_string()).increment(1);
+    histogram!(HTTP_REQUEST_DURATION_SECONDS, "route" => route, "method" => method).record(seconds);
 }
 
 pub fn record_sessions_opened(count: u64) {
@@ -277,17 +361,22 @@ mod tests {
 
     #[test]
     fn user_labels_are_bounded() {
-        let labels = UserLabels::new(2);
+        let metrics = AuditMetrics::new(2);
         let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
-        assert_eq!(labels.label(Some(a)), a.to_string());
-        assert_eq!(labels.label(Some(b)), b.to_string());
-        assert_eq!(labels.label(Some(c)), "other");
+        assert_eq!(metrics.user_label(Some(a)), a.to_string());
+        assert_eq!(metrics.user_label(Some(b)), b.to_string());
+        assert_eq!(metrics.user_label(Some(c)), "other");
         assert_eq!(
-            labels.label(Some(a)),
+            metrics.user_label(Some(a)),
             a.to_string(),
             "known users keep their label"
         );
-        assert_eq!(labels.label(None), "anonymous");
-        assert_eq!(UserLabels::new(0).label(Some(a)), "all");
+        assert_eq!(metrics.user_label(None), "anonymous");
+        assert_eq!(
+            metrics.user_label(Some(c)),
+            "other",
+            "anonymous requests do not count against the bound"
+        );
+        assert_eq!(AuditMetrics::new(0).user_label(Some(a)), "all");
     }
 }

@@ -24,7 +24,7 @@ use tokio::try_join;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 
-use nox_audit_metrics::{AuditedAction, UserLabels};
+use nox_audit_metrics::{AuditMetrics, AuditedAction};
 use nox_audit_model::chain::ACTIONS_CHAIN;
 use nox_audit_model::{ACTION_COLUMNS, ActionRecord, Clock};
 use uuid::Uuid;
@@ -174,14 +174,14 @@ enum Message {
 pub struct AuditSink {
     sender: mpsc::Sender<Message>,
     status: Arc<SinkStatus>,
-    user_labels: Arc<UserLabels>,
+    metrics: Arc<AuditMetrics>,
 }
 
 impl AuditSink {
     /// Queues a record, waiting for room. With `wait_commit`, returns only
     /// once the record is committed or spooled.
     pub async fn submit(&self, record: ActionRecord, wait_commit: bool) -> Result<(), SinkError> {
-        record_metrics(&record, &self.user_labels);
+        record_metrics(&record, &self.metrics);
         if !wait_commit {
             return self
                 .sender
@@ -208,7 +208,7 @@ impl AuditSink {
 }
 
 /// What one record adds to the audit metrics.
-fn record_metrics(record: &ActionRecord, labels: &UserLabels) {
+fn record_metrics(record: &ActionRecord, metrics: &AuditMetrics) {
     let quota_type = record
         .quota_violation
         .then(|| {
@@ -219,8 +219,8 @@ fn record_metrics(record: &ActionRecord, labels: &UserLabels) {
                 .and_then(|value| value.as_str())
         })
         .flatten();
-    nox_audit_metrics::record_action(AuditedAction {
-        user_label: labels.label(record.user_id),
+    metrics.record(AuditedAction {
+        user_id: record.user_id,
         action_type: &record.action_type,
         route: &record.route,
         status: record.status_code as u16,
@@ -268,12 +268,12 @@ impl AuditWriter {
             receiver,
         };
         nox_audit_metrics::set_spool_rows(status.spool_rows());
-        let user_labels = Arc::new(UserLabels::new(task.config.max_user_labels));
+        let metrics = Arc::new(AuditMetrics::new(task.config.max_user_labels));
         AuditWriter {
             sink: AuditSink {
                 sender,
                 status,
-                user_labels,
+                metrics,
             },
             task: tokio::spawn(task.run()),
         }
