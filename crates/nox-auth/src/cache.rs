@@ -3,10 +3,16 @@
 //! A resolved token is trusted for `ttl` (default 4 s). After that the next
 //! request re-checks it against the database (which also records
 //! `last_used_at`), so a revocation or deactivation made on another server
-//! instance takes effect within `ttl`; the instance that makes the change
-//! drops its entries at once. While the database is unreachable, tokens
-//! already cached stay valid (nothing can be revoked without the database)
-//! and unknown tokens cannot be checked.
+//! instance takes effect within `ttl` plus one check; the instance that
+//! makes the change drops its entries at once. One request at a time
+//! re-checks a token: requests arriving meanwhile use the cached caller
+//! instead of each waiting for a check of their own (a busy token would
+//! otherwise send a burst of checks, and of `last_used_at` updates queued
+//! on one row, to the database every `ttl`, stalling all its requests). A
+//! check that has not finished within `ttl` no longer holds the others
+//! back. While the database is unreachable, tokens already cached stay
+//! valid (nothing can be revoked without the database) and unknown tokens
+//! cannot be checked.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -35,6 +41,19 @@ pub enum AuthFailure {
 struct Entry {
     caller: Caller,
     validated_at: Instant,
+    /// When a request began re-checking this stale entry.
+    check_started: Option<Instant>,
+}
+
+/// What the cache knows about a token.
+#[derive(Debug)]
+enum Cached {
+    /// Checked within `ttl`.
+    Fresh(Caller),
+    /// Stale, and another request is re-checking it.
+    BeingChecked(Caller),
+    /// Stale: this request re-checks it.
+    Stale(Caller),
 }
 
 #[derive(Debug)]
@@ -53,10 +72,11 @@ impl Authenticator {
 
     pub async fn authenticate(&self, pool: &Pool, token: &str) -> Result<Caller, AuthFailure> {
         let hash = token::hash(token);
-        let cached = self.cached(&hash);
-        if let Some((caller, true)) = &cached {
-            return Ok(caller.clone());
-        }
+        let cached = match self.cached(&hash) {
+            Some(Cached::Fresh(caller) | Cached::BeingChecked(caller)) => return Ok(caller),
+            Some(Cached::Stale(caller)) => Some(caller),
+            None => None,
+        };
         match store::resolve_token(pool, &hash).await {
             Ok(Some(caller)) => {
                 self.insert(hash, caller.clone());
@@ -68,10 +88,9 @@ impl Authenticator {
             }
             Err(error) => {
                 tracing::warn!(%error, "cannot check a token against the database");
-                match cached {
-                    Some((caller, _stale)) => Ok(caller),
-                    None => Err(AuthFailure::Unavailable),
-                }
+                // The check stays marked as started: the next one is made
+                // `ttl` from now, not by every request meanwhile.
+                cached.ok_or(AuthFailure::Unavailable)
             }
         }
     }
@@ -89,14 +108,23 @@ impl Authenticator {
             .retain(|_, entry| entry.caller.token_id != token_id);
     }
 
-    /// The cached caller and whether it is still fresh.
-    fn cached(&self, hash: &[u8; 32]) -> Option<(Caller, bool)> {
-        self.lock().get(hash).map(|entry| {
-            (
-                entry.caller.clone(),
-                entry.validated_at.elapsed() < self.ttl,
-            )
-        })
+    /// The cached caller, if any; a stale entry is claimed for re-checking
+    /// by the first request that finds it.
+    fn cached(&self, hash: &[u8; 32]) -> Option<Cached> {
+        let mut entries = self.lock();
+        let entry = entries.get_mut(hash)?;
+        let caller = entry.caller.clone();
+        if entry.validated_at.elapsed() < self.ttl {
+            return Some(Cached::Fresh(caller));
+        }
+        if entry
+            .check_started
+            .is_some_and(|started| started.elapsed() < self.ttl)
+        {
+            return Some(Cached::BeingChecked(caller));
+        }
+        entry.check_started = Some(Instant::now());
+        Some(Cached::Stale(caller))
     }
 
     fn insert(&self, hash: [u8; 32], caller: Caller) {
@@ -109,6 +137,7 @@ impl Authenticator {
             Entry {
                 caller,
                 validated_at: Instant::now(),
+                check_started: None,
             },
         );
     }
@@ -118,5 +147,49 @@ impl Authenticator {
         self.entries
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Role, Tier};
+
+    fn caller() -> Caller {
+        Caller {
+            user_id: Uuid::now_v7(),
+            name: "alice".into(),
+            role: Role::User,
+            tier: Tier::Free,
+            token_id: Uuid::now_v7(),
+        }
+    }
+
+    #[test]
+    fn one_request_at_a_time_rechecks_a_stale_token() {
+        let cache = Authenticator::new(Duration::from_millis(50));
+        let hash = [7u8; 32];
+        assert!(cache.cached(&hash).is_none());
+        cache.insert(hash, caller());
+        assert!(matches!(cache.cached(&hash), Some(Cached::Fresh(_))));
+
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(matches!(cache.cached(&hash), Some(Cached::Stale(_))));
+        for _ in 0..3 {
+            assert!(
+                matches!(cache.cached(&hash), Some(Cached::BeingChecked(_))),
+                "others use the cached caller while the first request checks"
+            );
+        }
+        // The check completed: fresh again.
+        cache.insert(hash, caller());
+        assert!(matches!(cache.cached(&hash), Some(Cached::Fresh(_))));
+
+        // A check that never completes (its request was dropped) holds the
+        // others back for one ttl only.
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(matches!(cache.cached(&hash), Some(Cached::Stale(_))));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(matches!(cache.cached(&hash), Some(Cached::Stale(_))));
     }
 }

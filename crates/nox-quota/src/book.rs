@@ -79,7 +79,37 @@ struct Entry {
     hour: Window,
     day: Window,
     overrides: Limits,
-    overrides_read: Instant,
+    /// When `overrides` were read; `None`: never, or to be read again.
+    overrides_read: Option<Instant>,
+    /// When a request began reading them again. One request at a time
+    /// does; the others use the current ones meanwhile, instead of each
+    /// waiting for a read of its own (a busy user would otherwise send a
+    /// burst of reads to the database every `OVERRIDES_TTL`).
+    overrides_read_started: Option<Instant>,
+}
+
+impl Entry {
+    fn new(now: OffsetDateTime, hour_counts: (u64, u64), day_counts: (u64, u64)) -> Self {
+        Entry {
+            hour: Window {
+                requests: hour_counts.0,
+                cpu_ms: hour_counts.1,
+                ..Window::new(Kind::Hour.start(now))
+            },
+            day: Window {
+                requests: day_counts.0,
+                cpu_ms: day_counts.1,
+                ..Window::new(Kind::Day.start(now))
+            },
+            overrides: Limits::default(),
+            overrides_read: None,
+            overrides_read_started: None,
+        }
+    }
+}
+
+fn within_ttl(at: Option<Instant>) -> bool {
+    at.is_some_and(|at| at.elapsed() < OVERRIDES_TTL)
 }
 
 /// A window's counts that still have to reach the database.
@@ -136,39 +166,55 @@ impl QuotaBook {
 
     /// Reads the user's overrides (when stale) and, on first use, the
     /// current windows' counts. If the database is unreachable, the user
-    /// counts from zero in memory rather than being refused.
+    /// counts from zero in memory rather than being refused, and known
+    /// overrides stay in force; the read is tried again `OVERRIDES_TTL`
+    /// later.
     pub async fn load(&self, user: Uuid) {
-        let fresh = self
-            .lock()
-            .get(&user)
-            .is_some_and(|entry| entry.overrides_read.elapsed() < OVERRIDES_TTL);
-        if fresh {
-            return;
-        }
+        let claimed = {
+            let mut users = self.lock();
+            match users.get_mut(&user) {
+                Some(entry)
+                    if within_ttl(entry.overrides_read)
+                        || within_ttl(entry.overrides_read_started) =>
+                {
+                    return;
+                }
+                Some(entry) => {
+                    let started = Instant::now();
+                    entry.overrides_read_started = Some(started);
+                    Some(started)
+                }
+                None => None,
+            }
+        };
         let now = self.clock.now();
-        let (hour_start, day_start) = (Kind::Hour.start(now), Kind::Day.start(now));
-        let loaded = self.read(user, hour_start, day_start).await;
-        if let Err(error) = &loaded {
-            tracing::warn!(%error, "quota state could not be read; counting in memory");
-        }
-        let (overrides, hour_count, day_count) = loaded.unwrap_or_default();
+        let loaded = self
+            .read(user, Kind::Hour.start(now), Kind::Day.start(now))
+            .await;
         let mut users = self.lock();
-        let entry = users.entry(user).or_insert_with(|| Entry {
-            hour: Window {
-                requests: hour_count.0,
-                cpu_ms: hour_count.1,
-                ..Window::new(hour_start)
-            },
-            day: Window {
-                requests: day_count.0,
-                cpu_ms: day_count.1,
-                ..Window::new(day_start)
-            },
-            overrides,
-            overrides_read: Instant::now(),
-        });
-        entry.overrides = overrides;
-        entry.overrides_read = Instant::now();
+        match loaded {
+            Ok((overrides, hour_counts, day_counts)) => {
+                let entry = users
+                    .entry(user)
+                    .or_insert_with(|| Entry::new(now, hour_counts, day_counts));
+                // Unless `forget_overrides` came while this read was under
+                // way: then they are read again.
+                if entry.overrides_read_started == claimed {
+                    entry.overrides = overrides;
+                    entry.overrides_read = Some(Instant::now());
+                    entry.overrides_read_started = None;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "quota state could not be read; counting in memory");
+                let entry = users
+                    .entry(user)
+                    .or_insert_with(|| Entry::new(now, (0, 0), (0, 0)));
+                entry
+                    .overrides_read_started
+                    .get_or_insert_with(Instant::now);
+            }
+        }
     }
 
     /// Runs database work on the book's own runtime.
@@ -232,12 +278,9 @@ impl QuotaBook {
     pub fn try_count_request(&self, user: Uuid, limits: &Limits) -> Result<(), Violation> {
         let now = self.clock.now();
         let mut users = self.lock();
-        let entry = users.entry(user).or_insert_with(|| Entry {
-            hour: Window::new(Kind::Hour.start(now)),
-            day: Window::new(Kind::Day.start(now)),
-            overrides: Limits::default(),
-            overrides_read: Instant::now() - OVERRIDES_TTL,
-        });
+        let entry = users
+            .entry(user)
+            .or_insert_with(|| Entry::new(now, (0, 0), (0, 0)));
         self.roll(entry, user, now);
         for (quota_type, window, limit, kind) in [
             ("req_hour", &entry.hour, limits.req_hour, Kind::Hour),
@@ -417,7 +460,8 @@ impl QuotaBook {
     /// Makes the next [`QuotaBook::load`] re-read the user's overrides.
     pub fn forget_overrides(&self, user: Uuid) {
         if let Some(entry) = self.lock().get_mut(&user) {
-            entry.overrides_read = Instant::now() - OVERRIDES_TTL;
+            entry.overrides_read = None;
+            entry.overrides_read_started = None;
         }
     }
 }
