@@ -4,19 +4,29 @@
 # loopback client, bounded in time), once per mode, RUNS times each.
 #
 #   scripts/bench-audit-modes.sh            # RUNS=3 DURATION=8 CONNECTIONS="32 128"
+#                                           # TOPOLOGIES="split shared"
 #   NOX_SERVER_BIN=/tmp/nox-server-before scripts/bench-audit-modes.sh
 #                                           # another build (A/B), no rebuild
 #
+# TOPOLOGIES: `split` gives the server CPU 0 to itself, PostgreSQL and wrk
+# the others (what auditing costs the API server); `shared` lets all three
+# compete for every CPU (see scripts/lib/cpus.sh).
+#
 # Each line also splits the CPU the machine spent per request between the
 # server, PostgreSQL (its processes on this machine) and everything else
-# (mostly wrk): with both cores busy, throughput is bounded by their sum.
+# (mostly wrk). The summary at the end gives, per topology, each mode's
+# median req/s at each connection count, its peak (the best of those
+# medians) and the peak's ratio to `off`'s peak.
 #
 # Needs a PostgreSQL at DATABASE_ADMIN_URL (default: postgres@127.0.0.1:5432),
 # where it creates and drops the database nox_bench_modes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+source scripts/lib/cpus.sh
+
 RUNS=${RUNS:-3}
+TOPOLOGIES=${TOPOLOGIES:-"split shared"}
 SECONDS_PER_RUN=${DURATION:-8}
 CONNECTIONS=${CONNECTIONS:-"32 128"}
 ADMIN_URL=${DATABASE_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
@@ -38,17 +48,19 @@ postgres_ticks() {
 busy_ticks() { awk '$1 == "cpu" {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
-run_mode() { # mode connections -> "rps p50 p99 server_us postgres_us other_us"
+run_mode() { # topology mode connections -> "rps p50 p99 server_us postgres_us other_us"
+    local topology=$1
+    shift
     psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS nox_bench_modes" -c "CREATE DATABASE nox_bench_modes" 2>/dev/null
     local data; data=$(mktemp -d)
     NOX_AUDIT_MODE=$1 NOX_RATE_LIMIT_PER_USER=0 NOX_RATE_LIMIT_PER_IP=0 NOX_ADMIN_TOKEN=$TOKEN DATABASE_URL=$DB_URL NOX_DATA_DIR=$data \
-        NOX_PORT=$PORT RUST_LOG=warn "${NOX_SERVER_BIN:-./target/release/nox-server}" >/dev/null 2>&1 &
+        NOX_PORT=$PORT RUST_LOG=warn $(server_cpus "$topology") "${NOX_SERVER_BIN:-./target/release/nox-server}" >/dev/null 2>&1 &
     local server=$!
     for _ in $(seq 50); do curl -sf "localhost:$PORT/health" >/dev/null && break; sleep 0.1; done
     curl -sf -X PUT "localhost:$PORT/write?path=a.txt" -H "Authorization: Bearer $TOKEN" --data-binary hello >/dev/null
     local server0 pg0 busy0
     server0=$(ticks_of "$server"); pg0=$(postgres_ticks); busy0=$(busy_ticks)
-    local out; out=$(wrk -t1 -c"$2" -d"${SECONDS_PER_RUN}s" --latency \
+    local out; out=$($(client_cpus "$topology") wrk -t1 -c"$2" -d"${SECONDS_PER_RUN}s" --latency \
         -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$PORT/ls?path=.")
     local server_ticks=$(($(ticks_of "$server") - server0)) pg_ticks=$(($(postgres_ticks) - pg0))
     local busy=$(($(busy_ticks) - busy0))
@@ -65,13 +77,41 @@ run_mode() { # mode connections -> "rps p50 p99 server_us postgres_us other_us"
         'BEGIN {printf "%s %s %s %.1f %.1f %.1f\n", rps, p50, p99, s * t / r, p * t / r, (b - s - p) * t / r}'
 }
 
-for c in $CONNECTIONS; do
-    for run in $(seq "$RUNS"); do
-        for mode in off buffered durable; do
-            read -r rps p50 p99 server_us pg_us other_us <<<"$(run_mode "$mode" "$c")"
-            echo "connections=$c run=$run mode=$mode rps=$rps p50=$p50 p99=$p99" \
-                "cpu_us_per_request: server=$server_us postgres=$pg_us other=$other_us"
+trap 'restore_postgres; psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS nox_bench_modes" 2>/dev/null' EXIT
+results=$(mktemp)
+for topology in $TOPOLOGIES; do
+    if [ "$topology" = split ] && ! split_possible; then
+        echo "topology=split skipped: this machine has one CPU"
+        continue
+    fi
+    place_postgres "$topology"
+    for c in $CONNECTIONS; do
+        for run in $(seq "$RUNS"); do
+            for mode in off buffered durable; do
+                read -r rps p50 p99 server_us pg_us other_us <<<"$(run_mode "$topology" "$mode" "$c")"
+                echo "topology=$topology connections=$c run=$run mode=$mode rps=$rps p50=$p50 p99=$p99" \
+                    "cpu_us_per_request: server=$server_us postgres=$pg_us other=$other_us"
+                echo "$topology $mode $c $rps" >>"$results"
+            done
         done
     done
 done
-psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS nox_bench_modes" 2>/dev/null
+
+echo "== summary: median req/s per connection count; peak = the best median"
+for topology in $TOPOLOGIES; do
+    for mode in off buffered durable; do
+        line="topology=$topology mode=$mode"
+        for c in $CONNECTIONS; do
+            median=$(awk -v t="$topology" -v m="$mode" -v c="$c" '$1 == t && $2 == m && $3 == c {print $4}' "$results" |
+                sort -n | awk '{v[NR] = $1} END {if (NR) print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)}')
+            [ -n "$median" ] || continue
+            line+=" c$c=$median"
+            echo "$topology $mode $c $median" >>"$results.medians"
+        done
+        echo "$line"
+    done
+    awk -v t="$topology" '$1 == t {if ($4 > peak[$2]) peak[$2] = $4}
+        END {if (peak["off"]) printf "topology=%s peak req/s: off %.0f, buffered %.0f (%.2f of off), durable %.0f (%.2f of off)\n",
+            t, peak["off"], peak["buffered"], peak["buffered"] / peak["off"], peak["durable"], peak["durable"] / peak["off"]}' "$results.medians"
+done
+rm -f "$results" "$results.medians"
