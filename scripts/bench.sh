@@ -19,8 +19,9 @@ step() { # name command...
 
 step "release build" cargo build --release --bins
 step "cargo bench (ingest, hot paths, encoding)" cargo bench --workspace --bench '*'
-step "audit modes" env DURATION=4 scripts/bench-audit-modes.sh
-step "durable latency and RSS" env DURATION=4 scripts/bench-durable-latency.sh
+step "audit modes, server on its own CPU" env DURATION=4 TOPOLOGIES=split scripts/bench-audit-modes.sh
+step "audit modes, shared CPUs" env DURATION=4 RUNS=2 TOPOLOGIES=shared scripts/bench-audit-modes.sh
+step "durable latency and RSS" env DURATION=3 scripts/bench-durable-latency.sh
 step "/run overhead" scripts/bench-run-overhead.sh
 step "/logs and export on 5M rows" env DURATION=2 scripts/bench-audit-queries.sh
 

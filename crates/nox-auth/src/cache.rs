@@ -167,13 +167,13 @@ mod tests {
 
     #[test]
     fn one_request_at_a_time_rechecks_a_stale_token() {
-        let cache = Authenticator::new(Duration::from_millis(50));
+        let cache = Authenticator::new(Duration::from_millis(300));
         let hash = [7u8; 32];
         assert!(cache.cached(&hash).is_none());
         cache.insert(hash, caller());
         assert!(matches!(cache.cached(&hash), Some(Cached::Fresh(_))));
 
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(Duration::from_millis(350));
         assert!(matches!(cache.cached(&hash), Some(Cached::Stale(_))));
         for _ in 0..3 {
             assert!(
@@ -187,9 +187,9 @@ mod tests {
 
         // A check that never completes (its request was dropped) holds the
         // others back for one ttl only.
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(Duration::from_millis(350));
         assert!(matches!(cache.cached(&hash), Some(Cached::Stale(_))));
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(Duration::from_millis(350));
         assert!(matches!(cache.cached(&hash), Some(Cached::Stale(_))));
     }
 }
