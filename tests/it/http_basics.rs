@@ -47,18 +47,31 @@ async fn unknown_routes_get_a_json_404() {
 }
 
 #[tokio::test]
-async fn wrong_method_on_a_known_path_is_json_too() {
+async fn wrong_method_on_a_known_path_is_a_json_405_with_allow() {
     let app = spawn_app().await;
-    let response = app
-        .client
-        .delete(app.url("/health"))
-        .send()
-        .await
-        .expect("request");
-    assert!(response.status().is_client_error());
-    let body: Value = response.json().await.expect("json error body");
-    assert!(body["detail"].is_string());
-    assert!(body["code"].is_string());
+    for (method, path, allow) in [
+        (reqwest::Method::DELETE, "/health", "GET"),
+        (reqwest::Method::POST, "/ls", "GET"),
+        (reqwest::Method::GET, "/write", "PUT"),
+        (reqwest::Method::PUT, "/admin/users/7", "GET, PATCH"),
+        (reqwest::Method::GET, "/admin/tokens/7", "DELETE"),
+    ] {
+        let response = app
+            .client
+            .request(method.clone(), app.url(path))
+            .bearer_auth(nox_testkit::TEST_ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 405, "{method} {path}");
+        assert_eq!(response.headers()["allow"], allow, "{method} {path}");
+        let body: Value = response.json().await.expect("json error body");
+        assert_eq!(body["code"], "method_not_allowed", "{method} {path}");
+        assert!(
+            body["detail"].as_str().expect("detail").contains(allow),
+            "{body}"
+        );
+    }
 }
 
 #[tokio::test]

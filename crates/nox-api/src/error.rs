@@ -5,10 +5,10 @@
 use actix_web::body::MessageBody;
 use actix_web::dev::ServiceResponse;
 use actix_web::error::JsonPayloadError;
-use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::{Method, StatusCode};
 use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
-use actix_web::{HttpResponse, ResponseError, web};
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -219,9 +219,27 @@ fn code_for_status(status: StatusCode) -> &'static str {
     }
 }
 
-/// The default service: unknown routes get a JSON 404.
-pub async fn not_found() -> HttpResponse {
-    json_error(StatusCode::NOT_FOUND, "Not Found", "not_found")
+/// The default service: a known path asked with a method it does not
+/// answer gets a JSON 405 with `Allow`; anything else a JSON 404.
+pub async fn not_found(request: HttpRequest) -> HttpResponse {
+    let allowed = crate::openapi::allowed_methods(request.path());
+    if allowed.is_empty() {
+        return json_error(StatusCode::NOT_FOUND, "Not Found", "not_found");
+    }
+    let allow = allowed
+        .iter()
+        .map(Method::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut response = json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} is not allowed here; use {allow}", request.method()),
+        "method_not_allowed",
+    );
+    if let Ok(value) = HeaderValue::from_str(&allow) {
+        response.headers_mut().insert(header::ALLOW, value);
+    }
+    response
 }
 
 /// Rewrites any error response that is not already JSON (actix's own 405s,

@@ -1,5 +1,9 @@
 //! `GET /openapi.json`: the OpenAPI 3 document every endpoint joins.
 
+use std::sync::LazyLock;
+
+use actix_web::dev::ResourceDef;
+use actix_web::http::Method;
 use actix_web::{HttpResponse, get, web};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -66,6 +70,46 @@ impl Modify for BearerAuth {
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
     }
+}
+
+/// The methods each documented path template answers, from the OpenAPI
+/// document (which lists every endpoint): how the default service tells a
+/// wrong method on a known path (405) from an unknown path (404).
+static ROUTE_METHODS: LazyLock<Vec<(ResourceDef, Vec<Method>)>> = LazyLock::new(|| {
+    ApiDoc::openapi()
+        .paths
+        .paths
+        .iter()
+        .map(|(template, item)| {
+            let methods = [
+                (Method::GET, item.get.is_some()),
+                (Method::HEAD, item.head.is_some()),
+                (Method::POST, item.post.is_some()),
+                (Method::PUT, item.put.is_some()),
+                (Method::PATCH, item.patch.is_some()),
+                (Method::DELETE, item.delete.is_some()),
+                (Method::OPTIONS, item.options.is_some()),
+            ]
+            .into_iter()
+            .filter_map(|(method, answered)| answered.then_some(method))
+            .collect();
+            (ResourceDef::new(template.as_str()), methods)
+        })
+        .collect()
+});
+
+/// The methods `path` answers (none: it matches no documented endpoint).
+pub fn allowed_methods(path: &str) -> Vec<Method> {
+    let mut allowed: Vec<Method> = Vec::new();
+    let matching = ROUTE_METHODS
+        .iter()
+        .filter(|(resource, _)| resource.is_match(path));
+    for method in matching.flat_map(|(_, methods)| methods) {
+        if !allowed.contains(method) {
+            allowed.push(method.clone());
+        }
+    }
+    allowed
 }
 
 /// The document, rendered once at start-up.
