@@ -200,6 +200,18 @@ async fn created_users_and_their_tokens_work_until_revoked() {
     .await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_unauthorized(app.get_as("/me", &first).await).await;
+    // Refused again (from memory now; see nox-auth's cache tests).
+    assert_unauthorized(app.get_as("/me", &first).await).await;
+
+    // Reactivation lets them in again at once on this instance, although
+    // the token was just refused.
+    let response = send(
+        app.request(Method::PATCH, &format!("/admin/users/{id}"), ADMIN)
+            .json(&json!({"is_active": true})),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(app.get_as("/me", &first).await.status(), StatusCode::OK);
 
     // Nothing issued ever reached the audit trail.
     let all: String = app

@@ -13,6 +13,12 @@
 //! back. While the database is unreachable, tokens already cached stay
 //! valid (nothing can be revoked without the database) and unknown tokens
 //! cannot be checked.
+//!
+//! A token the database refused is refused from memory for `ttl` too, so a
+//! client retrying a revoked or mistyped token costs no database round trip
+//! per request (identity is resolved before the rate limits apply). At
+//! most `MAX_REJECTED` such tokens are remembered: a flood of distinct
+//! random tokens is the per-IP rate limit's to stop.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -28,6 +34,8 @@ use crate::token;
 /// Entries not validated for this long are pruned when the cache is large.
 const PRUNE_AFTER: Duration = Duration::from_secs(300);
 const PRUNE_WHEN_LARGER_THAN: usize = 10_000;
+/// Refused tokens remembered at most.
+const MAX_REJECTED: usize = 10_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthFailure {
@@ -60,6 +68,8 @@ enum Cached {
 pub struct Authenticator {
     ttl: Duration,
     entries: Mutex<HashMap<[u8; 32], Entry>>,
+    /// Token hashes the database refused, and when.
+    rejected: Mutex<HashMap<[u8; 32], Instant>>,
 }
 
 impl Authenticator {
@@ -67,6 +77,7 @@ impl Authenticator {
         Authenticator {
             ttl,
             entries: Mutex::new(HashMap::new()),
+            rejected: Mutex::new(HashMap::new()),
         }
     }
 
@@ -75,6 +86,7 @@ impl Authenticator {
         let cached = match self.cached(&hash) {
             Some(Cached::Fresh(caller) | Cached::BeingChecked(caller)) => return Ok(caller),
             Some(Cached::Stale(caller)) => Some(caller),
+            None if self.recently_rejected(&hash) => return Err(AuthFailure::Invalid),
             None => None,
         };
         match store::resolve_token(pool, &hash).await {
@@ -84,6 +96,7 @@ impl Authenticator {
             }
             Ok(None) => {
                 self.lock().remove(&hash);
+                self.reject(hash);
                 Err(AuthFailure::Invalid)
             }
             Err(error) => {
@@ -100,6 +113,9 @@ impl Authenticator {
     pub fn forget_user(&self, user_id: Uuid) {
         self.lock()
             .retain(|_, entry| entry.caller.user_id != user_id);
+        // Refused tokens are not known by user: after a reactivation, its
+        // tokens must work here at once.
+        self.lock_rejected().clear();
     }
 
     /// Forgets one token (after revoking it on this instance).
@@ -127,7 +143,24 @@ impl Authenticator {
         Some(Cached::Stale(caller))
     }
 
+    fn recently_rejected(&self, hash: &[u8; 32]) -> bool {
+        self.lock_rejected()
+            .get(hash)
+            .is_some_and(|at| at.elapsed() < self.ttl)
+    }
+
+    fn reject(&self, hash: [u8; 32]) {
+        let mut rejected = self.lock_rejected();
+        if rejected.len() >= MAX_REJECTED {
+            rejected.retain(|_, at| at.elapsed() < self.ttl);
+        }
+        if rejected.len() < MAX_REJECTED {
+            rejected.insert(hash, Instant::now());
+        }
+    }
+
     fn insert(&self, hash: [u8; 32], caller: Caller) {
+        self.lock_rejected().remove(&hash);
         let mut entries = self.lock();
         if entries.len() > PRUNE_WHEN_LARGER_THAN {
             entries.retain(|_, entry| entry.validated_at.elapsed() < PRUNE_AFTER);
@@ -145,6 +178,12 @@ impl Authenticator {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Entry>> {
         // A panic while holding this lock cannot leave the map inconsistent.
         self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn lock_rejected(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Instant>> {
+        self.rejected
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -191,5 +230,34 @@ mod tests {
         assert!(matches!(cache.cached(&hash), Some(Cached::Stale(_))));
         std::thread::sleep(Duration::from_millis(350));
         assert!(matches!(cache.cached(&hash), Some(Cached::Stale(_))));
+    }
+
+    #[test]
+    fn a_refused_token_is_refused_from_memory_for_one_ttl() {
+        let cache = Authenticator::new(Duration::from_millis(300));
+        let hash = [9u8; 32];
+        assert!(!cache.recently_rejected(&hash));
+        cache.reject(hash);
+        assert!(cache.recently_rejected(&hash));
+        std::thread::sleep(Duration::from_millis(350));
+        assert!(
+            !cache.recently_rejected(&hash),
+            "checked against the database again after ttl"
+        );
+        // Accepted later (an operator-chosen token created meanwhile).
+        cache.reject(hash);
+        cache.insert(hash, caller());
+        assert!(!cache.recently_rejected(&hash));
+    }
+
+    #[test]
+    fn refused_tokens_remembered_are_bounded() {
+        let cache = Authenticator::new(Duration::from_secs(60));
+        for i in 0..MAX_REJECTED + 10 {
+            let mut hash = [0u8; 32];
+            hash[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            cache.reject(hash);
+        }
+        assert_eq!(cache.lock_rejected().len(), MAX_REJECTED);
     }
 }
