@@ -302,3 +302,49 @@ async fn rows_are_written_before_the_response_in_durable_mode() {
         assert_eq!(count, 1);
     }
 }
+
+/// A file operation's `cpu_time_ms` includes the CPU spent on the blocking
+/// thread that did the filesystem work, not only the HTTP worker's.
+#[tokio::test]
+async fn cpu_time_includes_work_on_the_blocking_pool() {
+    let app = spawn_app().await;
+    let user = app.new_user("cpu").await;
+    // Make the workspace, then fill a directory behind the server's back:
+    // deleting 5,000 files is thousands of `unlink`s on the blocking pool.
+    let made = send(
+        app.request(Method::PUT, "/write?path=keep.txt", &user.token)
+            .body("x"),
+    )
+    .await;
+    assert_eq!(made.status(), StatusCode::OK);
+    let many = app
+        .data_dir
+        .path()
+        .join("sandboxes")
+        .join(&user.id)
+        .join("many");
+    std::fs::create_dir(&many).expect("mkdir");
+    for i in 0..5_000 {
+        std::fs::write(many.join(format!("f{i}")), b"").expect("create");
+    }
+    let (small, status) =
+        tagged(app.request(Method::DELETE, "/delete?path=keep.txt", &user.token)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (big, status) = tagged(app.request(Method::DELETE, "/delete?path=many", &user.token)).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let rows = rows_by_request_id(&app).await;
+    let cpu = |id: &Uuid| -> f64 { rows[id].get::<_, Option<f64>>("cpu_time_ms").expect("cpu") };
+    assert_eq!(
+        rows[&big].get::<_, Option<i32>>("files_affected"),
+        Some(5_000)
+    );
+    // 5,000 unlinks cost well over a millisecond of CPU wherever they run;
+    // the HTTP worker's own part of either request is a fraction of that.
+    assert!(
+        cpu(&big) >= 2.0 && cpu(&big) > cpu(&small) + 1.0,
+        "cpu_time_ms: deleting 5,000 files {}, one file {}",
+        cpu(&big),
+        cpu(&small)
+    );
+}

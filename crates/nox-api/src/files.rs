@@ -65,14 +65,16 @@ fn audit_file(request: &HttpRequest, path: &SandboxPath, size: Option<u64>, affe
     });
 }
 
-/// Runs workspace work on a blocking thread.
+/// Runs workspace work on a blocking thread (its CPU charged to the
+/// request's audit record).
 async fn in_workspace<T: Send + 'static>(
+    request: &HttpRequest,
     state: &web::Data<AppState>,
     user: Uuid,
     work: impl FnOnce(&Workspace) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let state = state.clone();
-    web::block(move || {
+    crate::blocking::block(request, move || {
         let workspace = state.workspaces.open(user)?;
         // The first use of a workspace measures it, for storage accounting.
         state.workspaces.usage(user, &workspace)?;
@@ -121,7 +123,7 @@ pub async fn ls(
 ) -> Result<HttpResponse, ApiError> {
     let path = query.parse(&request, Some("."))?;
     let target = path.clone();
-    let (entry, listing) = in_workspace(&state, caller.0.user_id, move |workspace| {
+    let (entry, listing) = in_workspace(&request, &state, caller.0.user_id, move |workspace| {
         let entry = workspace.stat(&target)?;
         let listing = match entry.kind {
             EntryKind::Directory => Some(workspace.list(&target)?),
@@ -194,7 +196,7 @@ pub async fn cat(
 ) -> Result<HttpResponse, ApiError> {
     let path = query.parse(&request, None)?;
     let target = path.clone();
-    let (size, bytes) = in_workspace(&state, caller.0.user_id, move |workspace| {
+    let (size, bytes) = in_workspace(&request, &state, caller.0.user_id, move |workspace| {
         let (mut file, size) = workspace.open_file(&target)?;
         if size > MAX_CAT_BYTES {
             return Ok((size, None));
@@ -244,7 +246,7 @@ pub async fn download(
 ) -> Result<HttpResponse, ApiError> {
     let path = query.parse(&request, None)?;
     let target = path.clone();
-    let (file, size) = in_workspace(&state, caller.0.user_id, move |workspace| {
+    let (file, size) = in_workspace(&request, &state, caller.0.user_id, move |workspace| {
         Ok(workspace.open_file(&target)?)
     })
     .await?;
@@ -309,16 +311,17 @@ pub async fn write(
     let limits = crate::quotas::limits_of(&state, &caller.0).await;
     let target = path.clone();
     let handler_state = state.clone();
-    let (mut upload, usage, replaced_size) = in_workspace(&state, user, move |workspace| {
-        let usage = handler_state.workspaces.usage(user, workspace)?;
-        let replaced_size = workspace
-            .stat(&target)
-            .ok()
-            .filter(|entry| entry.kind == EntryKind::File)
-            .map(|entry| entry.size);
-        Ok((workspace.start_upload(&target)?, usage, replaced_size))
-    })
-    .await?;
+    let (mut upload, usage, replaced_size) =
+        in_workspace(&request, &state, user, move |workspace| {
+            let usage = handler_state.workspaces.usage(user, workspace)?;
+            let replaced_size = workspace
+                .stat(&target)
+                .ok()
+                .filter(|entry| entry.kind == EntryKind::File)
+                .map(|entry| entry.size);
+            Ok((workspace.start_upload(&target)?, usage, replaced_size))
+        })
+        .await?;
     // Storage and file quotas: refused before reading when the declared
     // size cannot fit, and again as the file is kept (below).
     let declared_fits = crate::quotas::check_storage(
@@ -375,7 +378,7 @@ pub async fn write(
     // Checked against the usage at the moment of the rename, under the
     // accounting's lock: concurrent uploads cannot together overrun it.
     let accounting = state.clone();
-    let kept = in_workspace(&state, user, move |workspace| {
+    let kept = in_workspace(&request, &state, user, move |workspace| {
         let fits = |usage, replacing: Option<u64>| {
             let added = written.saturating_sub(replacing.unwrap_or(0));
             crate::quotas::check_storage(&limits, usage, added, replacing.is_none())
@@ -459,7 +462,7 @@ pub async fn delete_path(
     }
     let user = caller.0.user_id;
     let target = path.clone();
-    let (was_directory, files, bytes) = in_workspace(&state, user, move |workspace| {
+    let (was_directory, files, bytes) = in_workspace(&request, &state, user, move |workspace| {
         let is_directory = workspace.stat(&target)?.kind == EntryKind::Directory;
         let (files, bytes) = workspace.delete(&target)?;
         Ok((is_directory, files, bytes))

@@ -5,6 +5,7 @@ pub mod admin_audit;
 pub mod app;
 pub mod audit_logs;
 pub mod auth;
+mod blocking;
 pub mod config;
 pub mod db;
 pub mod error;

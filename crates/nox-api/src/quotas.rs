@@ -139,16 +139,21 @@ pub async fn my_quotas(caller: Authenticated, state: web::Data<AppState>) -> Htt
     HttpResponse::Ok().json(quotas_json(caller.0.tier, &limits))
 }
 
-async fn usage_json(state: &web::Data<AppState>, caller: &Caller) -> Result<Value, ApiError> {
+async fn usage_json(
+    request: &HttpRequest,
+    state: &web::Data<AppState>,
+    caller: &Caller,
+) -> Result<Value, ApiError> {
     let limits = limits_of(state, caller).await;
     let windows = state.quotas.usage(caller.user_id);
     let user = caller.user_id;
     let handler_state = state.clone();
-    let storage = web::block(move || -> Result<nox_sandbox::Usage, ApiError> {
-        let workspace = handler_state.workspaces.open(user)?;
-        Ok(handler_state.workspaces.usage(user, &workspace)?)
-    })
-    .await??;
+    let storage =
+        crate::blocking::block(request, move || -> Result<nox_sandbox::Usage, ApiError> {
+            let workspace = handler_state.workspaces.open(user)?;
+            Ok(handler_state.workspaces.usage(user, &workspace)?)
+        })
+        .await??;
     let cpu_seconds = windows.cpu_ms_day as f64 / 1000.0;
     let storage_mb = storage.bytes as f64 / MIB as f64;
     Ok(json!({
@@ -174,10 +179,11 @@ async fn usage_json(state: &web::Data<AppState>, caller: &Caller) -> Result<Valu
 #[utoipa::path(responses((status = 200, description = "Usage, limits, percentages and window resets; reachable over quota")), security(("bearer" = [])), tag = "quotas")]
 #[get("/quotas/my/usage")]
 pub async fn my_usage(
+    request: HttpRequest,
     caller: Authenticated,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(usage_json(&state, &caller.0).await?))
+    Ok(HttpResponse::Ok().json(usage_json(&request, &state, &caller.0).await?))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

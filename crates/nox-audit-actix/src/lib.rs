@@ -6,7 +6,7 @@
 //! (a file path, a command's exit code) with [`record`]; the middleware
 //! fills in the rest: request id (`X-Request-ID`, kept when the client sends
 //! a valid UUID, echoed always), timing, the CPU the worker spent on the
-//! request, sizes, status, matched route and its classification by a
+//! request (plus what handlers [`charge_cpu`] for work on other threads), sizes, status, matched route and its classification by a
 //! [`nox_audit_model::Taxonomy`].
 //!
 //! See `examples/embed.rs` for a two-route service with its own taxonomy.
@@ -17,5 +17,6 @@ mod details;
 mod middleware;
 
 pub use client_ip::client_ip;
+pub use cpu::{charge_cpu, is_metered, thread_cpu_time};
 pub use details::{AuditDetails, RequestId, record, request_id};
 pub use middleware::{Audit, AuditConfig, REQUEST_ID_HEADER};

@@ -169,6 +169,7 @@ where
                 )
             },
         };
+        request.extensions_mut().insert(pending.meter.clone());
         let call = Metered {
             inner: Box::pin(service.call(request)),
             meter: pending.meter.clone(),
