@@ -273,9 +273,11 @@ pub async fn admin_violations(
 /// A user's tier and overrides, for the admin endpoints.
 async fn stored_quotas(state: &AppState, user: Uuid) -> Result<(Tier, Limits), ApiError> {
     let record = nox_auth::store::get_user(&state.pool, user).await?;
-    state.quotas.forget_overrides(user);
-    state.quotas.load(user).await;
-    Ok((record.tier, state.quotas.overrides(user)))
+    let overrides = state.quotas.read_overrides(user).await.map_err(|error| {
+        tracing::warn!(%error, "a user's quota overrides could not be read");
+        ApiError::ServiceUnavailable("the quota overrides cannot be read right now".into())
+    })?;
+    Ok((record.tier, overrides))
 }
 
 #[utoipa::path(params(("id" = Uuid, Path)), responses((status = 200, description = "The tier, the per-user overrides and the effective limits"), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)), security(("bearer" = [])), tag = "quotas")]

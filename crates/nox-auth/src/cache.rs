@@ -17,11 +17,12 @@
 //! A token the database refused is refused from memory for `ttl` too, so a
 //! client retrying a revoked or mistyped token costs no database round trip
 //! per request (identity is resolved before the rate limits apply). At
-//! most `MAX_REJECTED` such tokens are remembered: a flood of distinct
-//! random tokens is the per-IP rate limit's to stop.
+//! most `MAX_REJECTED` such tokens are remembered; a flood of distinct
+//! random tokens still costs a check each.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
@@ -64,64 +65,99 @@ enum Cached {
     Stale(Caller),
 }
 
+/// Resolves tokens through a per-instance cache; cheap to clone (shared).
+#[derive(Debug, Clone)]
+pub struct Authenticator(Arc<Cache>);
+
 #[derive(Debug)]
-pub struct Authenticator {
+struct Cache {
     ttl: Duration,
     entries: Mutex<HashMap<[u8; 32], Entry>>,
     /// Token hashes the database refused, and when.
     rejected: Mutex<HashMap<[u8; 32], Instant>>,
+    /// Bumped whenever entries are forgotten: a check that read the
+    /// database before a revocation here must not cache what it read.
+    generation: AtomicU64,
 }
 
 impl Authenticator {
     pub fn new(ttl: Duration) -> Self {
-        Authenticator {
+        Authenticator(Arc::new(Cache {
             ttl,
             entries: Mutex::new(HashMap::new()),
             rejected: Mutex::new(HashMap::new()),
-        }
+            generation: AtomicU64::new(0),
+        }))
     }
 
     pub async fn authenticate(&self, pool: &Pool, token: &str) -> Result<Caller, AuthFailure> {
         let hash = token::hash(token);
-        let cached = match self.cached(&hash) {
+        let cached = match self.0.cached(&hash) {
             Some(Cached::Fresh(caller) | Cached::BeingChecked(caller)) => return Ok(caller),
             Some(Cached::Stale(caller)) => Some(caller),
-            None if self.recently_rejected(&hash) => return Err(AuthFailure::Invalid),
+            None if self.0.recently_rejected(&hash) => return Err(AuthFailure::Invalid),
             None => None,
         };
-        match store::resolve_token(pool, &hash).await {
-            Ok(Some(caller)) => {
-                self.insert(hash, caller.clone());
-                Ok(caller)
-            }
-            Ok(None) => {
-                self.lock().remove(&hash);
-                self.reject(hash);
-                Err(AuthFailure::Invalid)
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot check a token against the database");
-                // The check stays marked as started: the next one is made
-                // `ttl` from now, not by every request meanwhile.
-                cached.ok_or(AuthFailure::Unavailable)
-            }
+        // The check is a task of its own: if this request is dropped (its
+        // client went away), the check still completes and settles the
+        // entry, instead of leaving it claimed for a whole `ttl`.
+        let cache = Arc::clone(&self.0);
+        let pool = pool.clone();
+        match tokio::spawn(async move { cache.check(&pool, hash).await }).await {
+            Ok(Ok(Some(caller))) => Ok(caller),
+            Ok(Ok(None)) => Err(AuthFailure::Invalid),
+            // The check stays marked as started: the next one is made `ttl`
+            // from now, not by every request meanwhile.
+            Ok(Err(())) | Err(_) => cached.ok_or(AuthFailure::Unavailable),
         }
     }
 
     /// Forgets every cached token of `user_id` (after a role change or
     /// deactivation on this instance).
     pub fn forget_user(&self, user_id: Uuid) {
-        self.lock()
+        self.0.generation.fetch_add(1, Ordering::SeqCst);
+        self.0
+            .lock()
             .retain(|_, entry| entry.caller.user_id != user_id);
         // Refused tokens are not known by user: after a reactivation, its
         // tokens must work here at once.
-        self.lock_rejected().clear();
+        self.0.lock_rejected().clear();
     }
 
     /// Forgets one token (after revoking it on this instance).
     pub fn forget_token(&self, token_id: Uuid) {
-        self.lock()
+        self.0.generation.fetch_add(1, Ordering::SeqCst);
+        self.0
+            .lock()
             .retain(|_, entry| entry.caller.token_id != token_id);
+    }
+}
+
+impl Cache {
+    /// Checks a token against the database and settles its entries.
+    async fn check(&self, pool: &Pool, hash: [u8; 32]) -> Result<Option<Caller>, ()> {
+        let generation = self.generation.load(Ordering::SeqCst);
+        match store::resolve_token(pool, &hash).await {
+            Ok(Some(caller)) => {
+                if self.generation.load(Ordering::SeqCst) == generation {
+                    self.insert(hash, caller.clone());
+                } else {
+                    // Something was forgotten meanwhile: what was read may
+                    // predate it, so the next request checks again.
+                    self.lock().remove(&hash);
+                }
+                Ok(Some(caller))
+            }
+            Ok(None) => {
+                self.lock().remove(&hash);
+                self.reject(hash);
+                Ok(None)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot check a token against the database");
+                Err(())
+            }
+        }
     }
 
     /// The cached caller, if any; a stale entry is claimed for re-checking
@@ -206,7 +242,8 @@ mod tests {
 
     #[test]
     fn one_request_at_a_time_rechecks_a_stale_token() {
-        let cache = Authenticator::new(Duration::from_millis(300));
+        let authenticator = Authenticator::new(Duration::from_millis(300));
+        let cache = &authenticator.0;
         let hash = [7u8; 32];
         assert!(cache.cached(&hash).is_none());
         cache.insert(hash, caller());
@@ -234,7 +271,8 @@ mod tests {
 
     #[test]
     fn a_refused_token_is_refused_from_memory_for_one_ttl() {
-        let cache = Authenticator::new(Duration::from_millis(300));
+        let authenticator = Authenticator::new(Duration::from_millis(300));
+        let cache = &authenticator.0;
         let hash = [9u8; 32];
         assert!(!cache.recently_rejected(&hash));
         cache.reject(hash);
@@ -252,7 +290,8 @@ mod tests {
 
     #[test]
     fn refused_tokens_remembered_are_bounded() {
-        let cache = Authenticator::new(Duration::from_secs(60));
+        let authenticator = Authenticator::new(Duration::from_secs(60));
+        let cache = &authenticator.0;
         for i in 0..MAX_REJECTED + 10 {
             let mut hash = [0u8; 32];
             hash[..8].copy_from_slice(&(i as u64).to_le_bytes());

@@ -8,6 +8,7 @@
 //! within about a second.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -143,6 +144,9 @@ pub struct QuotaBook {
     users: Mutex<HashMap<Uuid, Entry>>,
     /// Counts of windows that closed before they were flushed.
     closed: Mutex<Vec<Pending>>,
+    /// Bumped by [`QuotaBook::forget_overrides`]: a read that began before
+    /// an override changed must not install what it read.
+    overrides_generation: AtomicU64,
 }
 
 fn seconds_until(now: OffsetDateTime, at: OffsetDateTime) -> u64 {
@@ -157,6 +161,7 @@ impl QuotaBook {
             clock,
             users: Mutex::new(HashMap::new()),
             closed: Mutex::new(Vec::new()),
+            overrides_generation: AtomicU64::new(0),
         }
     }
 
@@ -170,39 +175,33 @@ impl QuotaBook {
     /// overrides stay in force; the read is tried again `OVERRIDES_TTL`
     /// later.
     pub async fn load(&self, user: Uuid) {
-        let claimed = {
+        {
             let mut users = self.lock();
-            match users.get_mut(&user) {
-                Some(entry)
-                    if within_ttl(entry.overrides_read)
-                        || within_ttl(entry.overrides_read_started) =>
-                {
+            if let Some(entry) = users.get_mut(&user) {
+                if within_ttl(entry.overrides_read) || within_ttl(entry.overrides_read_started) {
                     return;
                 }
-                Some(entry) => {
-                    let started = Instant::now();
-                    entry.overrides_read_started = Some(started);
-                    Some(started)
-                }
-                None => None,
+                entry.overrides_read_started = Some(Instant::now());
             }
-        };
+        }
+        let generation = self.overrides_generation.load(Ordering::SeqCst);
         let now = self.clock.now();
         let loaded = self
             .read(user, Kind::Hour.start(now), Kind::Day.start(now))
             .await;
+        let current = self.overrides_generation.load(Ordering::SeqCst) == generation;
         let mut users = self.lock();
         match loaded {
             Ok((overrides, hour_counts, day_counts)) => {
                 let entry = users
                     .entry(user)
                     .or_insert_with(|| Entry::new(now, hour_counts, day_counts));
-                // Unless `forget_overrides` came while this read was under
-                // way: then they are read again.
-                if entry.overrides_read_started == claimed {
+                entry.overrides_read_started = None;
+                // Unless an override changed while this read was under way:
+                // then they are read again by the next request.
+                if current {
                     entry.overrides = overrides;
                     entry.overrides_read = Some(Instant::now());
-                    entry.overrides_read_started = None;
                 }
             }
             Err(error) => {
@@ -210,11 +209,31 @@ impl QuotaBook {
                 let entry = users
                     .entry(user)
                     .or_insert_with(|| Entry::new(now, (0, 0), (0, 0)));
-                entry
-                    .overrides_read_started
-                    .get_or_insert_with(Instant::now);
+                // Tried again `OVERRIDES_TTL` from now, not by every request
+                // meanwhile (unless an override changed).
+                entry.overrides_read_started = current.then(Instant::now);
             }
         }
+    }
+
+    /// Reads the user's overrides from the database now, installs them and
+    /// returns them; unlike [`QuotaBook::load`], a failure is the caller's.
+    pub async fn read_overrides(&self, user: Uuid) -> Result<Limits, String> {
+        let generation = self.overrides_generation.load(Ordering::SeqCst);
+        let now = self.clock.now();
+        let (overrides, hour_counts, day_counts) = self
+            .read(user, Kind::Hour.start(now), Kind::Day.start(now))
+            .await?;
+        if self.overrides_generation.load(Ordering::SeqCst) == generation {
+            let mut users = self.lock();
+            let entry = users
+                .entry(user)
+                .or_insert_with(|| Entry::new(now, hour_counts, day_counts));
+            entry.overrides = overrides;
+            entry.overrides_read = Some(Instant::now());
+            entry.overrides_read_started = None;
+        }
+        Ok(overrides)
     }
 
     /// Runs database work on the book's own runtime.
@@ -459,6 +478,7 @@ impl QuotaBook {
 
     /// Makes the next [`QuotaBook::load`] re-read the user's overrides.
     pub fn forget_overrides(&self, user: Uuid) {
+        self.overrides_generation.fetch_add(1, Ordering::SeqCst);
         if let Some(entry) = self.lock().get_mut(&user) {
             entry.overrides_read = None;
             entry.overrides_read_started = None;
