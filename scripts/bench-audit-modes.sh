@@ -79,6 +79,7 @@ run_mode() { # topology mode connections -> "rps p50 p99 server_us postgres_us o
 
 trap 'restore_postgres; psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS nox_bench_modes" 2>/dev/null' EXIT
 results=$(mktemp)
+: >"$results.medians"
 for topology in $TOPOLOGIES; do
     if [ "$topology" = split ] && ! split_possible; then
         echo "topology=split skipped: this machine has one CPU"

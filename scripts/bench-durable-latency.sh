@@ -55,7 +55,8 @@ start_server() { # mode
 stop_server() {
     kill -TERM "$server"; wait "$server" || true; rm -rf "$data"
 }
-trap 'kill -TERM $server 2>/dev/null || true; restore_postgres; psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS nox_bench_latency" 2>/dev/null' EXIT
+loader=""
+trap 'kill -TERM $server $loader 2>/dev/null || true; restore_postgres; psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS nox_bench_latency" 2>/dev/null' EXIT
 place_postgres "$TOPOLOGY"
 rss_mib() { awk '$1 == "VmRSS:" {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 
@@ -65,7 +66,7 @@ load() { # rate
     $(client_cpus "$TOPOLOGY") ./target/release/nox-load --rate "$1" --seconds "$DURATION" --timeout 2 \
         --header "Authorization: Bearer $TOKEN" "$URL"
 }
-p99_of() { sed -n 's/.* p99 \([0-9.]*\) .*/\1/p' <<<"$1"; }
+p99_of() { sed -n 's/.* p99 \([0-9.]*\) .*/\1/p' <<<"$1"; } # empty when no request was answered
 
 echo "topology: $TOPOLOGY"
 for run in $(seq "$RUNS"); do
@@ -76,7 +77,7 @@ for run in $(seq "$RUNS"); do
     rates="$STEADY_RATE"
     for fraction in $FRACTIONS; do rates+=" $(awk -v p="$peak" -v f="$fraction" 'BEGIN {printf "%d", p * f}')"; done
     echo "run $run: off peak $peak req/s (wrk, 64 connections)"
-    highest=${rates##* }
+    highest=${rates##* } # the last fraction's rate: RSS under load is read there
     for rate in $rates; do
         start_server off
         off=$(load "$rate")
@@ -94,7 +95,8 @@ for run in $(seq "$RUNS"); do
         echo "  off     $off"
         echo "  durable $durable"
         awk -v r="$rate" -v d="$(p99_of "$durable")" -v o="$(p99_of "$off")" \
-            'BEGIN {printf "  at %d req/s: p99 added by durable %.2f ms\n", r, d - o}'
+            'BEGIN {if (d == "" || o == "") printf "  at %d req/s: no p99 (nothing answered)\n", r
+                    else printf "  at %d req/s: p99 added by durable %.2f ms\n", r, d - o}'
         if [ "$rate" = "$highest" ]; then
             echo "  server RSS: idle $idle MiB, under durable load at $rate req/s $loaded MiB"
         fi

@@ -47,7 +47,9 @@ struct Args {
     /// (and their connection is opened again).
     #[arg(long, default_value_t = 10)]
     timeout: u64,
-    /// Keep-alive connections, each with at most one request in flight.
+    /// Keep-alive connections, each with at most one request in flight; at
+    /// most one per 10 req/s of `--rate`, so that none idles past a
+    /// server's keep-alive timeout.
     #[arg(long, default_value_t = 256)]
     connections: usize,
     /// Requests due in the first this many seconds are sent but not
@@ -77,6 +79,7 @@ struct Shared {
     /// Per answered request: when it was due (after the warm-up), its
     /// latency.
     latencies: RefCell<Vec<(Duration, Duration)>>,
+    last_answer: Cell<Option<Instant>>,
     errors: Cell<u64>,
 }
 
@@ -134,7 +137,8 @@ async fn main() -> anyhow::Result<()> {
     let timeout = Duration::from_secs(args.timeout);
     let request = Rc::new(request);
     let local = tokio::task::LocalSet::new();
-    for _ in 0..args.connections {
+    let connections = args.connections.min((args.rate as usize / 10).max(1));
+    for _ in 0..connections {
         let (shared, request) = (Rc::clone(&shared), Rc::clone(&request));
         local.spawn_local(connection(address, request, shared, measured_from, timeout));
     }
@@ -148,7 +152,13 @@ async fn main() -> anyhow::Result<()> {
         pacer_shared.released.notify_waiters();
     });
     local.await;
-    let elapsed = measured_from.elapsed().as_secs_f64();
+    // Achieved rate: answers over the time from the first measured request
+    // to the last answer (not to the end of the last time-out).
+    let elapsed = shared
+        .last_answer
+        .get()
+        .map_or(0.0, |at| at.duration_since(measured_from).as_secs_f64())
+        .max(args.seconds as f64);
     let answered = shared.latencies.take();
     let errors = shared.errors.get();
     if args.per_second {
@@ -272,6 +282,7 @@ async fn connection(
         match outcome {
             Ok(Ok(status)) if (200..300).contains(&status) => {
                 let latency = counted_from.elapsed();
+                shared.last_answer.set(Some(Instant::now()));
                 shared
                     .latencies
                     .borrow_mut()

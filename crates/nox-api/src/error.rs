@@ -223,7 +223,9 @@ fn code_for_status(status: StatusCode) -> &'static str {
 /// answer gets a JSON 405 with `Allow`; anything else a JSON 404.
 pub async fn not_found(request: HttpRequest) -> HttpResponse {
     let allowed = crate::openapi::allowed_methods(request.path());
-    if allowed.is_empty() {
+    // (A documented method that still reached here: no route took it after
+    // all, so 404 rather than a 405 naming the method itself.)
+    if allowed.is_empty() || allowed.contains(request.method()) {
         return json_error(StatusCode::NOT_FOUND, "Not Found", "not_found");
     }
     let allow = allowed

@@ -4,7 +4,7 @@
 //! go (Nox's server binary installs a Prometheus recorder).
 //!
 //! Labels are bounded: routes are templates (`unmatched` otherwise), and
-//! user ids are capped by [`UserLabels`].
+//! user ids are capped by [`AuditMetrics`].
 
 use std::collections::HashMap;
 use std::sync::Mutex;
