@@ -50,10 +50,11 @@ async fn unknown_routes_get_a_json_404() {
 async fn wrong_method_on_a_known_path_is_a_json_405_with_allow() {
     let app = spawn_app().await;
     for (method, path, allow) in [
-        (reqwest::Method::DELETE, "/health", "GET"),
-        (reqwest::Method::POST, "/ls", "GET"),
+        (reqwest::Method::DELETE, "/health", "GET, HEAD"),
+        (reqwest::Method::POST, "/ls", "GET, HEAD"),
         (reqwest::Method::GET, "/write", "PUT"),
-        (reqwest::Method::PUT, "/admin/users/7", "GET, PATCH"),
+        (reqwest::Method::HEAD, "/write", "PUT"),
+        (reqwest::Method::PUT, "/admin/users/7", "GET, HEAD, PATCH"),
         (reqwest::Method::GET, "/admin/tokens/7", "DELETE"),
     ] {
         let response = app
@@ -65,6 +66,9 @@ async fn wrong_method_on_a_known_path_is_a_json_405_with_allow() {
             .expect("request");
         assert_eq!(response.status(), 405, "{method} {path}");
         assert_eq!(response.headers()["allow"], allow, "{method} {path}");
+        if method == reqwest::Method::HEAD {
+            continue; // no body
+        }
         let body: Value = response.json().await.expect("json error body");
         assert_eq!(body["code"], "method_not_allowed", "{method} {path}");
         assert!(
@@ -72,6 +76,71 @@ async fn wrong_method_on_a_known_path_is_a_json_405_with_allow() {
             "{body}"
         );
     }
+}
+
+#[tokio::test]
+async fn head_on_a_get_endpoint_answers_its_headers_without_the_body() {
+    let app = spawn_app().await;
+    let get = app
+        .get_as("/ls?path=.", nox_testkit::TEST_ADMIN_TOKEN)
+        .await;
+    assert_eq!(get.status(), 200);
+    let get_length = get.bytes().await.expect("body").len();
+    assert!(get_length > 0);
+    let head_id = uuid::Uuid::now_v7();
+    let head = app
+        .client
+        .head(app.url("/ls?path=."))
+        .bearer_auth(nox_testkit::TEST_ADMIN_TOKEN)
+        .header("X-Request-ID", head_id.to_string())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-type"], "application/json");
+    assert_eq!(
+        head.headers()["content-length"],
+        get_length.to_string().as_str()
+    );
+    assert!(head.bytes().await.expect("body").is_empty());
+    // Unauthenticated, it is refused like the GET.
+    let anonymous = app
+        .client
+        .head(app.url("/ls?path=."))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(anonymous.status(), 401);
+    assert_eq!(
+        app.client
+            .head(app.url("/health"))
+            .send()
+            .await
+            .expect("request")
+            .status(),
+        200
+    );
+    // Recorded as a HEAD that read files, with no body bytes sent.
+    let row = app
+        .db
+        .client()
+        .await
+        .query_one(
+            "SELECT http_method, route, action_type, status_code, response_size
+             FROM audit_actions WHERE request_id = $1",
+            &[&head_id],
+        )
+        .await
+        .expect("the HEAD request's row");
+    assert_eq!(row.get::<_, &str>("http_method"), "HEAD");
+    assert_eq!(row.get::<_, &str>("route"), "/ls");
+    assert_eq!(row.get::<_, &str>("action_type"), "file_read");
+    assert_eq!(row.get::<_, i16>("status_code"), 200);
+    let response_size: i64 = row.get("response_size");
+    assert!(
+        response_size > 0 && response_size < 400,
+        "headers only: {response_size} bytes"
+    );
 }
 
 #[tokio::test]

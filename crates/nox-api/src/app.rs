@@ -62,6 +62,8 @@ pub struct AppState {
     pub checkpointer: Arc<Checkpointer>,
     /// The OpenAPI document, rendered once.
     pub openapi: String,
+    /// `GET /health`'s database probe, one at a time.
+    pub health_probe: health::DatabaseProbe,
 }
 
 /// What [`AppState::build`] starts besides the state: the audit writer task,
@@ -225,6 +227,7 @@ impl AppState {
             )),
             checkpointer,
             openapi: openapi::render(),
+            health_probe: health::DatabaseProbe::default(),
         };
         Ok((
             state,
@@ -354,6 +357,7 @@ pub fn serve(
             .configure(configure_extractors)
             .configure(routes)
             .default_service(web::to(not_found))
+            .wrap(from_fn(crate::openapi::answer_head_as_get))
             .wrap(from_fn(enforce_request_quota))
             .wrap(from_fn(rate_limit))
             .wrap(from_fn(resolve_identity))

@@ -1,6 +1,6 @@
 //! `GET /health`: is the process up, and can it reach its database?
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_web::{HttpResponse, get, web};
 use serde::Serialize;
@@ -33,9 +33,7 @@ pub struct HealthResponse {
 )]
 #[get("/health")]
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
-    let database_up = tokio::time::timeout(PROBE_TIMEOUT, probe(&state.pool))
-        .await
-        .unwrap_or(false);
+    let database_up = state.health_probe.database_up(&state.pool).await;
     let body = HealthResponse {
         status: if database_up { "healthy" } else { "degraded" },
         version: crate::VERSION,
@@ -49,6 +47,37 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
+/// Probes the database for `/health`, one probe at a time: a request that
+/// arrives while a probe runs waits for it and takes its answer (which is
+/// newer than the request), so a flood of unauthenticated health checks
+/// costs the database one query at a time, not one per request.
+#[derive(Debug, Default)]
+pub struct DatabaseProbe {
+    /// When the last probe finished, and what it found.
+    last: tokio::sync::Mutex<Option<(Instant, bool)>>,
+}
+
+impl DatabaseProbe {
+    pub async fn database_up(&self, pool: &deadpool_postgres::Pool) -> bool {
+        self.answer(|| probe(pool)).await
+    }
+
+    async fn answer<F: Future<Output = bool>>(&self, probe: impl FnOnce() -> F) -> bool {
+        let asked = Instant::now();
+        let mut last = self.last.lock().await;
+        if let Some((finished, up)) = *last
+            && finished >= asked
+        {
+            return up;
+        }
+        let up = tokio::time::timeout(PROBE_TIMEOUT, probe())
+            .await
+            .unwrap_or(false);
+        *last = Some((Instant::now(), up));
+        up
+    }
+}
+
 async fn probe(pool: &deadpool_postgres::Pool) -> bool {
     match pool.get().await {
         Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
@@ -56,5 +85,44 @@ async fn probe(pool: &deadpool_postgres::Pool) -> bool {
             tracing::debug!(%error, "health probe could not get a connection");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn concurrent_checks_share_one_probe_and_later_ones_probe_again() {
+        let probe = Arc::new(DatabaseProbe::default());
+        let probes = Arc::new(AtomicUsize::new(0));
+        let check = |probe: Arc<DatabaseProbe>, probes: Arc<AtomicUsize>| async move {
+            probe
+                .answer(|| async {
+                    probes.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    true
+                })
+                .await
+        };
+        let burst: Vec<_> = (0..20)
+            .map(|_| tokio::spawn(check(Arc::clone(&probe), Arc::clone(&probes))))
+            .collect();
+        for answer in burst {
+            assert!(answer.await.expect("check"));
+        }
+        // The first probe answers everyone who arrived while it ran; those
+        // queued behind it at most share one more.
+        assert!(probes.load(Ordering::SeqCst) <= 2, "{probes:?}");
+        let before = probes.load(Ordering::SeqCst);
+        assert!(check(Arc::clone(&probe), Arc::clone(&probes)).await);
+        assert_eq!(
+            probes.load(Ordering::SeqCst),
+            before + 1,
+            "a later check probes anew"
+        );
     }
 }

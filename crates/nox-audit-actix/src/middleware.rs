@@ -323,6 +323,13 @@ impl PendingRecord {
 
     /// Completes the record once `body_len` bytes of body were sent.
     fn finish(mut self, body_len: u64, error_body: Option<&[u8]>) -> ActionRecord {
+        // HTTP/1 sends a HEAD response's headers only, whatever body the
+        // handler produced.
+        let body_len = if self.record.http_method == Method::HEAD.as_str() {
+            0
+        } else {
+            body_len
+        };
         let elapsed = self.started.elapsed();
         let details = self.details.0.borrow().clone();
         let record = &mut self.record;

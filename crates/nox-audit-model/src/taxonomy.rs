@@ -50,9 +50,15 @@ pub struct Taxonomy {
 impl Taxonomy {
     /// `route` is the matched route template, or `None` for an unmatched
     /// request.
+    /// A `HEAD` is classified as the `GET` it mirrors.
     pub fn classify(&self, method: &str, route: Option<&str>) -> ActionKind {
         let Some(route) = route else {
             return self.fallback;
+        };
+        let method = if method.eq_ignore_ascii_case("HEAD") {
+            "GET"
+        } else {
+            method
         };
         self.rules
             .iter()
@@ -125,6 +131,8 @@ mod tests {
             ("GET", Some("/admin/audit/export"), AUDIT_EXPORT),
             ("GET", Some("/admin/users/{id}"), ADMIN_READ),
             ("get", Some("/admin/audit/logs"), ADMIN_READ),
+            ("HEAD", Some("/admin/audit/logs"), ADMIN_READ),
+            ("HEAD", Some("/ls"), FILE_READ),
             ("POST", Some("/admin/users"), ADMIN_WRITE),
             ("DELETE", Some("/admin/tokens/{id}"), ADMIN_WRITE),
             ("GET", Some("/quotas/my/usage"), QUOTA_CHECK),
