@@ -410,6 +410,117 @@ async fn a_failed_batch_leaves_nothing_and_the_next_one_gets_a_clean_connection(
     assert_eq!((chains[0].chain, chains[0].last_seq), (ACTIONS_CHAIN, 7));
 }
 
+/// A record with every optional column filled and a session to open, so
+/// reading it back checks each column's place.
+fn detailed_record(i: usize) -> ActionRecord {
+    let mut record = records_at(0, 1).remove(0);
+    let at = record.timestamp;
+    record.timestamp = at.replace_microsecond(at.microsecond()).expect("valid");
+    record.user_id = Some(uuid::Uuid::now_v7());
+    record.session_token_hash = Some(format!("{i:016x}"));
+    record.client_ip = Some("203.0.113.7".parse().expect("ip"));
+    record.user_agent = Some(format!("agent {i}"));
+    record.request_size = 100 + i as i64;
+    record.response_size = 200 + i as i64;
+    record.status_code = 403;
+    record.success = false;
+    record.response_time_ms = 1.234 + i as f64;
+    record.cpu_time_ms = Some(0.5);
+    record.memory_peak_mb = Some(12.25);
+    record.file_path = Some(format!("dir/f{i}.txt"));
+    record.file_size_bytes = Some(42);
+    record.files_affected = Some(3);
+    record.command_type = Some("bash".into());
+    record.command_text = Some("echo hi".into());
+    record.exit_code = Some(7);
+    record.stdout_size = Some(11);
+    record.stderr_size = Some(13);
+    record.quota_violation = true;
+    record.quota_consumed = Some(json!({"quota_type": "storage", "used": i}));
+    record.quota_remaining = Some(json!({"remaining": 0}));
+    record.error_details = Some("denied".into());
+    record
+}
+
+#[tokio::test]
+async fn small_batches_skip_reading_the_head_and_notice_another_writer() {
+    let db = nox_testkit::TestDb::new().await;
+    // Counts calls of the guarded head move (the one-round-trip path).
+    db.client()
+        .await
+        .batch_execute(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET track_functions = ''pl''',
+                                        current_database()); END $$",
+        )
+        .await
+        .expect("track function calls");
+    let spool_dir = tempfile::tempdir().expect("tempdir");
+    let writer = db.audit_writer(
+        nox_audit_store::Spool::open(spool_dir.path()).expect("spool"),
+        nox_audit_store::WriterConfig::default(),
+    );
+    let sink = writer.sink();
+    let mut submitted = Vec::new();
+    // One record per batch: each waits for its commit.
+    for i in 0..8 {
+        if i == 5 {
+            // Another server appends to the chain: the writer's head is
+            // stale now.
+            let other = build_pool(db.config.clone(), &PoolOptions::default()).expect("pool");
+            insert(&other, &[], &records_at(0, 2), InsertTarget::Direct)
+                .await
+                .expect("the other server's batch");
+        }
+        let record = detailed_record(i);
+        submitted.push(record.clone());
+        sink.submit(record, true).await.expect("committed");
+    }
+    writer.shutdown().await;
+
+    let mut client = db.client().await;
+    let chains = nox_audit_store::verify::verify(&mut client, &VerifyOptions::default())
+        .await
+        .expect("one valid chain, the other server's rows included");
+    assert_eq!((chains[0].chain, chains[0].last_seq), (ACTIONS_CHAIN, 10));
+    let columns = nox_audit_model::ACTION_COLUMNS
+        .iter()
+        .map(|c| format!("\"{c}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let ids: Vec<uuid::Uuid> = submitted.iter().map(|r| r.id).collect();
+    let rows = client
+        .query(
+            &format!("SELECT {columns} FROM audit_actions WHERE id = ANY($1) ORDER BY seq"),
+            &[&ids],
+        )
+        .await
+        .expect("rows");
+    assert_eq!(rows.len(), submitted.len());
+    for (row, expected) in rows.iter().zip(&submitted) {
+        let mut read = action_from_row(row, 0);
+        assert!(read.session_id.is_some(), "the writer opened a session");
+        read.session_id = None;
+        read.session_token_hash = expected.session_token_hash.clone();
+        assert_eq!(&read, expected, "every column as written");
+    }
+    // Every batch after the first, but the one after the other server's,
+    // went in one round trip.
+    let mut calls = 0;
+    for _ in 0..50 {
+        calls = db
+            .scalar(
+                "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_user_functions
+                 WHERE funcname = 'audit_chain_advance'",
+            )
+            .await;
+        if calls >= 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(calls >= 6, "audit_chain_advance ran {calls} times");
+}
+
 #[tokio::test]
 async fn a_retention_drop_and_a_replay_keep_the_trail_verifiable() {
     let app = spawn_app().await;

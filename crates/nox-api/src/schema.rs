@@ -26,6 +26,7 @@ pub const MIGRATIONS: &[Migration] = &[
     QUOTAS,
     nox_audit_store::schema::AUDIT_CHAIN,
     nox_audit_store::schema::AUDIT_SESSION_INDEX,
+    nox_audit_store::schema::AUDIT_CHAIN_ADVANCE,
 ];
 
 #[cfg(test)]

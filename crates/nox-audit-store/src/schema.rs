@@ -27,6 +27,17 @@ pub const AUDIT_SESSION_INDEX: Migration = Migration {
     sql: include_str!("../../../migrations/0006_audit_session_index.sql"),
 };
 
+pub const AUDIT_CHAIN_ADVANCE: Migration = Migration {
+    version: 7,
+    name: "audit_chain_advance",
+    sql: include_str!("../../../migrations/0007_audit_chain_advance.sql"),
+};
+
 /// Every audit migration, in version order.
-pub const MIGRATIONS: &[Migration] =
-    &[ADMIN_ACTIONS, AUDIT_TRAIL, AUDIT_CHAIN, AUDIT_SESSION_INDEX];
+pub const MIGRATIONS: &[Migration] = &[
+    ADMIN_ACTIONS,
+    AUDIT_TRAIL,
+    AUDIT_CHAIN,
+    AUDIT_SESSION_INDEX,
+    AUDIT_CHAIN_ADVANCE,
+];

@@ -266,6 +266,7 @@ impl AuditWriter {
             config,
             status: Arc::clone(&status),
             receiver,
+            known_head: None,
         };
         nox_audit_metrics::set_spool_rows(status.spool_rows());
         let metrics = Arc::new(AuditMetrics::new(task.config.max_user_labels));
@@ -302,6 +303,9 @@ struct Task {
     config: WriterConfig,
     status: Arc<SinkStatus>,
     receiver: mpsc::Receiver<Message>,
+    /// The actions chain's head as this writer's last batch left it, if that
+    /// batch surely committed: lets the next small batch skip reading it.
+    known_head: Option<ChainHead>,
 }
 
 impl Task {
@@ -380,8 +384,10 @@ impl Task {
         } else {
             InsertTarget::Unchained
         };
-        let result = match insert(&self.pool, &sessions, &records, target).await {
-            Ok(()) => {
+        let known_head = self.known_head.take();
+        let result = match insert_batch(&self.pool, &sessions, &records, target, known_head).await {
+            Ok(head) => {
+                self.known_head = head.or(known_head);
                 nox_audit_metrics::record_batch_written(
                     records.len(),
                     started.elapsed().as_secs_f64(),
@@ -478,6 +484,7 @@ impl Task {
             .await
             {
                 Ok(()) => {
+                    self.known_head = None;
                     if let Err(error) = self.spool.remove(&path) {
                         tracing::error!(file = %path.display(), %error, "replayed spool file could not be removed");
                         return;
@@ -569,16 +576,55 @@ const COLUMN_TYPES: &[Type] = &[
     Type::BYTEA,
 ];
 
-/// The `COPY` statement for [`ACTION_COLUMNS`] plus the chain's columns.
-static COPY_ACTIONS: LazyLock<String> = LazyLock::new(|| {
-    let columns = ACTION_COLUMNS
+/// [`ACTION_COLUMNS`] plus the chain's columns, quoted, in [`row_values`]'
+/// and [`ActionColumns`]' order.
+fn quoted_columns() -> String {
+    ACTION_COLUMNS
         .iter()
         .chain(&["seq", "row_hash"])
         .map(|c| format!("\"{c}\""))
         .collect::<Vec<_>>()
-        .join(", ");
-    format!("COPY audit_actions ({columns}) FROM STDIN BINARY")
+        .join(", ")
+}
+
+/// The `COPY` statement for the rows (batches that read the head first).
+static COPY_ACTIONS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "COPY audit_actions ({}) FROM STDIN BINARY",
+        quoted_columns()
+    )
 });
+
+/// The `INSERT` of a batch's rows as one array per column (the one-round-trip
+/// path: unlike `COPY`, it needs no answer before its rows are sent).
+static INSERT_ACTIONS: LazyLock<String> = LazyLock::new(|| {
+    let arrays = COLUMN_TYPES
+        .iter()
+        .enumerate()
+        .map(|(i, column_type)| format!("${}::{}[]", i + 1, column_type.name()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "INSERT INTO audit_actions ({}) SELECT * FROM unnest({arrays})",
+        quoted_columns()
+    )
+});
+
+/// Moves the actions chain's head from where this writer left it, or fails
+/// with [`HEAD_MOVED`] (migration 0007). Parameters: chain, expected seq and
+/// hash, new seq and hash.
+const ADVANCE_HEAD: &str = "SELECT audit_chain_advance($1, $2, $3, $4, $5)";
+
+/// The SQLSTATE `audit_chain_advance` raises when another writer moved the
+/// head first.
+const HEAD_MOVED: &str = "NX001";
+
+/// The largest batch written in one round trip; larger ones use `COPY`,
+/// whose per-row cost is lower.
+const ONE_ROUND_TRIP_MAX_ROWS: usize = 64;
+
+/// A chain's newest `(seq, row_hash)`.
+type ChainHead = (i64, [u8; 32]);
 
 const UPSERT_SESSIONS: &str = "INSERT INTO audit_sessions
         (id, user_id, session_token_hash, client_ip, user_agent,
@@ -605,10 +651,113 @@ pub async fn insert(
     records: &[ActionRecord],
     target: InsertTarget,
 ) -> Result<(), InsertError> {
+    insert_reading_head(pool, sessions, records, target)
+        .await
+        .map(drop)
+}
+
+/// [`insert`], returning the chain head the batch left (`None` when it
+/// appended no row).
+async fn insert_reading_head(
+    pool: &Pool,
+    sessions: &[SessionRow],
+    records: &[ActionRecord],
+    target: InsertTarget,
+) -> Result<Option<ChainHead>, InsertError> {
     let mut connection = CloseUnlessCommitted(Some(pool.get().await?));
-    insert_in_transaction(connection.client(), sessions, records, target).await?;
+    let head = insert_in_transaction(connection.client(), sessions, records, target).await?;
     connection.committed();
-    Ok(())
+    Ok(head)
+}
+
+/// The writer's [`insert`]: given the head its previous batch left
+/// (`known_head`), a small batch of new rows goes in one round trip, its
+/// links computed from that head and the head's move guarded in the
+/// transaction; if another writer moved the head meanwhile, the batch is
+/// rolled back and written again the reading way. Returns the head the
+/// batch left.
+async fn insert_batch(
+    pool: &Pool,
+    sessions: &[SessionRow],
+    records: &[ActionRecord],
+    target: InsertTarget,
+    known_head: Option<ChainHead>,
+) -> Result<Option<ChainHead>, InsertError> {
+    let one_round_trip = target == InsertTarget::Direct
+        && !records.is_empty()
+        && records.len() <= ONE_ROUND_TRIP_MAX_ROWS;
+    if let Some(head) = known_head.filter(|_| one_round_trip) {
+        match insert_after_known_head(pool, sessions, records, head).await {
+            Err(error) if error.is_head_moved() => {
+                tracing::debug!("another writer moved the audit chain's head; reading it");
+            }
+            written => return written.map(Some),
+        }
+    }
+    insert_reading_head(pool, sessions, records, target).await
+}
+
+/// One round trip: `BEGIN`, the session upsert, the guarded head move, the
+/// rows as arrays and `COMMIT` travel together.
+async fn insert_after_known_head(
+    pool: &Pool,
+    sessions: &[SessionRow],
+    records: &[ActionRecord],
+    head: ChainHead,
+) -> Result<ChainHead, InsertError> {
+    let mut connection = CloseUnlessCommitted(Some(pool.get().await?));
+    let client = connection.client();
+    let (upsert, advance, insert) = try_join!(
+        client.prepare_cached(UPSERT_SESSIONS),
+        client.prepare_cached(ADVANCE_HEAD),
+        client.prepare_cached(&INSERT_ACTIONS),
+    )?;
+    let records: Vec<&ActionRecord> = records.iter().collect();
+    let links = chain_links(&records, head);
+    let new_head = *links.last().expect("a batch of at least one row");
+    let columns = ActionColumns::new(&records, &links);
+    let (expected_hash, new_hash) = (head.1.as_slice(), new_head.1.as_slice());
+    let column_params = columns.params();
+    let advance_params: [&(dyn ToSql + Sync); 5] = [
+        &ACTIONS_CHAIN,
+        &head.0,
+        &expected_hash,
+        &new_head.0,
+        &new_hash,
+    ];
+    // `biased`: polled in order, so the statements go out in this order. A
+    // failed statement makes PostgreSQL answer the COMMIT with a rollback,
+    // and that statement's own future reports the error first.
+    try_join!(
+        biased;
+        client.batch_execute("BEGIN"),
+        async {
+            if sessions.is_empty() {
+                return Ok(0);
+            }
+            client
+                .execute(&upsert, &SessionColumns::new(sessions).params())
+                .await
+        },
+        client.execute(&advance, &advance_params),
+        client.execute(&insert, &column_params),
+        client.batch_execute("COMMIT"),
+    )?;
+    connection.committed();
+    Ok(new_head)
+}
+
+/// Each record's `(seq, row_hash)` on the chain after `head`, in order.
+fn chain_links(records: &[&ActionRecord], head: ChainHead) -> Vec<ChainHead> {
+    let (mut seq, mut prev) = head;
+    records
+        .iter()
+        .map(|record| {
+            seq += 1;
+            prev = record.canonical(seq).link(&prev);
+            (seq, prev)
+        })
+        .collect()
 }
 
 /// A pooled connection on which [`insert`] began a transaction with a plain
@@ -642,7 +791,7 @@ async fn insert_in_transaction(
     sessions: &[SessionRow],
     records: &[ActionRecord],
     target: InsertTarget,
-) -> Result<(), InsertError> {
+) -> Result<Option<ChainHead>, InsertError> {
     let (upsert, lock_head, copy, set_head) = try_join!(
         client.prepare_cached(UPSERT_SESSIONS),
         client.prepare_cached(chain::LOCK_HEAD),
@@ -692,16 +841,7 @@ async fn insert_in_transaction(
             .collect();
         records.retain(|r| !written.contains(&r.id));
     }
-    let links: Option<Vec<(i64, [u8; 32])>> = head.map(|(mut seq, mut prev)| {
-        records
-            .iter()
-            .map(|record| {
-                seq += 1;
-                prev = record.canonical(seq).link(&prev);
-                (seq, prev)
-            })
-            .collect()
-    });
+    let links = head.map(|head| chain_links(&records, head));
     let sink = match early_sink {
         Some(sink) => Some(sink),
         None if !records.is_empty() => Some(client.copy_in(&copy).await?),
@@ -741,7 +881,7 @@ async fn insert_in_transaction(
         },
         client.batch_execute("COMMIT"),
     )?;
-    Ok(())
+    Ok(new_head.copied())
 }
 
 fn row_values<'a>(
@@ -785,6 +925,67 @@ fn row_values<'a>(
         seq,
         row_hash,
     ]
+}
+
+/// A batch's rows as the column arrays [`INSERT_ACTIONS`] unnests, in
+/// [`row_values`]' order (the chain test of this path reads every column
+/// back, so one out of place fails it).
+struct ActionColumns<'a>(Vec<Box<dyn ToSql + Send + Sync + 'a>>);
+
+impl<'a> ActionColumns<'a> {
+    fn new(records: &[&'a ActionRecord], links: &[ChainHead]) -> Self {
+        fn column<'a, T: ToSql + Send + Sync + 'a>(
+            records: &[&'a ActionRecord],
+            value: impl Fn(&'a ActionRecord) -> T,
+        ) -> Box<dyn ToSql + Send + Sync + 'a> {
+            Box::new(records.iter().map(|r| value(r)).collect::<Vec<T>>())
+        }
+        ActionColumns(vec![
+            column(records, |r| r.id),
+            column(records, |r| r.timestamp),
+            column(records, |r| r.request_id),
+            column(records, |r| r.session_id),
+            column(records, |r| r.user_id),
+            column(records, |r| r.endpoint.as_str()),
+            column(records, |r| r.route.as_str()),
+            column(records, |r| r.http_method.as_str()),
+            column(records, |r| r.action_type.as_str()),
+            column(records, |r| r.action_category.as_str()),
+            column(records, |r| r.client_ip),
+            column(records, |r| r.user_agent.as_deref()),
+            column(records, |r| r.request_size),
+            column(records, |r| r.response_size),
+            column(records, |r| r.status_code),
+            column(records, |r| r.success),
+            column(records, |r| r.response_time_ms),
+            column(records, |r| r.cpu_time_ms),
+            column(records, |r| r.memory_peak_mb),
+            column(records, |r| r.file_path.as_deref()),
+            column(records, |r| r.file_size_bytes),
+            column(records, |r| r.files_affected),
+            column(records, |r| r.command_type.as_deref()),
+            column(records, |r| r.command_text.as_deref()),
+            column(records, |r| r.exit_code),
+            column(records, |r| r.stdout_size),
+            column(records, |r| r.stderr_size),
+            column(records, |r| r.quota_violation),
+            column(records, |r| r.quota_consumed.as_ref()),
+            column(records, |r| r.quota_remaining.as_ref()),
+            column(records, |r| r.metadata.as_ref()),
+            column(records, |r| r.error_details.as_deref()),
+            Box::new(links.iter().map(|(seq, _)| *seq).collect::<Vec<i64>>()),
+            Box::new(
+                links
+                    .iter()
+                    .map(|(_, hash)| hash.to_vec())
+                    .collect::<Vec<Vec<u8>>>(),
+            ),
+        ])
+    }
+
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        self.0.iter().map(|column| &**column as _).collect()
+    }
 }
 
 /// The session rows as the column arrays [`UPSERT_SESSIONS`] unnests.
@@ -839,4 +1040,12 @@ pub enum InsertError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("{0}")]
     Database(#[from] tokio_postgres::Error),
+}
+
+impl InsertError {
+    /// Another writer moved the chain head this batch was linked to.
+    fn is_head_moved(&self) -> bool {
+        matches!(self, InsertError::Database(error)
+            if error.code().map(|code| code.code()) == Some(HEAD_MOVED))
+    }
 }
