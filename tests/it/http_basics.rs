@@ -54,6 +54,7 @@ async fn wrong_method_on_a_known_path_is_a_json_405_with_allow() {
         (reqwest::Method::POST, "/ls", "GET, HEAD"),
         (reqwest::Method::GET, "/write", "PUT"),
         (reqwest::Method::HEAD, "/write", "PUT"),
+        (reqwest::Method::HEAD, "/admin/audit/export", "GET"),
         (reqwest::Method::PUT, "/admin/users/7", "GET, HEAD, PATCH"),
         (reqwest::Method::GET, "/admin/tokens/7", "DELETE"),
     ] {

@@ -47,13 +47,13 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
-/// Probes the database for `/health`, one probe at a time: a request that
-/// arrives while a probe runs waits for it and takes its answer (which is
-/// newer than the request), so a flood of unauthenticated health checks
+/// Probes the database for `/health`, one probe at a time: requests that
+/// arrive while a probe runs wait for it, then share the answer of one probe
+/// started after they arrived, so a flood of unauthenticated health checks
 /// costs the database one query at a time, not one per request.
 #[derive(Debug, Default)]
 pub struct DatabaseProbe {
-    /// When the last probe finished, and what it found.
+    /// When the last probe started, and what it found.
     last: tokio::sync::Mutex<Option<(Instant, bool)>>,
 }
 
@@ -65,15 +65,16 @@ impl DatabaseProbe {
     async fn answer<F: Future<Output = bool>>(&self, probe: impl FnOnce() -> F) -> bool {
         let asked = Instant::now();
         let mut last = self.last.lock().await;
-        if let Some((finished, up)) = *last
-            && finished >= asked
+        if let Some((started, up)) = *last
+            && started >= asked
         {
             return up;
         }
+        let started = Instant::now();
         let up = tokio::time::timeout(PROBE_TIMEOUT, probe())
             .await
             .unwrap_or(false);
-        *last = Some((Instant::now(), up));
+        *last = Some((started, up));
         up
     }
 }
@@ -114,8 +115,8 @@ mod tests {
         for answer in burst {
             assert!(answer.await.expect("check"));
         }
-        // The first probe answers everyone who arrived while it ran; those
-        // queued behind it at most share one more.
+        // The first probe answers those who arrived before it started; all
+        // the others share one more.
         assert!(probes.load(Ordering::SeqCst) <= 2, "{probes:?}");
         let before = probes.load(Ordering::SeqCst);
         assert!(check(Arc::clone(&probe), Arc::clone(&probes)).await);

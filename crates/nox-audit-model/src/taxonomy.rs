@@ -50,15 +50,9 @@ pub struct Taxonomy {
 impl Taxonomy {
     /// `route` is the matched route template, or `None` for an unmatched
     /// request.
-    /// A `HEAD` is classified as the `GET` it mirrors.
     pub fn classify(&self, method: &str, route: Option<&str>) -> ActionKind {
         let Some(route) = route else {
             return self.fallback;
-        };
-        let method = if method.eq_ignore_ascii_case("HEAD") {
-            "GET"
-        } else {
-            method
         };
         self.rules
             .iter()

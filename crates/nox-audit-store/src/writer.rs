@@ -1,5 +1,6 @@
 //! The audit writer: a bounded queue in front of one task that writes records
-//! to PostgreSQL in batches (binary `COPY`, one transaction per batch).
+//! to PostgreSQL in batches (one transaction per batch: binary `COPY`, or for
+//! a small batch an `INSERT` that lets the transaction go in one round trip).
 //!
 //! Nothing is ever dropped. A full queue makes senders wait. When PostgreSQL
 //! cannot take a batch, the batch goes to the fsynced [`Spool`] and is
@@ -14,13 +15,13 @@ use std::collections::HashSet;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
-use std::time::Duration as StdDuration;
+use std::time::{Duration as StdDuration, Instant};
 
 use deadpool_postgres::Pool;
 use time::{Duration, OffsetDateTime};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio::try_join;
+use tokio::{join, try_join};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 
@@ -266,7 +267,7 @@ impl AuditWriter {
             config,
             status: Arc::clone(&status),
             receiver,
-            known_head: None,
+            head: HeadCache::default(),
         };
         nox_audit_metrics::set_spool_rows(status.spool_rows());
         let metrics = Arc::new(AuditMetrics::new(task.config.max_user_labels));
@@ -303,9 +304,7 @@ struct Task {
     config: WriterConfig,
     status: Arc<SinkStatus>,
     receiver: mpsc::Receiver<Message>,
-    /// The actions chain's head as this writer's last batch left it, if that
-    /// batch surely committed: lets the next small batch skip reading it.
-    known_head: Option<ChainHead>,
+    head: HeadCache,
 }
 
 impl Task {
@@ -384,10 +383,10 @@ impl Task {
         } else {
             InsertTarget::Unchained
         };
-        let known_head = self.known_head.take();
-        let result = match insert_batch(&self.pool, &sessions, &records, target, known_head).await {
-            Ok(head) => {
-                self.known_head = head.or(known_head);
+        let result = match insert_batch(&self.pool, &sessions, &records, target, &mut self.head)
+            .await
+        {
+            Ok(()) => {
                 nox_audit_metrics::record_batch_written(
                     records.len(),
                     started.elapsed().as_secs_f64(),
@@ -484,7 +483,7 @@ impl Task {
             .await
             {
                 Ok(()) => {
-                    self.known_head = None;
+                    self.head.known = None; // the replay moved it
                     if let Err(error) = self.spool.remove(&path) {
                         tracing::error!(file = %path.display(), %error, "replayed spool file could not be removed");
                         return;
@@ -666,35 +665,62 @@ async fn insert_reading_head(
 ) -> Result<Option<ChainHead>, InsertError> {
     let mut connection = CloseUnlessCommitted(Some(pool.get().await?));
     let head = insert_in_transaction(connection.client(), sessions, records, target).await?;
-    connection.committed();
+    connection.transaction_ended();
     Ok(head)
 }
 
-/// The writer's [`insert`]: given the head its previous batch left
-/// (`known_head`), a small batch of new rows goes in one round trip, its
-/// links computed from that head and the head's move guarded in the
-/// transaction; if another writer moved the head meanwhile, the batch is
-/// rolled back and written again the reading way. Returns the head the
-/// batch left.
+/// What the writer knows of the actions chain's head.
+#[derive(Debug, Default)]
+struct HeadCache {
+    /// The head as this writer's last batch left it, if that batch surely
+    /// committed.
+    known: Option<ChainHead>,
+    /// Until then another server is taken to be appending too, and batches
+    /// read the head (each one-round-trip attempt would mostly fail).
+    contended_until: Option<Instant>,
+}
+
+/// How long a head moved by another server keeps batches on the reading path.
+const HEAD_CONTENDED_FOR: StdDuration = StdDuration::from_secs(10);
+
+/// The writer's [`insert`]: given the head its previous batch left, a small
+/// batch of new rows goes in one round trip, its links computed from that
+/// head and the head's move guarded in the transaction; if another server
+/// moved the head meanwhile, the batch is rolled back and written again the
+/// reading way, which every batch then takes for [`HEAD_CONTENDED_FOR`].
+/// Any failure forgets the head.
 async fn insert_batch(
     pool: &Pool,
     sessions: &[SessionRow],
     records: &[ActionRecord],
     target: InsertTarget,
-    known_head: Option<ChainHead>,
-) -> Result<Option<ChainHead>, InsertError> {
+    cache: &mut HeadCache,
+) -> Result<(), InsertError> {
+    let mut known = cache.known.take();
     let one_round_trip = target == InsertTarget::Direct
         && !records.is_empty()
-        && records.len() <= ONE_ROUND_TRIP_MAX_ROWS;
-    if let Some(head) = known_head.filter(|_| one_round_trip) {
+        && records.len() <= ONE_ROUND_TRIP_MAX_ROWS
+        && cache
+            .contended_until
+            .is_none_or(|until| Instant::now() >= until);
+    let mut written = None;
+    if let Some(head) = known.filter(|_| one_round_trip) {
         match insert_after_known_head(pool, sessions, records, head).await {
             Err(error) if error.is_head_moved() => {
-                tracing::debug!("another writer moved the audit chain's head; reading it");
+                tracing::debug!("another server moved the audit chain's head; reading it");
+                known = None;
+                cache.contended_until = Some(Instant::now() + HEAD_CONTENDED_FOR);
             }
-            written => return written.map(Some),
+            result => written = Some(result.map(Some)),
         }
     }
-    insert_reading_head(pool, sessions, records, target).await
+    let head = match written {
+        Some(result) => result?,
+        None => insert_reading_head(pool, sessions, records, target).await?,
+    };
+    // A batch without rows leaves the head where it was.
+    cache.known = head.or(known);
+    Ok(())
 }
 
 /// One round trip: `BEGIN`, the session upsert, the guarded head move, the
@@ -725,10 +751,11 @@ async fn insert_after_known_head(
         &new_head.0,
         &new_hash,
     ];
-    // `biased`: polled in order, so the statements go out in this order. A
-    // failed statement makes PostgreSQL answer the COMMIT with a rollback,
-    // and that statement's own future reports the error first.
-    try_join!(
+    // `biased`: polled in order, so the statements go out in this order.
+    // Every reply is awaited: a failed statement makes PostgreSQL answer the
+    // COMMIT with a rollback, after which the connection is idle and can go
+    // back to the pool (a moved head is routine with several servers).
+    let (begin, upsert, advance, insert, commit) = join!(
         biased;
         client.batch_execute("BEGIN"),
         async {
@@ -742,8 +769,17 @@ async fn insert_after_known_head(
         client.execute(&advance, &advance_params),
         client.execute(&insert, &column_params),
         client.batch_execute("COMMIT"),
-    )?;
-    connection.committed();
+    );
+    if commit.is_ok() {
+        connection.transaction_ended();
+    }
+    // The first failure in statement order is the cause; the later ones
+    // only say the transaction was aborted.
+    begin?;
+    upsert?;
+    advance?;
+    insert?;
+    commit?;
     Ok(new_head)
 }
 
@@ -761,8 +797,8 @@ fn chain_links(records: &[&ActionRecord], head: ChainHead) -> Vec<ChainHead> {
 }
 
 /// A pooled connection on which [`insert`] began a transaction with a plain
-/// `BEGIN` (so it can share a round trip). Dropped before the transaction
-/// committed, after an error or with a cancelled future, the connection is
+/// `BEGIN` (so it can share a round trip). Dropped before its transaction
+/// ended, after an error or with a cancelled future, the connection is
 /// closed instead of going back to the pool mid-transaction, and PostgreSQL
 /// rolls the transaction back.
 struct CloseUnlessCommitted(Option<deadpool_postgres::Object>);
@@ -772,8 +808,9 @@ impl CloseUnlessCommitted {
         self.0.as_ref().expect("present until dropped")
     }
 
-    /// Lets the connection go back to the pool.
-    fn committed(&mut self) {
+    /// The transaction ended (committed, or rolled back in answer to its
+    /// `COMMIT`): the connection goes back to the pool.
+    fn transaction_ended(&mut self) {
         self.0.take();
     }
 }
