@@ -758,14 +758,7 @@ async fn insert_after_known_head(
     let (begin, upsert, advance, insert, commit) = join!(
         biased;
         client.batch_execute("BEGIN"),
-        async {
-            if sessions.is_empty() {
-                return Ok(0);
-            }
-            client
-                .execute(&upsert, &SessionColumns::new(sessions).params())
-                .await
-        },
+        upsert_sessions(client, &upsert, sessions),
         client.execute(&advance, &advance_params),
         client.execute(&insert, &column_params),
         client.batch_execute("COMMIT"),
@@ -781,6 +774,20 @@ async fn insert_after_known_head(
     insert?;
     commit?;
     Ok(new_head)
+}
+
+/// Runs [`UPSERT_SESSIONS`] for `sessions` (nothing when there are none).
+async fn upsert_sessions(
+    client: &deadpool_postgres::Object,
+    upsert: &tokio_postgres::Statement,
+    sessions: &[SessionRow],
+) -> Result<u64, tokio_postgres::Error> {
+    if sessions.is_empty() {
+        return Ok(0);
+    }
+    client
+        .execute(upsert, &SessionColumns::new(sessions).params())
+        .await
 }
 
 /// Each record's `(seq, row_hash)` on the chain after `head`, in order.
@@ -845,14 +852,7 @@ async fn insert_in_transaction(
     let ((), _, head, early_sink) = try_join!(
         biased;
         client.batch_execute("BEGIN"),
-        async {
-            if sessions.is_empty() {
-                return Ok(0);
-            }
-            client
-                .execute(&upsert, &SessionColumns::new(sessions).params())
-                .await
-        },
+        upsert_sessions(client, &upsert, sessions),
         async {
             if !chained {
                 return Ok(None);
