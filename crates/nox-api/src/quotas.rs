@@ -371,7 +371,7 @@ pub async fn admin_put_quotas(
     tx.commit().await.map_err(ApiError::internal)?;
     // The tier is cached with the token; the overrides with the counters.
     state.authenticator.forget_user(user);
-    state.quotas.forget_overrides(user);
+    state.quotas.install_overrides(user, new);
     let mut response = quotas_json(
         new_tier,
         &tier_limits(new_tier.as_str()).with_overrides(&new),

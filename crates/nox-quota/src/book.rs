@@ -144,7 +144,7 @@ pub struct QuotaBook {
     users: Mutex<HashMap<Uuid, Entry>>,
     /// Counts of windows that closed before they were flushed.
     closed: Mutex<Vec<Pending>>,
-    /// Bumped by [`QuotaBook::forget_overrides`]: a read that began before
+    /// Bumped by [`QuotaBook::install_overrides`]: a read that began before
     /// an override changed must not install what it read.
     overrides_generation: AtomicU64,
 }
@@ -476,11 +476,15 @@ impl QuotaBook {
         self.pool.close();
     }
 
-    /// Makes the next [`QuotaBook::load`] re-read the user's overrides.
-    pub fn forget_overrides(&self, user: Uuid) {
+    /// Puts overrides just committed to the database in force at once (a
+    /// read under way, which may predate them, is not installed). Merely
+    /// forgetting them would not do: requests arriving while one of them
+    /// re-reads use the overrides in memory.
+    pub fn install_overrides(&self, user: Uuid, overrides: Limits) {
         self.overrides_generation.fetch_add(1, Ordering::SeqCst);
         if let Some(entry) = self.lock().get_mut(&user) {
-            entry.overrides_read = None;
+            entry.overrides = overrides;
+            entry.overrides_read = Some(Instant::now());
             entry.overrides_read_started = None;
         }
     }
