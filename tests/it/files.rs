@@ -84,6 +84,54 @@ async fn write_list_read_download_delete_round_trips() {
             "{path}"
         );
     }
+    // HEAD answers the GET's headers without the file.
+    let head = call(
+        &app,
+        &alice,
+        Method::HEAD,
+        "/download",
+        "deep/a/b/c/big.bin",
+    )
+    .await;
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(
+        head.headers()["content-length"],
+        big.len().to_string().as_str()
+    );
+    assert!(head.bytes().await.expect("body").is_empty());
+    // Every download's record completed when its body ended (the empty
+    // file's too, whose body is never polled), with the bytes it sent.
+    let rows = app
+        .db
+        .client()
+        .await
+        .query(
+            "SELECT http_method, file_path, response_size, error_details FROM audit_actions
+             WHERE route = '/download' AND user_id::text = $1 ORDER BY \"timestamp\", id",
+            &[&alice.id],
+        )
+        .await
+        .expect("download rows");
+    let downloads: Vec<(String, String, i64, Option<String>)> = rows
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+        .collect();
+    let expected = [
+        ("GET", "notes/hello.txt", 6),
+        ("GET", "bin.dat", binary.len()),
+        ("GET", "empty", 0),
+        ("GET", "deep/a/b/c/big.bin", big.len()),
+        ("HEAD", "deep/a/b/c/big.bin", 0),
+    ];
+    assert_eq!(downloads.len(), expected.len(), "{downloads:?}");
+    for ((method, path, size, error), (want_method, want_path, body_len)) in
+        downloads.iter().zip(expected)
+    {
+        assert_eq!((method.as_str(), path.as_str()), (want_method, want_path));
+        assert_eq!(*error, None, "{path}");
+        let head_len = *size - body_len as i64;
+        assert!((150..400).contains(&head_len), "{path}: {size} bytes");
+    }
 
     let text = json_of(call(&app, &alice, Method::GET, "/cat", "notes/hello.txt").await).await;
     assert_eq!(

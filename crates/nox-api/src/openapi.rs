@@ -1,8 +1,11 @@
 //! `GET /openapi.json`: the OpenAPI 3 document every endpoint joins.
 
+use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::LazyLock;
+use std::task::{Context, Poll};
 
-use actix_web::body::MessageBody;
+use actix_web::body::{BodySize, BoxBody, EitherBody, MessageBody};
 use actix_web::dev::{ResourceDef, ServiceRequest, ServiceResponse};
 use actix_web::http::Method;
 use actix_web::middleware::Next;
@@ -124,18 +127,46 @@ pub fn allowed_methods(path: &str) -> Vec<Method> {
 }
 
 /// Routes a `HEAD` on a `GET` endpoint (but those in [`NO_HEAD`]) to that
-/// endpoint, which runs as for `GET`. Its response goes
-/// out without a body: actix's HTTP/1 codec remembers the request was
-/// `HEAD` and writes the headers only, `Content-Length` included. The audit
-/// layer, outside this one, still records the request as `HEAD`.
-pub async fn answer_head_as_get(
+/// endpoint, which runs as for `GET`. Its response goes out without a body:
+/// actix's HTTP/1 codec remembers the request was `HEAD` and writes the
+/// headers only, `Content-Length` included. But the codec would still pull
+/// the GET's body to discard it (a `HEAD` on a large download would read
+/// the whole file), so a streamed body is replaced by its size alone. The
+/// audit layer, outside this one, still records the request as `HEAD`.
+pub async fn answer_head_as_get<B: MessageBody + 'static>(
     mut request: ServiceRequest,
-    next: Next<impl MessageBody>,
-) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    if request.method() == Method::HEAD && allowed_methods(request.path()).contains(&Method::HEAD) {
-        request.head_mut().method = Method::GET;
+    next: Next<B>,
+) -> Result<ServiceResponse<EitherBody<B>>, actix_web::Error> {
+    if request.method() != Method::HEAD || !allowed_methods(request.path()).contains(&Method::HEAD)
+    {
+        return Ok(next.call(request).await?.map_into_left_body());
     }
-    next.call(request).await
+    request.head_mut().method = Method::GET;
+    let response = next.call(request).await?;
+    Ok(response.map_body(|_, body| {
+        EitherBody::right(match body.try_into_bytes() {
+            Ok(bytes) => BoxBody::new(bytes),
+            Err(streamed) => BoxBody::new(SizeOnly(streamed.size())),
+        })
+    }))
+}
+
+/// A `HEAD` response's body: the size the `GET` would send, and no bytes.
+struct SizeOnly(BodySize);
+
+impl MessageBody for SizeOnly {
+    type Error = Infallible;
+
+    fn size(&self) -> BodySize {
+        self.0
+    }
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<actix_web::web::Bytes, Infallible>>> {
+        Poll::Ready(None)
+    }
 }
 
 /// The document, rendered once at start-up.
@@ -154,4 +185,54 @@ pub async fn openapi_json(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
         .body(state.openapi.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use actix_web::body::{BodySize, MessageBody};
+    use actix_web::http::Method;
+    use actix_web::middleware::from_fn;
+    use actix_web::web::Bytes;
+    use actix_web::{App, HttpResponse, test, web};
+
+    #[actix_web::test]
+    async fn head_answers_the_get_size_without_producing_its_body() {
+        // A `/download` whose streamed body notes whether it was produced.
+        let produced = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&produced);
+        let app = test::init_service(App::new().wrap(from_fn(super::answer_head_as_get)).route(
+            "/download",
+            web::get().to(move || {
+                let flag = Arc::clone(&flag);
+                async move {
+                    let body = futures_util::stream::once(async move {
+                        flag.store(true, Ordering::SeqCst);
+                        Ok::<_, std::io::Error>(Bytes::from_static(b"hello"))
+                    });
+                    HttpResponse::Ok().no_chunking(5).streaming(body)
+                }
+            }),
+        ))
+        .await;
+        let request = test::TestRequest::default()
+            .method(Method::HEAD)
+            .uri("/download?path=a")
+            .to_request();
+        let response = test::call_service(&app, request).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.response().body().size(), BodySize::Sized(5));
+        assert!(test::read_body(response).await.is_empty());
+        assert!(!produced.load(Ordering::SeqCst), "the GET's body was read");
+
+        // The GET itself still streams it.
+        let request = test::TestRequest::get()
+            .uri("/download?path=a")
+            .to_request();
+        let body = test::read_body(test::call_service(&app, request).await).await;
+        assert_eq!(&body[..], b"hello");
+        assert!(produced.load(Ordering::SeqCst));
+    }
 }

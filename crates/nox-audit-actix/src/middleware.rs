@@ -199,27 +199,15 @@ where
             pending.response_head = response_head_size(response.status(), response.headers());
             let (http_request, response) = response.into_parts();
             let (response, body) = response.into_parts();
-            match body.try_into_bytes() {
-                Ok(bytes) => {
-                    // The whole body is known: finish the record now.
-                    let error_body = (!pending.record.success).then_some(&bytes[..]);
-                    let record = pending.finish(bytes.len() as u64, error_body);
-                    if let Err(error) = sink.submit(record, durable).await {
-                        tracing::error!(%error, "a request's audit record could not be stored");
-                        let refusal = with_request_id(
-                            ServiceResponse::new(
-                                http_request,
-                                unavailable("the audit trail is unavailable"),
-                            ),
-                            request_id,
-                        );
-                        return Ok(refusal);
-                    }
-                    Ok(ServiceResponse::new(
-                        http_request,
-                        response.set_body(BoxBody::new(bytes)),
-                    ))
-                }
+            // The record is complete before anything is sent when the body
+            // is in memory, when it is known to be empty (the dispatcher
+            // never polls it: an empty file's download), and for a HEAD,
+            // whose headers are the whole response. Otherwise it completes
+            // when the streamed body ends.
+            let is_head = pending.record.http_method == Method::HEAD.as_str();
+            let (sent, body) = match body.try_into_bytes() {
+                Ok(bytes) => (bytes.clone(), BoxBody::new(bytes)),
+                Err(body) if is_head || body.size() == BodySize::Sized(0) => (Bytes::new(), body),
                 Err(body) => {
                     let body = AuditBody {
                         inner: body,
@@ -231,12 +219,26 @@ where
                         committing: None,
                         finished: false,
                     };
-                    Ok(ServiceResponse::new(
+                    return Ok(ServiceResponse::new(
                         http_request,
                         response.set_body(BoxBody::new(body)),
-                    ))
+                    ));
                 }
+            };
+            let error_body = (!pending.record.success).then_some(&sent[..]);
+            let record = pending.finish(sent.len() as u64, error_body);
+            if let Err(error) = sink.submit(record, durable).await {
+                tracing::error!(%error, "a request's audit record could not be stored");
+                let refusal = with_request_id(
+                    ServiceResponse::new(
+                        http_request,
+                        unavailable("the audit trail is unavailable"),
+                    ),
+                    request_id,
+                );
+                return Ok(refusal);
             }
+            Ok(ServiceResponse::new(http_request, response.set_body(body)))
         })
     }
 }
