@@ -227,7 +227,7 @@ async fn floods_hogs_and_bombs_are_contained() {
     let bomb = tokio::spawn({
         let request = app
             .request(Method::POST, "/run", &token)
-            .json(&json!({"command": "f() { f | f & }; f; sleep 2", "timeout": 5}));
+            .json(&json!({"command": "f() { f | f & }; f; exec sleep 2", "timeout": 5}));
         async move { send(request).await.json::<Value>().await.expect("json") }
     });
     // The server keeps answering meanwhile.
