@@ -99,8 +99,10 @@ async fn write_list_read_download_delete_round_trips() {
         big.len().to_string().as_str()
     );
     assert!(head.bytes().await.expect("body").is_empty());
-    // Every download's record completed when its body ended (the empty
-    // file's too, whose body is never polled), with the bytes it sent.
+    // Every download left one clean record of the bytes it sent, committed
+    // before the client had the whole response: a streamed body's when it
+    // ended; the empty file's (whose body is never polled) and the HEAD's
+    // before the response went out.
     let rows = app
         .db
         .client()

@@ -144,6 +144,9 @@ pub async fn answer_head_as_get<B: MessageBody + 'static>(
     request.head_mut().method = Method::GET;
     let response = next.call(request).await?;
     Ok(response.map_body(|_, body| {
+        if body.size() == BodySize::None {
+            return EitherBody::left(body); // no body, no `Content-Length`
+        }
         EitherBody::right(match body.try_into_bytes() {
             Ok(bytes) => BoxBody::new(bytes),
             Err(streamed) => BoxBody::new(SizeOnly(streamed.size())),
@@ -203,19 +206,28 @@ mod tests {
         // A `/download` whose streamed body notes whether it was produced.
         let produced = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&produced);
-        let app = test::init_service(App::new().wrap(from_fn(super::answer_head_as_get)).route(
-            "/download",
-            web::get().to(move || {
-                let flag = Arc::clone(&flag);
-                async move {
-                    let body = futures_util::stream::once(async move {
-                        flag.store(true, Ordering::SeqCst);
-                        Ok::<_, std::io::Error>(Bytes::from_static(b"hello"))
-                    });
-                    HttpResponse::Ok().no_chunking(5).streaming(body)
-                }
-            }),
-        ))
+        let app = test::init_service(
+            App::new()
+                .wrap(from_fn(super::answer_head_as_get))
+                .route(
+                    "/download",
+                    web::get().to(move || {
+                        let flag = Arc::clone(&flag);
+                        async move {
+                            let body = futures_util::stream::once(async move {
+                                flag.store(true, Ordering::SeqCst);
+                                Ok::<_, std::io::Error>(Bytes::from_static(b"hello"))
+                            });
+                            HttpResponse::Ok().no_chunking(5).streaming(body)
+                        }
+                    }),
+                )
+                .route(
+                    "/health",
+                    web::get()
+                        .to(|| async { HttpResponse::Ok().body(actix_web::body::None::new()) }),
+                ),
+        )
         .await;
         let request = test::TestRequest::default()
             .method(Method::HEAD)
@@ -226,6 +238,14 @@ mod tests {
         assert_eq!(response.response().body().size(), BodySize::Sized(5));
         assert!(test::read_body(response).await.is_empty());
         assert!(!produced.load(Ordering::SeqCst), "the GET's body was read");
+
+        // A response without a body stays without one (no `Content-Length`).
+        let request = test::TestRequest::default()
+            .method(Method::HEAD)
+            .uri("/health")
+            .to_request();
+        let response = test::call_service(&app, request).await;
+        assert_eq!(response.response().body().size(), BodySize::None);
 
         // The GET itself still streams it.
         let request = test::TestRequest::get()

@@ -202,8 +202,10 @@ where
             // The record is complete before anything is sent when the body
             // is in memory, when it is known to be empty (the dispatcher
             // never polls it: an empty file's download), and for a HEAD,
-            // whose headers are the whole response. Otherwise it completes
-            // when the streamed body ends.
+            // whose headers are the whole response (actix still pulls and
+            // discards a HEAD's streamed body afterwards, unmetered: answer
+            // HEAD with the size only, as Nox's `answer_head_as_get` does).
+            // Otherwise it completes when the streamed body ends.
             let is_head = pending.record.http_method == Method::HEAD.as_str();
             let (sent, body) = match body.try_into_bytes() {
                 Ok(bytes) => (bytes.clone(), BoxBody::new(bytes)),
