@@ -370,6 +370,9 @@ pub fn serve(
     if let Some(workers) = config.workers {
         server = server.workers(workers);
     }
+    if let Some(threads) = config.blocking_threads {
+        server = server.worker_max_blocking_threads(threads as usize);
+    }
     Ok(server.listen(listener)?.run())
 }
 
