@@ -8,8 +8,9 @@
 #   NOX_SERVER_BIN=/tmp/nox-server-before scripts/bench-audit-modes.sh
 #                                           # another build (A/B), no rebuild
 #
-# TOPOLOGIES: `split` gives the server CPU 0 to itself, PostgreSQL and wrk
-# the others (what auditing costs the API server); `shared` lets all three
+# TOPOLOGIES: `split` gives the server CPU 0 to itself, and wrk and
+# PostgreSQL the others (a CPU of their own each when there are three or
+# more): what auditing costs the API server; `shared` lets all three
 # compete for every CPU (see scripts/lib/cpus.sh).
 #
 # Each line also splits the CPU the machine spent per request between the

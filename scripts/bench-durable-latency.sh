@@ -12,8 +12,9 @@
 # against `off` and against `durable`, each on a fresh database at
 # DATABASE_ADMIN_URL's server; "p99 added" is durable's p99 minus off's at
 # the same rate. TOPOLOGY `split` (default) gives the server CPU 0 to
-# itself and PostgreSQL and the load generator the others; `shared` does
-# not place anything (scripts/lib/cpus.sh). RSS from /proc: after start-up
+# itself and the load generator and PostgreSQL the others (a CPU of their
+# own each when there are three or more); `shared` does not place anything
+# (scripts/lib/cpus.sh). RSS from /proc: after start-up
 # (idle) and in the middle of the durable load at the highest rate.
 set -euo pipefail
 cd "$(dirname "$0")/.."

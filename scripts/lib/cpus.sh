@@ -1,11 +1,14 @@
 # CPU placement for the load benchmarks (sourced by scripts/bench-*.sh).
 #
 # `split`: the server under test gets the first CPU this script may use to
-# itself; PostgreSQL (every process of the local `postgres` user, and the
-# backends they fork later) and the load generator share the others. That
-# is a production layout shrunk onto one machine (the database and the
-# clients elsewhere), so a ratio between audit modes measures what auditing
-# costs the API server, not how the machine's cores are shared out.
+# itself. With three or more CPUs the load generator gets the second and
+# PostgreSQL (every process of the local `postgres` user, and the backends
+# they fork later) the rest; with two, PostgreSQL and the load generator
+# share the second. That is a production layout shrunk onto one machine
+# (the database and the clients elsewhere), so a ratio between audit modes
+# measures what auditing costs the API server, not how the machine's cores
+# are shared out. On two CPUs the database still competes with the load
+# generator (BENCHMARKS.md: what bounds durable mode there).
 # `shared`: no placement; everything competes for every CPU.
 #
 # Usage: place_postgres TOPOLOGY; then prefix the server with
@@ -24,7 +27,13 @@ usable_cpus() {
 }
 mapfile -t USABLE_CPUS < <(usable_cpus)
 SERVER_CPU=${USABLE_CPUS[0]}
-OTHER_CPUS=$(IFS=,; echo "${USABLE_CPUS[*]:1}")
+if [ "${#USABLE_CPUS[@]}" -ge 3 ]; then
+    CLIENT_CPUS=${USABLE_CPUS[1]}
+    POSTGRES_CPUS=$(IFS=,; echo "${USABLE_CPUS[*]:2}")
+else
+    CLIENT_CPUS=$(IFS=,; echo "${USABLE_CPUS[*]:1}")
+    POSTGRES_CPUS=$CLIENT_CPUS
+fi
 # Each moved PostgreSQL process's CPUs before the move.
 POSTGRES_MASKS=${TMPDIR:-/tmp}/nox-bench-postgres-cpus.$$
 
@@ -37,7 +46,7 @@ server_cpus() { # topology
 }
 
 client_cpus() { # topology
-    if [ "$1" = split ]; then echo "taskset -c $OTHER_CPUS"; fi
+    if [ "$1" = split ]; then echo "taskset -c $CLIENT_CPUS"; fi
 }
 
 place_postgres() { # topology
@@ -45,12 +54,13 @@ place_postgres() { # topology
         restore_postgres
         return 0
     fi
+    echo "layout: server on CPU $SERVER_CPU, load generator on CPU(s) $CLIENT_CPUS, PostgreSQL on CPU(s) $POSTGRES_CPUS"
     local pid
     for pid in $(pgrep -u postgres || true); do
         grep -qs "^$pid " "$POSTGRES_MASKS" ||
             echo "$pid $(taskset -pc "$pid" 2>/dev/null | sed 's/.*: //')" >>"$POSTGRES_MASKS"
-        taskset -a -cp "$OTHER_CPUS" "$pid" >/dev/null 2>&1 ||
-            echo "warning: could not move PostgreSQL process $pid to CPUs $OTHER_CPUS" >&2
+        taskset -a -cp "$POSTGRES_CPUS" "$pid" >/dev/null 2>&1 ||
+            echo "warning: could not move PostgreSQL process $pid to CPUs $POSTGRES_CPUS" >&2
     done
 }
 
