@@ -14,11 +14,21 @@
 //! valid (nothing can be revoked without the database) and unknown tokens
 //! cannot be checked.
 //!
-//! A token the database refused is refused from memory for `ttl` too, so a
-//! client retrying a revoked or mistyped token costs no database round trip
-//! per request (identity is resolved before the rate limits apply). At
-//! most `MAX_REJECTED` such tokens are remembered; a flood of distinct
-//! random tokens still costs a check each.
+//! A token the database refused (unknown, revoked, expired, or its user
+//! inactive) is refused from memory for `ttl` too, so a client retrying a
+//! revoked or mistyped token costs no database round trip per request. At
+//! most `MAX_REJECTED` such tokens are remembered: when the set is full of
+//! refusals younger than `ttl` (a flood of distinct random tokens), the
+//! older half is forgotten, so memory stays bounded and the sweep's cost is
+//! shared by the next `MAX_REJECTED / 2` refusals. A bearer value that is
+//! not a well-formed token ([`token::is_well_formed`]) is refused without
+//! being hashed or looked up.
+//!
+//! [`Authenticator::cached`] answers from memory alone and says when a
+//! database check is needed, so a caller can decide what to do first (Nox
+//! charges the per-address rate limit before checking a token this instance
+//! has never accepted; see `nox_api::auth`). [`Authenticator::authenticate`]
+//! is the two steps in one.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,6 +64,54 @@ struct Entry {
     check_started: Option<Instant>,
 }
 
+/// What memory alone says about a bearer token ([`Authenticator::cached`]).
+#[derive(Debug)]
+pub enum Lookup {
+    /// Accepted within `ttl`, or being re-checked by another request: the
+    /// caller, with no database work.
+    Known(Caller),
+    /// Not a well-formed token, or refused by the database within `ttl`.
+    Refused,
+    /// A database check is needed; [`Check::run`] makes it.
+    Check(Check),
+}
+
+/// A database check of one token, still to be made.
+#[derive(Debug)]
+pub struct Check {
+    cache: Arc<Cache>,
+    hash: [u8; 32],
+    /// The cached caller of a stale entry this check re-validates (claimed
+    /// for it: other requests use the cached caller meanwhile).
+    stale: Option<Caller>,
+}
+
+impl Check {
+    /// Whether this instance accepted the token before and only its periodic
+    /// re-check is due (at most one per token per `ttl`), as opposed to a
+    /// token it has never accepted.
+    pub fn is_known_token(&self) -> bool {
+        self.stale.is_some()
+    }
+
+    /// Checks the token against the database. While the database is
+    /// unreachable, a stale entry's caller is still accepted.
+    pub async fn run(self, pool: &Pool) -> Result<Caller, AuthFailure> {
+        // The check is a task of its own: if this request is dropped (its
+        // client went away), the check still completes and settles the
+        // entry, instead of leaving it claimed for a whole `ttl`.
+        let Check { cache, hash, stale } = self;
+        let pool = pool.clone();
+        match tokio::spawn(async move { cache.check(&pool, hash).await }).await {
+            Ok(Ok(Some(caller))) => Ok(caller),
+            Ok(Ok(None)) => Err(AuthFailure::Invalid),
+            // The check stays marked as started: the next one is made `ttl`
+            // from now, not by every request meanwhile.
+            Ok(Err(())) | Err(_) => stale.ok_or(AuthFailure::Unavailable),
+        }
+    }
+}
+
 /// What the cache knows about a token.
 #[derive(Debug)]
 enum Cached {
@@ -78,6 +136,8 @@ struct Cache {
     /// Bumped whenever entries are forgotten: a check that read the
     /// database before a revocation here must not cache what it read.
     generation: AtomicU64,
+    /// Database checks made (for tests and diagnostics).
+    checks: AtomicU64,
 }
 
 impl Authenticator {
@@ -87,29 +147,46 @@ impl Authenticator {
             entries: Mutex::new(HashMap::new()),
             rejected: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
+            checks: AtomicU64::new(0),
         }))
     }
 
-    pub async fn authenticate(&self, pool: &Pool, token: &str) -> Result<Caller, AuthFailure> {
+    /// What memory alone says about `token`: never touches the database.
+    /// A stale entry is claimed for re-checking by the first request that
+    /// finds it (the others get [`Lookup::Known`] meanwhile).
+    pub fn cached(&self, token: &str) -> Lookup {
+        if !token::is_well_formed(token) {
+            return Lookup::Refused;
+        }
         let hash = token::hash(token);
-        let cached = match self.0.cached(&hash) {
-            Some(Cached::Fresh(caller) | Cached::BeingChecked(caller)) => return Ok(caller),
+        let stale = match self.0.cached(&hash) {
+            Some(Cached::Fresh(caller) | Cached::BeingChecked(caller)) => {
+                return Lookup::Known(caller);
+            }
             Some(Cached::Stale(caller)) => Some(caller),
-            None if self.0.recently_rejected(&hash) => return Err(AuthFailure::Invalid),
+            None if self.0.recently_rejected(&hash) => return Lookup::Refused,
             None => None,
         };
-        // The check is a task of its own: if this request is dropped (its
-        // client went away), the check still completes and settles the
-        // entry, instead of leaving it claimed for a whole `ttl`.
-        let cache = Arc::clone(&self.0);
-        let pool = pool.clone();
-        match tokio::spawn(async move { cache.check(&pool, hash).await }).await {
-            Ok(Ok(Some(caller))) => Ok(caller),
-            Ok(Ok(None)) => Err(AuthFailure::Invalid),
-            // The check stays marked as started: the next one is made `ttl`
-            // from now, not by every request meanwhile.
-            Ok(Err(())) | Err(_) => cached.ok_or(AuthFailure::Unavailable),
+        Lookup::Check(Check {
+            cache: Arc::clone(&self.0),
+            hash,
+            stale,
+        })
+    }
+
+    /// Resolves `token`: from memory when it can, else with a database
+    /// check.
+    pub async fn authenticate(&self, pool: &Pool, token: &str) -> Result<Caller, AuthFailure> {
+        match self.cached(token) {
+            Lookup::Known(caller) => Ok(caller),
+            Lookup::Refused => Err(AuthFailure::Invalid),
+            Lookup::Check(check) => check.run(pool).await,
         }
+    }
+
+    /// How many database checks of tokens this authenticator has made.
+    pub fn database_checks(&self) -> u64 {
+        self.0.checks.load(Ordering::Relaxed)
     }
 
     /// Forgets every cached token of `user_id` (after a role change or
@@ -136,6 +213,7 @@ impl Authenticator {
 impl Cache {
     /// Checks a token against the database and settles its entries.
     async fn check(&self, pool: &Pool, hash: [u8; 32]) -> Result<Option<Caller>, ()> {
+        self.checks.fetch_add(1, Ordering::Relaxed);
         let generation = self.generation.load(Ordering::SeqCst);
         match store::resolve_token(pool, &hash).await {
             Ok(Some(caller)) => {
@@ -190,9 +268,17 @@ impl Cache {
         if rejected.len() >= MAX_REJECTED {
             rejected.retain(|_, at| at.elapsed() < self.ttl);
         }
-        if rejected.len() < MAX_REJECTED {
-            rejected.insert(hash, Instant::now());
+        if rejected.len() >= MAX_REJECTED {
+            // Full of recent refusals: a flood of distinct tokens. Forget the
+            // older half (at least), so the newest are remembered and the
+            // next sweep is `MAX_REJECTED / 2` refusals away.
+            let mut times: Vec<Instant> = rejected.values().copied().collect();
+            let middle = times.len() / 2;
+            let (_, median, _) = times.select_nth_unstable(middle);
+            let median = *median;
+            rejected.retain(|_, at| *at > median);
         }
+        rejected.insert(hash, Instant::now());
     }
 
     fn insert(&self, hash: [u8; 32], caller: Caller) {
@@ -289,14 +375,41 @@ mod tests {
     }
 
     #[test]
-    fn refused_tokens_remembered_are_bounded() {
+    fn refused_tokens_remembered_are_bounded_and_the_newest_are_kept() {
         let authenticator = Authenticator::new(Duration::from_secs(60));
         let cache = &authenticator.0;
-        for i in 0..MAX_REJECTED + 10 {
-            let mut hash = [0u8; 32];
-            hash[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            cache.reject(hash);
+        let mut largest = 0;
+        let mut last = [0u8; 32];
+        // A flood of 20,000 distinct random (unknown) tokens, each refused.
+        for _ in 0..2 * MAX_REJECTED {
+            let token = format!("nox_{}", hex::encode(rand_bytes()));
+            last = token::hash(&token);
+            cache.reject(last);
+            largest = largest.max(cache.lock_rejected().len());
+            assert!(cache.recently_rejected(&last), "the newest is remembered");
         }
-        assert_eq!(cache.lock_rejected().len(), MAX_REJECTED);
+        assert!(largest <= MAX_REJECTED, "{largest}");
+        assert!(cache.recently_rejected(&last));
+    }
+
+    fn rand_bytes() -> [u8; 32] {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).expect("random");
+        bytes
+    }
+
+    #[test]
+    fn malformed_tokens_are_refused_from_memory() {
+        let authenticator = Authenticator::new(Duration::from_secs(60));
+        for junk in ["x", "short-token", &"y".repeat(4096), "é".repeat(40).as_str()] {
+            assert!(matches!(authenticator.cached(junk), Lookup::Refused));
+        }
+        // A well-formed token nobody has seen needs a check.
+        let token = format!("nox_{}", hex::encode(rand_bytes()));
+        match authenticator.cached(&token) {
+            Lookup::Check(check) => assert!(!check.is_known_token()),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(authenticator.database_checks(), 0);
     }
 }

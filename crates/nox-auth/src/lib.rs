@@ -11,7 +11,7 @@ pub mod secret;
 pub mod store;
 pub mod token;
 
-pub use cache::{AuthFailure, Authenticator};
+pub use cache::{AuthFailure, Authenticator, Check, Lookup};
 pub use model::{Caller, Role, Tier, TokenInfo, User};
 pub use secret::Secret;
 pub use store::StoreError;

@@ -1,4 +1,14 @@
-//! API token format: `nox_` followed by 64 hex digits (256 random bits).
+//! API token format: `nox_` followed by 64 hex digits (256 random bits),
+//! or a token the operator chose (`NOX_ADMIN_TOKEN`: at least 32
+//! characters).
+//!
+//! A bearer value that no stored token could match is refused without a
+//! database lookup ([`is_well_formed`]): 32 to 512 bytes of printable ASCII
+//! without spaces. Generated tokens are 68 such bytes; operator-chosen ones
+//! are checked against the same rule when the server starts, so every token
+//! that can exist passes it. The rule is deliberately no stricter (not
+//! "`nox_` + 64 hex digits" only): an operator's token may be any such
+//! string, including one that happens to start with `nox_`.
 
 use sha2::{Digest, Sha256};
 
@@ -6,6 +16,9 @@ pub const TOKEN_PREFIX: &str = "nox_";
 /// How many leading characters of a token are kept for display: `nox_`
 /// plus 8 hex digits, 32 of the 256 secret bits.
 const DISPLAY_PREFIX_LEN: usize = 12;
+/// Shorter bearer values are refused without a lookup: no token is shorter
+/// (operator-chosen tokens need at least this many characters).
+pub const MIN_TOKEN_LEN: usize = 32;
 /// Longer bearer values are refused without hashing them.
 pub const MAX_TOKEN_LEN: usize = 512;
 
@@ -67,6 +80,15 @@ pub fn parse_bearer(header: &str) -> Option<&str> {
     well_formed.then_some(token)
 }
 
+/// Whether `token` could be a Nox token at all: 32 to 512 bytes, each
+/// printable ASCII other than space (what an `Authorization` header can
+/// carry as one bearer credential). Anything else is refused from this
+/// check alone, before any lookup.
+pub fn is_well_formed(token: &str) -> bool {
+    (MIN_TOKEN_LEN..=MAX_TOKEN_LEN).contains(&token.len())
+        && token.bytes().all(|b| b.is_ascii_graphic())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,5 +114,20 @@ mod tests {
         assert_eq!(parse_bearer("Bearer "), None);
         assert_eq!(parse_bearer("Bearer a b"), None);
         assert_eq!(parse_bearer(&format!("Bearer {}", "x".repeat(513))), None);
+    }
+
+    #[test]
+    fn generated_and_operator_tokens_are_well_formed_and_junk_is_not() {
+        let generated = NewToken::generate().expect("random");
+        assert!(is_well_formed(generated.secret.expose()));
+        assert!(is_well_formed("an-operator-chosen-secret-of-32+chars"));
+        assert!(is_well_formed("nox_but-chosen-by-the-operator-not-hex!"));
+        assert!(is_well_formed(&"x".repeat(MAX_TOKEN_LEN)));
+        assert!(!is_well_formed("x"));
+        assert!(!is_well_formed(&"x".repeat(MIN_TOKEN_LEN - 1)));
+        assert!(!is_well_formed(&"x".repeat(MAX_TOKEN_LEN + 1)));
+        assert!(!is_well_formed(&format!("{} tail", "x".repeat(40))));
+        assert!(!is_well_formed(&format!("{}é", "x".repeat(40))));
+        assert!(!is_well_formed(&format!("{}\u{7f}", "x".repeat(40))));
     }
 }
