@@ -1,5 +1,7 @@
 //! Fair use: rate limits, GCRA with a burst (`governor`), per user for
-//! authenticated requests and per client address for the others; and quotas
+//! authenticated requests and per client address for the others (an IPv6
+//! client by its /64, since one host usually holds a whole /64; an
+//! IPv4-mapped IPv6 address as the IPv4 address it is); and quotas
 //! ([`limits`], [`book`]): requests per calendar UTC hour and day, CPU per
 //! day, memory per run, storage and files.
 //!
@@ -85,8 +87,9 @@ impl RateLimits {
         self.check(self.per_user.as_ref(), &user, Scope::User)
     }
 
+    /// Charges `ip`'s limit: an IPv4 address's own, an IPv6 address's /64's.
     pub fn check_ip(&self, ip: IpAddr) -> Result<(), Limited> {
-        self.check(self.per_ip.as_ref(), &ip, Scope::Ip)
+        self.check(self.per_ip.as_ref(), &address_key(ip), Scope::Ip)
     }
 
     fn check<K: Hash + Eq + Clone>(
@@ -114,6 +117,21 @@ impl RateLimits {
         if let Some((limiter, _)) = &self.per_ip {
             limiter.retain_recent();
         }
+    }
+}
+
+/// The key an address is limited under: an IPv4 address itself (also when
+/// written IPv4-mapped, `::ffff:a.b.c.d`), an IPv6 address's /64 prefix
+/// (a host is usually given a whole /64 and picks addresses in it freely).
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from_bits(
+                v6.to_bits() & !((1u128 << 64) - 1),
+            )),
+        },
     }
 }
 
@@ -152,5 +170,54 @@ mod tests {
                 "0 switches it off"
             );
         }
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("an address")
+    }
+
+    fn per_ip(burst: u32) -> RateLimits {
+        RateLimits::new(
+            Rate {
+                per_minute: 0,
+                burst: 0,
+            },
+            Rate {
+                per_minute: 1,
+                burst,
+            },
+        )
+    }
+
+    #[test]
+    fn ipv6_clients_share_their_64_and_ipv4_is_per_address() {
+        let limits = per_ip(2);
+        // Two addresses of one /64 share one bucket.
+        assert!(limits.check_ip(ip("2001:db8:1:2::1")).is_ok());
+        assert!(limits.check_ip(ip("2001:db8:1:2:ffff:ffff:ffff:fffe")).is_ok());
+        let refused = limits
+            .check_ip(ip("2001:db8:1:2:1234:5678:9abc:def0"))
+            .expect_err("the /64's burst is spent");
+        assert_eq!(refused.scope, Scope::Ip);
+        // The neighbouring /64s have buckets of their own.
+        assert!(limits.check_ip(ip("2001:db8:1:3::1")).is_ok());
+        assert!(limits.check_ip(ip("2001:db8:1:1::1")).is_ok());
+
+        // IPv4: per address; the mapped form is the same client.
+        assert!(limits.check_ip(ip("192.0.2.1")).is_ok());
+        assert!(limits.check_ip(ip("::ffff:192.0.2.1")).is_ok());
+        assert!(limits.check_ip(ip("192.0.2.1")).is_err());
+        assert!(limits.check_ip(ip("192.0.2.2")).is_ok());
+    }
+
+    #[test]
+    fn address_keys() {
+        assert_eq!(
+            address_key(ip("2001:db8::aaaa:bbbb:cccc:dddd")),
+            ip("2001:db8::")
+        );
+        assert_eq!(address_key(ip("::ffff:10.0.0.1")), ip("10.0.0.1"));
+        assert_eq!(address_key(ip("10.0.0.1")), ip("10.0.0.1"));
+        assert_eq!(address_key(ip("::1")), ip("::"));
     }
 }
