@@ -7,6 +7,7 @@ mod chain;
 mod deploy;
 mod export;
 mod files;
+mod hostile;
 mod http_basics;
 mod identity;
 mod limits;

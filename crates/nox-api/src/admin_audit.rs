@@ -59,7 +59,7 @@ pub async fn status(
         },
         Err(_) => false,
     };
-    let healthy = connected && !sink.is_down() && sink.database_up();
+    let healthy = connected && !sink.is_down() && sink.database_up() && sink.rejected_files() == 0;
     Ok(HttpResponse::Ok().json(json!({
         "audit_system": if healthy { "active" } else { "degraded" },
         "version": crate::VERSION,
@@ -68,6 +68,11 @@ pub async fn status(
         "queue_depth": state.audit.queue_depth(),
         "spool_rows": sink.spool_rows(),
         "spool_files": sink.spool_files(),
+        // Rows the database refused for their content: written in minimal
+        // form, or kept in audit-spool/rejected/ when even that failed.
+        "rows_reduced": sink.rows_reduced(),
+        "rejected_rows": sink.rejected_rows(),
+        "rejected_files": sink.rejected_files(),
         "rows_written": sink.rows_written(),
         "last_write_at": timestamp_json(sink.last_write_at()),
         "last_error": sink.last_error(),

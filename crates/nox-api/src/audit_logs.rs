@@ -132,6 +132,10 @@ pub(crate) fn build_filters(
     if let Some(unknown) = query.keys().find(|k| !known(k)) {
         return Err(invalid(unknown, "unknown parameter"));
     }
+    // PostgreSQL's text cannot hold one, and a filter never needs it.
+    if let Some((name, _)) = query.iter().find(|(_, value)| value.contains('\0')) {
+        return Err(invalid(name, "must not contain a NUL byte"));
+    }
     let mut filters = Filters::default();
     for name in ["user_id", "session_id", "request_id"] {
         if let Some(text) = query.get(name) {

@@ -299,12 +299,16 @@ pub fn configure_extractors(config: &mut web::ServiceConfig) {
                 .error_handler(|error, _| ApiError::InvalidParameter(error.to_string()).into()),
         )
         .app_data(web::JsonConfig::default().error_handler(|error, _| {
-            let detail = match error {
-                JsonPayloadError::ContentType => {
-                    "the body must be JSON, sent with Content-Type: application/json".to_owned()
+            match error {
+                JsonPayloadError::ContentType => ApiError::InvalidParameter(
+                    "the body must be JSON, sent with Content-Type: application/json".to_owned(),
+                ),
+                JsonPayloadError::Overflow { limit }
+                | JsonPayloadError::OverflowKnownLength { limit, .. } => {
+                    ApiError::PayloadTooLarge(format!("a JSON body is limited to {limit} bytes"))
                 }
-                other => format!("invalid JSON body: {other}"),
-            };
-            ApiError::InvalidParameter(detail).into()
+                other => ApiError::InvalidParameter(format!("invalid JSON body: {other}")),
+            }
+            .into()
         }));
 }

@@ -6,7 +6,9 @@ use actix_web::http::header::{self, ContentDisposition, DispositionParam, Dispos
 use actix_web::{HttpRequest, HttpResponse, delete, get, put, web};
 use base64::Engine;
 use futures_util::{Stream, StreamExt};
+use nox_audit_model::storable::mark_sanitized;
 use nox_sandbox::{EntryKind, SandboxPath, Workspace};
+use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::io::AsyncWriteExt;
@@ -44,16 +46,29 @@ impl PathQuery {
                 "the query parameter 'path' is required".into(),
             ));
         };
+        let utf8 = raw_path_is_utf8(request.query_string());
         nox_audit_actix::record(request, |details| {
-            details.file_path = Some(
-                raw.chars()
-                    .take(nox_sandbox::path::MAX_PATH_BYTES)
-                    .collect(),
-            );
+            details.file_path = Some(raw.to_owned());
             details.files_affected = Some(0);
+            if !utf8 {
+                mark_sanitized(&mut details.metadata, "file_path");
+            }
         });
+        if !utf8 {
+            return Err(ApiError::InvalidPath("path is not valid UTF-8".into()));
+        }
         Ok(SandboxPath::parse(raw)?)
     }
+}
+
+/// Whether every `path` parameter of a raw query string decodes to UTF-8
+/// (the query extractor replaces invalid bytes with U+FFFD silently).
+fn raw_path_is_utf8(query: &str) -> bool {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(key, _)| percent_decode_str(key).decode_utf8_lossy() == "path")
+        .all(|(_, value)| percent_decode_str(value).decode_utf8().is_ok())
 }
 
 /// Records the file facts of this request in its audit row.

@@ -18,7 +18,8 @@ use crate::auth::Authenticated;
 use crate::config::{Config, RunNetwork};
 use crate::error::{ApiError, ErrorBody};
 
-const MAX_COMMAND_CHARS: usize = 10_000;
+/// As long as the audit row stores whole.
+const MAX_COMMAND_CHARS: usize = nox_audit_model::storable::MAX_COMMAND_TEXT_CHARS;
 const MAX_TIMEOUT_SECS: u64 = 300;
 const MAX_STDIN_BYTES: usize = 1024 * 1024;
 const RUNS_PER_USER: usize = 2;
@@ -274,7 +275,19 @@ pub async fn run_command(
     let kind = command_type(&body.command);
     nox_audit_actix::record(&request, |details| {
         details.command_type = Some(kind.to_owned());
+        // Whole: the column holds MAX_COMMAND_CHARS. A longer one, refused
+        // below, is cut with its size and hash kept.
         details.command_text = Some(body.command.clone());
+        if let Some(stdin) = &body.stdin {
+            // What was fed, never its content.
+            details.metadata.insert(
+                "stdin".into(),
+                serde_json::json!({
+                    "bytes": stdin.len(),
+                    "sha256": nox_audit_model::storable::sha256_hex(stdin.as_bytes()),
+                }),
+            );
+        }
     });
     let length = body.command.chars().count();
     if length == 0 || length > MAX_COMMAND_CHARS {

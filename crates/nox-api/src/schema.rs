@@ -27,6 +27,7 @@ pub const MIGRATIONS: &[Migration] = &[
     nox_audit_store::schema::AUDIT_CHAIN,
     nox_audit_store::schema::AUDIT_SESSION_INDEX,
     nox_audit_store::schema::AUDIT_CHAIN_ADVANCE,
+    nox_audit_store::schema::AUDIT_COMMAND_TEXT,
 ];
 
 #[cfg(test)]

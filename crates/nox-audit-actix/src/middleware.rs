@@ -20,10 +20,7 @@ use futures_util::future::LocalBoxFuture;
 use ipnet::IpNet;
 use uuid::Uuid;
 
-use nox_audit_model::record::{
-    MAX_COMMAND_TEXT_BYTES, MAX_ERROR_DETAILS_CHARS, MAX_USER_AGENT_CHARS, truncate_bytes,
-    truncate_chars,
-};
+use nox_audit_model::storable::{mark_sanitized, text_from_bytes};
 use nox_audit_model::{ActionRecord, Clock, NOX_TAXONOMY, SystemClock, Taxonomy};
 use nox_audit_store::{AuditMode, AuditSink, SinkError};
 
@@ -145,6 +142,43 @@ where
         request.extensions_mut().insert(details.clone());
         let body_bytes = Rc::new(Cell::new(0u64));
         count_request_body(&mut request, Rc::clone(&body_bytes));
+        let mut record = ActionRecord {
+            client_ip: client_ip(
+                request.peer_addr().map(|a| a.ip()),
+                request.headers(),
+                &self.config.trusted_proxies,
+            ),
+            ..ActionRecord::arrived(
+                request_id,
+                self.config.clock.now(),
+                request.method().as_str(),
+                // The path as routed (percent-decoded), which is what was
+                // served and what searches match.
+                request.match_info().as_str(),
+            )
+        };
+        {
+            let mut details = details.0.borrow_mut();
+            if let Some(agent) = request.headers().get(header::USER_AGENT) {
+                let (agent, replaced) = text_from_bytes(agent.as_bytes());
+                if replaced {
+                    mark_sanitized(&mut details.metadata, "user_agent");
+                }
+                record.user_agent = Some(agent);
+            }
+            let raw_path = request.path();
+            if raw_path != record.endpoint {
+                details
+                    .metadata
+                    .insert("raw_endpoint".into(), raw_path.into());
+                if percent_encoding::percent_decode_str(raw_path)
+                    .decode_utf8()
+                    .is_err()
+                {
+                    mark_sanitized(&mut details.metadata, "endpoint");
+                }
+            }
+        }
         let pending = PendingRecord {
             started: Instant::now(),
             meter: CpuMeter::default(),
@@ -152,22 +186,14 @@ where
             body_bytes,
             request_head: request_head_size(&request),
             response_head: 0,
-            record: ActionRecord {
-                client_ip: client_ip(
-                    request.peer_addr().map(|a| a.ip()),
-                    request.headers(),
-                    &self.config.trusted_proxies,
-                ),
-                user_agent: request.headers().get(header::USER_AGENT).map(|v| {
-                    truncate_chars(&String::from_utf8_lossy(v.as_bytes()), MAX_USER_AGENT_CHARS)
-                }),
-                ..ActionRecord::arrived(
-                    request_id,
-                    self.config.clock.now(),
-                    request.method().as_str(),
-                    request.path(),
-                )
-            },
+            // Known before the handler runs, for a request whose handler is
+            // dropped (the client reset the connection).
+            // Of the routed path: `match_pattern()` reads the raw one, which
+            // misses a route reached through percent-encoding (`/r%75n`).
+            route: request
+                .resource_map()
+                .match_pattern(request.match_info().as_str()),
+            record,
         };
         request.extensions_mut().insert(pending.meter.clone());
         let call = Metered {
@@ -178,14 +204,22 @@ where
         let sink = self.sink.clone();
         let durable = config.mode == AuditMode::Durable;
         Box::pin(async move {
-            let mut pending = pending;
-            let response = match call.await {
+            // Dropped while the handler runs (the client reset the
+            // connection), the guard still records the request.
+            let mut unfinished = Unfinished {
+                pending: Some(pending),
+                sink: sink.clone(),
+                taxonomy: config.taxonomy,
+            };
+            let response = call.await;
+            let mut pending = unfinished.take();
+            let response = match response {
                 Ok(response) => response,
                 Err(error) => {
                     // An error no inner layer turned into a response: record
                     // it with the status it will be answered with.
                     let status = error.as_response_error().status_code();
-                    pending.classify(&config.taxonomy, None, status);
+                    pending.classify(&config.taxonomy, status);
                     let record = pending.finish(0, None);
                     if let Err(sink_error) = sink.submit(record, durable).await {
                         tracing::error!(%sink_error, "a request's audit record could not be stored");
@@ -193,8 +227,7 @@ where
                     return Err(error);
                 }
             };
-            let route = response.request().match_pattern();
-            pending.classify(&config.taxonomy, route.as_deref(), response.status());
+            pending.classify(&config.taxonomy, response.status());
             let response = with_request_id(response.map_into_boxed_body(), request_id);
             pending.response_head = response_head_size(response.status(), response.headers());
             let (http_request, response) = response.into_parts();
@@ -305,9 +338,45 @@ fn response_head_size(status: StatusCode, headers: &HeaderMap) -> u64 {
     (13 + reason + 2) as u64 + headers_size(headers) + 40 + 37 + 2
 }
 
+/// The status recorded for a request whose client went away before the
+/// whole response was delivered (nginx's "client closed request").
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// What the record of a request whose client went away says.
+const CLIENT_CLOSED_DETAIL: &str = "the client closed the connection before the response ended";
+
+/// A request's record while its handler runs.
+struct Unfinished {
+    pending: Option<PendingRecord>,
+    sink: AuditSink,
+    taxonomy: Taxonomy,
+}
+
+impl Unfinished {
+    fn take(&mut self) -> PendingRecord {
+        self.pending.take().expect("taken once")
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(mut pending) = self.pending.take() {
+            let status = StatusCode::from_u16(CLIENT_CLOSED_REQUEST).expect("a valid status");
+            pending.classify(&self.taxonomy, status);
+            let mut record = pending.finish(0, None);
+            record
+                .error_details
+                .get_or_insert_with(|| CLIENT_CLOSED_DETAIL.to_owned());
+            spawn_submit(self.sink.clone(), record);
+        }
+    }
+}
+
 /// A record waiting for the end of its response.
 struct PendingRecord {
     record: ActionRecord,
+    /// The matched route template, if any.
+    route: Option<String>,
     started: Instant,
     meter: CpuMeter,
     details: DetailsCell,
@@ -317,10 +386,10 @@ struct PendingRecord {
 }
 
 impl PendingRecord {
-    fn classify(&mut self, taxonomy: &Taxonomy, route: Option<&str>, status: StatusCode) {
-        let kind = taxonomy.classify(&self.record.http_method, route);
-        if let Some(route) = route {
-            self.record.route = route.to_owned();
+    fn classify(&mut self, taxonomy: &Taxonomy, status: StatusCode) {
+        let kind = taxonomy.classify(&self.record.http_method, self.route.as_deref());
+        if let Some(route) = &self.route {
+            self.record.route.clone_from(route);
         }
         self.record.set_outcome(kind, status.as_u16());
     }
@@ -348,9 +417,7 @@ impl PendingRecord {
         record.file_size_bytes = details.file_size_bytes;
         record.files_affected = details.files_affected;
         record.command_type = details.command_type;
-        record.command_text = details
-            .command_text
-            .map(|text| truncate_bytes(&text, MAX_COMMAND_TEXT_BYTES));
+        record.command_text = details.command_text;
         record.exit_code = details.exit_code;
         record.stdout_size = details.stdout_size;
         record.stderr_size = details.stderr_size;
@@ -360,8 +427,7 @@ impl PendingRecord {
         record.metadata = (!details.metadata.is_empty()).then(|| details.metadata.into());
         record.error_details = details
             .error_details
-            .or_else(|| error_body.and_then(error_detail))
-            .map(|text| truncate_chars(&text, MAX_ERROR_DETAILS_CHARS));
+            .or_else(|| error_body.and_then(error_detail));
         self.record
     }
 }
@@ -440,7 +506,7 @@ impl MessageBody for AuditBody {
                 }
                 Poll::Ready(Some(Err(error))) => {
                     this.finished = true;
-                    this.submit_in_background(Some("the response body failed"));
+                    this.submit_in_background("the response body failed", None);
                     return Poll::Ready(Some(Err(error)));
                 }
                 Poll::Ready(None) => {
@@ -464,12 +530,15 @@ impl MessageBody for AuditBody {
 impl AuditBody {
     /// Completes the record without waiting (the client is gone or the body
     /// failed: nobody waits for the commit).
-    fn submit_in_background(&mut self, error: Option<&str>) {
+    /// `status` replaces the one sent (the client went away).
+    fn submit_in_background(&mut self, error: &str, status: Option<u16>) {
         if let Some(pending) = self.pending.take() {
             let mut record = pending.finish(self.sent, None);
-            if let Some(error) = error {
-                record.error_details.get_or_insert_with(|| error.to_owned());
+            if let Some(status) = status {
+                record.status_code = status as i16;
+                record.success = false;
             }
+            record.error_details.get_or_insert_with(|| error.to_owned());
             spawn_submit(self.sink.clone(), record);
         }
     }
@@ -478,7 +547,7 @@ impl AuditBody {
 impl Drop for AuditBody {
     fn drop(&mut self) {
         // The client disconnected before the body ended: still record it.
-        self.submit_in_background(Some("the client disconnected before the response ended"));
+        self.submit_in_background(CLIENT_CLOSED_DETAIL, Some(CLIENT_CLOSED_REQUEST));
     }
 }
 

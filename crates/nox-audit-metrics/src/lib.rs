@@ -29,6 +29,8 @@ pub const AUDIT_WRITE_DURATION_SECONDS: &str = "nox_audit_write_duration_seconds
 pub const AUDIT_WRITE_FAILURES_TOTAL: &str = "nox_audit_write_failures_total";
 pub const AUDIT_SPOOL_ROWS: &str = "nox_audit_spool_rows";
 pub const AUDIT_DROPPED_TOTAL: &str = "nox_audit_dropped_total";
+pub const AUDIT_ROWS_REDUCED_TOTAL: &str = "nox_audit_rows_reduced_total";
+pub const AUDIT_REJECTED_TOTAL: &str = "nox_audit_rejected_total";
 pub const RUN_TOTAL: &str = "nox_run_total";
 pub const RUN_DURATION_SECONDS: &str = "nox_run_duration_seconds";
 pub const RUN_CPU_SECONDS_TOTAL: &str = "nox_run_cpu_seconds_total";
@@ -36,6 +38,7 @@ pub const SANDBOX_FILES: &str = "nox_sandbox_files";
 pub const SANDBOX_BYTES: &str = "nox_sandbox_bytes";
 pub const QUOTA_VIOLATIONS_TOTAL: &str = "nox_quota_violations_total";
 pub const RATE_LIMITED_TOTAL: &str = "nox_rate_limited_total";
+pub const HTTP_SHED_TOTAL: &str = "nox_http_shed_total";
 pub const BUILD_INFO: &str = "nox_build_info";
 
 /// Every family Nox exports, with its type.
@@ -54,6 +57,8 @@ pub const FAMILIES: &[(&str, &str)] = &[
     (AUDIT_WRITE_FAILURES_TOTAL, "counter"),
     (AUDIT_SPOOL_ROWS, "gauge"),
     (AUDIT_DROPPED_TOTAL, "counter"),
+    (AUDIT_ROWS_REDUCED_TOTAL, "counter"),
+    (AUDIT_REJECTED_TOTAL, "counter"),
     (RUN_TOTAL, "counter"),
     (RUN_DURATION_SECONDS, "histogram"),
     (RUN_CPU_SECONDS_TOTAL, "gauge"),
@@ -61,6 +66,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     (SANDBOX_BYTES, "gauge"),
     (QUOTA_VIOLATIONS_TOTAL, "counter"),
     (RATE_LIMITED_TOTAL, "counter"),
+    (HTTP_SHED_TOTAL, "counter"),
     (BUILD_INFO, "gauge"),
 ];
 
@@ -123,6 +129,14 @@ pub fn describe(version: &str) {
         "Audit rows waiting in the spool for the database."
     );
     describe_counter!(
+        AUDIT_ROWS_REDUCED_TOTAL,
+        "Audit rows the database refused for their content, written in their minimal form."
+    );
+    describe_counter!(
+        AUDIT_REJECTED_TOTAL,
+        "Audit rows that could not be written even in minimal form (kept in audit-spool/rejected/)."
+    );
+    describe_counter!(
         AUDIT_DROPPED_TOTAL,
         "Audit records dropped. Zero by design; a non-zero value is a bug."
     );
@@ -147,8 +161,15 @@ pub fn describe(version: &str) {
         RATE_LIMITED_TOTAL,
         "Rate-limit refusals by scope (user, ip)."
     );
+    describe_counter!(
+        HTTP_SHED_TOTAL,
+        "Requests answered 503 at once because NOX_MAX_INFLIGHT requests were in flight."
+    );
     describe_gauge!(BUILD_INFO, "Always 1; the version is in the label.");
     counter!(AUDIT_DROPPED_TOTAL).absolute(0);
+    counter!(HTTP_SHED_TOTAL).absolute(0);
+    counter!(AUDIT_REJECTED_TOTAL).absolute(0);
+    counter!(AUDIT_ROWS_REDUCED_TOTAL).absolute(0);
     counter!(AUDIT_WRITE_FAILURES_TOTAL).absolute(0);
     counter!(AUDIT_SESSIONS_TOTAL).absolute(0);
     counter!(AUDIT_ROWS_WRITTEN_TOTAL).absolute(0);
@@ -324,6 +345,14 @@ pub fn record_write_failure() {
     counter!(AUDIT_WRITE_FAILURES_TOTAL).increment(1);
 }
 
+pub fn record_rows_reduced(rows: usize) {
+    counter!(AUDIT_ROWS_REDUCED_TOTAL).increment(rows as u64);
+}
+
+pub fn record_rows_rejected(rows: usize) {
+    counter!(AUDIT_REJECTED_TOTAL).increment(rows as u64);
+}
+
 pub fn set_queue_depth(depth: usize) {
     gauge!(AUDIT_QUEUE_DEPTH).set(depth as f64);
 }
@@ -353,6 +382,11 @@ pub fn record_quota_violation(quota_type: &'static str) {
 /// `scope` is `user` or `ip`.
 pub fn record_rate_limited(scope: &'static str) {
     counter!(RATE_LIMITED_TOTAL, "scope" => scope).increment(1);
+}
+
+/// A request shed by the in-flight cap.
+pub fn record_shed() {
+    counter!(HTTP_SHED_TOTAL).increment(1);
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ mod admin_action;
 pub mod chain;
 pub mod clock;
 pub mod record;
+pub mod storable;
 pub mod taxonomy;
 
 pub use admin_action::{AdminAction, AdminActionType};

@@ -7,14 +7,10 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-/// Longest stored values; longer ones are cut (on a character boundary).
-pub const MAX_ENDPOINT_CHARS: usize = 1024;
-pub const MAX_USER_AGENT_CHARS: usize = 500;
-pub const MAX_COMMAND_TEXT_BYTES: usize = 4096;
-pub const MAX_ERROR_DETAILS_CHARS: usize = 1000;
-
 /// Every column of `audit_actions`, in the table's order. Serialisable so
-/// the writer can spool records to disk while the database is away.
+/// the writer can spool records to disk while the database is away. Values
+/// a client controls are made storable before the record is queued
+/// ([`ActionRecord::make_storable`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ActionRecord {
     pub id: Uuid,
@@ -71,7 +67,7 @@ impl ActionRecord {
             request_id,
             session_id: None,
             user_id: None,
-            endpoint: truncate_chars(endpoint, MAX_ENDPOINT_CHARS),
+            endpoint: endpoint.to_owned(),
             route: "unmatched".to_owned(),
             http_method: http_method.to_owned(),
             action_type: String::new(),
@@ -157,26 +153,6 @@ pub fn millis_from_micros(micros: u64) -> f64 {
     micros as f64 / 1000.0
 }
 
-/// Cuts `text` to at most `max` characters.
-pub fn truncate_chars(text: &str, max: usize) -> String {
-    match text.char_indices().nth(max) {
-        Some((cut, _)) => text[..cut].to_owned(),
-        None => text.to_owned(),
-    }
-}
-
-/// Cuts `text` to at most `max` bytes, on a character boundary.
-pub fn truncate_bytes(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut cut = max;
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    text[..cut].to_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,14 +162,6 @@ mod tests {
         assert!(!is_success(199));
         assert!(is_success(200) && is_success(304) && is_success(399));
         assert!(!is_success(400) && !is_success(503));
-    }
-
-    #[test]
-    fn truncation_respects_characters() {
-        assert_eq!(truncate_chars("héllo", 2), "hé");
-        assert_eq!(truncate_chars("abc", 5), "abc");
-        assert_eq!(truncate_bytes("héllo", 2), "h");
-        assert_eq!(truncate_bytes("héllo", 3), "hé");
     }
 
     #[test]

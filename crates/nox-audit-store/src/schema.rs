@@ -33,6 +33,12 @@ pub const AUDIT_CHAIN_ADVANCE: Migration = Migration {
     sql: include_str!("../../../migrations/0007_audit_chain_advance.sql"),
 };
 
+pub const AUDIT_COMMAND_TEXT: Migration = Migration {
+    version: 8,
+    name: "audit_command_text",
+    sql: include_str!("../../../migrations/0008_audit_command_text.sql"),
+};
+
 /// Every audit migration, in version order.
 pub const MIGRATIONS: &[Migration] = &[
     ADMIN_ACTIONS,
@@ -40,4 +46,5 @@ pub const MIGRATIONS: &[Migration] = &[
     AUDIT_CHAIN,
     AUDIT_SESSION_INDEX,
     AUDIT_CHAIN_ADVANCE,
+    AUDIT_COMMAND_TEXT,
 ];

@@ -124,6 +124,9 @@ pub struct SinkStatus {
     spool_rows: AtomicU64,
     spool_files: AtomicU64,
     sessions_opened: AtomicU64,
+    rows_reduced: AtomicU64,
+    rejected_rows: AtomicU64,
+    rejected_files: AtomicU64,
     last_write_at: Mutex<Option<OffsetDateTime>>,
     last_error: Mutex<Option<String>>,
 }
@@ -146,6 +149,18 @@ impl SinkStatus {
     }
     pub fn sessions_opened(&self) -> u64 {
         self.sessions_opened.load(Ordering::Relaxed)
+    }
+    /// Rows written in minimal form since the start (their content refused).
+    pub fn rows_reduced(&self) -> u64 {
+        self.rows_reduced.load(Ordering::Relaxed)
+    }
+    /// Rows put into `audit-spool/rejected/` since the start.
+    pub fn rejected_rows(&self) -> u64 {
+        self.rejected_rows.load(Ordering::Relaxed)
+    }
+    /// Files in `audit-spool/rejected/`.
+    pub fn rejected_files(&self) -> u64 {
+        self.rejected_files.load(Ordering::Relaxed)
     }
     pub fn last_write_at(&self) -> Option<OffsetDateTime> {
         *self.last_write_at.lock().unwrap_or_else(|p| p.into_inner())
@@ -180,22 +195,46 @@ pub struct AuditSink {
 
 impl AuditSink {
     /// Queues a record, waiting for room. With `wait_commit`, returns only
-    /// once the record is committed or spooled.
-    pub async fn submit(&self, record: ActionRecord, wait_commit: bool) -> Result<(), SinkError> {
+    /// once the record is committed or spooled. The record is made
+    /// storable first ([`ActionRecord::make_storable`]): whatever a client
+    /// sent, its row can be written. Once this future has been polled, the
+    /// record is queued even if the future is dropped (a caller whose client
+    /// went away cannot lose it).
+    pub async fn submit(
+        &self,
+        mut record: ActionRecord,
+        wait_commit: bool,
+    ) -> Result<(), SinkError> {
+        record.make_storable();
         record_metrics(&record, &self.metrics);
-        if !wait_commit {
-            return self
-                .sender
-                .send(Message::Record(Box::new(record), None))
-                .await
-                .map_err(|_| SinkError::Stopped);
+        let (ack, done) = match wait_commit {
+            true => {
+                let (ack, done) = oneshot::channel();
+                (Some(ack), Some(done))
+            }
+            false => (None, None),
+        };
+        self.enqueue(Message::Record(Box::new(record), ack)).await?;
+        match done {
+            Some(done) => done.await.map_err(|_| SinkError::Stopped)?,
+            None => Ok(()),
         }
-        let (ack, done) = oneshot::channel();
-        self.sender
-            .send(Message::Record(Box::new(record), Some(ack)))
-            .await
-            .map_err(|_| SinkError::Stopped)?;
-        done.await.map_err(|_| SinkError::Stopped)?
+    }
+
+    /// Queues a message at once, or when the queue is full, from a task of
+    /// its own that waits for room and outlives the caller.
+    async fn enqueue(&self, message: Message) -> Result<(), SinkError> {
+        match self.sender.try_send(message) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SinkError::Stopped),
+            Err(mpsc::error::TrySendError::Full(message)) => {
+                let sender = self.sender.clone();
+                tokio::spawn(async move { sender.send(message).await })
+                    .await
+                    .map_err(|_| SinkError::Stopped)?
+                    .map_err(|_| SinkError::Stopped)
+            }
+        }
     }
 
     pub fn status(&self) -> &SinkStatus {
@@ -252,6 +291,9 @@ impl AuditWriter {
             .queue_capacity
             .store(config.queue_capacity as u64, Ordering::Relaxed);
         status.database_up.store(true, Ordering::Relaxed);
+        if let Ok(files) = spool.rejected_files() {
+            status.rejected_files.store(files, Ordering::Relaxed);
+        }
         if let Ok(rows) = spool.count_actions() {
             status.spool_rows.store(rows, Ordering::Relaxed);
             status.spool_files.store(
@@ -383,10 +425,11 @@ impl Task {
         } else {
             InsertTarget::Unchained
         };
-        let result = match insert_batch(&self.pool, &sessions, &records, target, &mut self.head)
+        let result = match self
+            .insert_separating_refused(&sessions, &records, target)
             .await
         {
-            Ok(()) => {
+            Ok(refused) => {
                 nox_audit_metrics::record_batch_written(
                     records.len(),
                     started.elapsed().as_secs_f64(),
@@ -401,7 +444,7 @@ impl Task {
                     .last_write_at
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = Some(OffsetDateTime::now_utc());
-                Ok(())
+                self.keep_rejected(refused).await
             }
             Err(error) => {
                 nox_audit_metrics::record_write_failure();
@@ -457,7 +500,9 @@ impl Task {
         self.sessions.restore_changes(sessions);
     }
 
-    /// Replays spool files, oldest first, until one fails.
+    /// Replays spool files, oldest first, until the database fails. A file
+    /// that cannot be read, and rows refused even in minimal form, go to
+    /// `rejected/`: neither blocks the files after it.
     async fn replay_spool(&mut self) {
         let Ok(files) = self.spool.pending() else {
             return;
@@ -465,25 +510,43 @@ impl Task {
         for path in files {
             let read_path = path.clone();
             let batch = match tokio::task::spawn_blocking(move || Spool::read(&read_path)).await {
-                Ok(Ok(batch)) => batch,
+                Ok(Ok(mut batch)) => {
+                    // Files spooled by an older version may hold values
+                    // PostgreSQL refuses.
+                    batch
+                        .actions
+                        .iter_mut()
+                        .for_each(ActionRecord::make_storable);
+                    batch
+                }
                 Ok(Err(error)) => {
-                    tracing::error!(file = %path.display(), %error, "unreadable spool file left in place");
+                    tracing::error!(file = %path.display(), %error, "unreadable spool file moved to rejected/");
                     self.status
                         .set_error(Some(format!("spool file {}: {error}", path.display())));
+                    if self.spool.reject_file(&path).is_ok() {
+                        self.status.rejected_files.fetch_add(1, Ordering::Relaxed);
+                        self.status
+                            .spool_files
+                            .fetch_sub(1.min(self.status.spool_files()), Ordering::Relaxed);
+                        // Its rows are unknown: counted as one, so the alert fires.
+                        nox_audit_metrics::record_rows_rejected(1);
+                    }
                     continue;
                 }
                 Err(_) => return,
             };
-            match insert(
-                &self.pool,
-                &batch.sessions,
-                &batch.actions,
-                InsertTarget::Idempotent,
-            )
-            .await
-            {
-                Ok(()) => {
-                    self.head.known = None; // the replay moved it
+            let written = self
+                .insert_separating_refused(
+                    &batch.sessions,
+                    &batch.actions,
+                    InsertTarget::Idempotent,
+                )
+                .await;
+            match written {
+                Ok(refused) => {
+                    if self.keep_rejected(refused).await.is_err() {
+                        return;
+                    }
                     if let Err(error) = self.spool.remove(&path) {
                         tracing::error!(file = %path.display(), %error, "replayed spool file could not be removed");
                         return;
@@ -508,6 +571,118 @@ impl Task {
             }
         }
     }
+
+    /// Writes a batch; when PostgreSQL refuses it for its content (one bad
+    /// value would fail every row with it), writes the sessions alone and
+    /// the rows in ever smaller parts, each refused row in its minimal form
+    /// ([`ActionRecord::minimal`]), in the batch's order. Errors only when
+    /// the database itself fails (the caller spools the whole batch; a
+    /// replay skips what was written). Returns what was refused.
+    async fn insert_separating_refused(
+        &mut self,
+        sessions: &[SessionRow],
+        records: &[ActionRecord],
+        target: InsertTarget,
+    ) -> Result<Refused, InsertError> {
+        let error = match insert_batch(&self.pool, sessions, records, target, &mut self.head).await
+        {
+            Ok(()) => return Ok(Refused::default()),
+            Err(error) if !error.is_content_refused() => return Err(error),
+            Err(error) => error,
+        };
+        tracing::warn!(%error, rows = records.len(), "PostgreSQL refused an audit batch for its content; finding the rows it refuses");
+        let mut refused = Refused::default();
+        if !sessions.is_empty() {
+            match insert_batch(&self.pool, sessions, &[], target, &mut self.head).await {
+                Ok(()) => {}
+                Err(error) if error.is_content_refused() => {
+                    // Derived from rows already made storable: a bug if
+                    // reached. The rows still go in; their sessions do not.
+                    tracing::error!(%error, sessions = sessions.len(), "audit sessions refused by the database");
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        // Parts still to write, the next one last.
+        let mut parts = vec![records];
+        if records.len() > 1 {
+            let (first, second) = records.split_at(records.len() / 2);
+            parts = vec![second, first];
+        }
+        while let Some(part) = parts.pop() {
+            let error = match insert_batch(&self.pool, &[], part, target, &mut self.head).await {
+                Ok(()) => continue,
+                Err(error) if !error.is_content_refused() => return Err(error),
+                Err(error) => error,
+            };
+            if part.len() > 1 {
+                let (first, second) = part.split_at(part.len() / 2);
+                parts.push(second);
+                parts.push(first);
+                continue;
+            }
+            let minimal = part[0].minimal(error.describe());
+            match insert_batch(&self.pool, &[], &[minimal], target, &mut self.head).await {
+                Ok(()) => refused.reduced += 1,
+                Err(error) if error.is_content_refused() => {
+                    tracing::error!(%error, id = %part[0].id, "audit row refused even in minimal form");
+                    refused.rejected.push(part[0].clone());
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(refused)
+    }
+
+    /// Counts the rows written in minimal form and keeps the rejected ones
+    /// in `rejected/`; errors if they could not be kept.
+    async fn keep_rejected(&mut self, refused: Refused) -> Result<(), ()> {
+        if refused.reduced > 0 {
+            tracing::warn!(rows = refused.reduced, "audit rows written in minimal form");
+            self.status
+                .rows_reduced
+                .fetch_add(refused.reduced as u64, Ordering::Relaxed);
+            nox_audit_metrics::record_rows_reduced(refused.reduced);
+        }
+        if refused.rejected.is_empty() {
+            return Ok(());
+        }
+        let rows = refused.rejected.len();
+        let spool = self.spool.clone();
+        let kept = tokio::task::spawn_blocking(move || spool.reject_rows(&refused.rejected)).await;
+        match kept {
+            Ok(Ok(path)) => {
+                tracing::error!(file = %path.display(), rows, "audit rows kept in the spool's rejected/ directory");
+                self.status
+                    .rejected_rows
+                    .fetch_add(rows as u64, Ordering::Relaxed);
+                self.status.rejected_files.fetch_add(1, Ordering::Relaxed);
+                self.status
+                    .set_error(Some(format!("{rows} audit rows rejected by the database")));
+                nox_audit_metrics::record_rows_rejected(rows);
+                Ok(())
+            }
+            Ok(Err(error)) => {
+                tracing::error!(%error, rows, "rejected audit rows could not be kept");
+                self.status
+                    .set_error(Some(format!("rejected rows: {error}")));
+                Err(())
+            }
+            Err(error) => {
+                tracing::error!(%error, "the task keeping rejected rows failed");
+                Err(())
+            }
+        }
+    }
+}
+
+/// What PostgreSQL refused of a batch.
+#[derive(Debug, Default)]
+struct Refused {
+    /// Rows written in minimal form.
+    reduced: usize,
+    /// Rows refused even so.
+    rejected: Vec<ActionRecord>,
 }
 
 /// Creates this month's and next month's partitions.
@@ -1080,6 +1255,33 @@ pub enum InsertError {
 }
 
 impl InsertError {
+    /// PostgreSQL refused the values themselves (SQLSTATE classes 22 data
+    /// exception, 23 integrity constraint, 54 program limit): writing the
+    /// same rows again cannot succeed, unlike a lost connection.
+    pub fn is_content_refused(&self) -> bool {
+        match self {
+            InsertError::Database(error) => error
+                .code()
+                .is_some_and(|code| matches!(&code.code()[..2], "22" | "23" | "54")),
+            InsertError::Pool(_) => false,
+        }
+    }
+
+    /// The SQLSTATE and message, for a minimal row's `write_error` (never
+    /// PostgreSQL's DETAIL, which may quote the refused row).
+    fn describe(&self) -> serde_json::Value {
+        match self {
+            InsertError::Database(error) => match error.as_db_error() {
+                Some(db) => serde_json::json!({
+                    "sqlstate": db.code().code(),
+                    "message": db.message().chars().take(200).collect::<String>(),
+                }),
+                None => serde_json::json!({ "message": "database error" }),
+            },
+            InsertError::Pool(_) => serde_json::json!({ "message": "no connection" }),
+        }
+    }
+
     /// Another writer moved the chain head this batch was linked to.
     fn is_head_moved(&self) -> bool {
         matches!(self, InsertError::Database(error)

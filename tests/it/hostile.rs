@@ -1,0 +1,415 @@
+//! The audit trail against hostile content: whatever a client sends, its
+//! request gets its row (marked where a value had to be altered), the rows
+//! batched with it land too, and nothing is left in the spool.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use nox_audit_model::ActionRecord;
+use nox_audit_model::storable::{MAX_COMMAND_TEXT_CHARS, sha256_hex};
+use nox_audit_store::verify::{VerifyOptions, verify};
+use nox_audit_store::{AuditMode, Spool, WriterConfig};
+use nox_testkit::{TEST_ADMIN_TOKEN, TestApp, TestDb, spawn_app_with};
+use reqwest::header::{HeaderValue, USER_AGENT};
+use reqwest::{Method, RequestBuilder};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+const ADMIN: &str = TEST_ADMIN_TOKEN;
+
+/// Sends a request tagged with a fresh request id; returns the id and status.
+async fn tagged(request: RequestBuilder) -> (Uuid, u16) {
+    let id = Uuid::now_v7();
+    let response = request
+        .header("X-Request-ID", id.to_string())
+        .send()
+        .await
+        .expect("a response");
+    (id, response.status().as_u16())
+}
+
+/// Each request id's rows: (count, metadata, file_path, command_text, user_agent, endpoint).
+async fn rows(app: &TestApp) -> HashMap<Uuid, Vec<tokio_postgres::Row>> {
+    let mut by_request: HashMap<Uuid, Vec<tokio_postgres::Row>> = HashMap::new();
+    for row in app
+        .db
+        .client()
+        .await
+        .query("SELECT * FROM audit_actions", &[])
+        .await
+        .expect("query")
+    {
+        by_request
+            .entry(row.get("request_id"))
+            .or_default()
+            .push(row);
+    }
+    by_request
+}
+
+fn sanitized(row: &tokio_postgres::Row) -> Vec<String> {
+    let metadata: Option<Value> = row.get("metadata");
+    metadata
+        .as_ref()
+        .and_then(|m| m["sanitized"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|field| field.as_str().map(str::to_owned))
+        .collect()
+}
+
+fn spool_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir.join("audit-spool"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.ends_with(".ndjson"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Hostile values in every field a request controls, sent at once with
+/// good requests by other users, so they share batches.
+async fn hostile_values_land_marked_with_their_batch_mates(mode: AuditMode) {
+    let app = spawn_app_with(|config| config.audit_mode = mode).await;
+    let alice = app.new_user("alice").await;
+    let bob = app.new_user("bob").await;
+    let long_command = "x".repeat(12_000);
+    let big_stdin = "s".repeat(1024 * 1024 + 1);
+    let agent_bytes = HeaderValue::from_bytes(b"agent \xff\xfe").expect("obs-text is allowed");
+    let long_agent = "a".repeat(600);
+    let hostile: Vec<(&str, RequestBuilder)> = vec![
+        (
+            "nul path",
+            app.request(Method::GET, "/ls?path=%00", &alice.token),
+        ),
+        (
+            "invalid utf-8 path",
+            app.request(Method::GET, "/cat?path=%ff%fe", &alice.token),
+        ),
+        (
+            "invalid utf-8 agent",
+            app.request(Method::GET, "/me", &alice.token)
+                .header(USER_AGENT, agent_bytes),
+        ),
+        (
+            "long agent",
+            app.request(Method::GET, "/me", &alice.token)
+                .header(USER_AGENT, long_agent.as_str()),
+        ),
+        (
+            "nul command",
+            app.request(Method::POST, "/run", &alice.token)
+                .json(&json!({"command": "echo a\u{0}b"})),
+        ),
+        (
+            "long command",
+            app.request(Method::POST, "/run", &alice.token)
+                .json(&json!({"command": long_command})),
+        ),
+        (
+            "big stdin",
+            app.request(Method::POST, "/run", &alice.token)
+                .json(&json!({"command": "cat", "stdin": big_stdin})),
+        ),
+        (
+            "nul query",
+            app.request(Method::GET, "/admin/audit/logs?search=%00", ADMIN),
+        ),
+        (
+            "invalid justification",
+            app.request(Method::PATCH, &format!("/admin/users/{}", bob.id), ADMIN)
+                .header(
+                    "X-Nox-Justification",
+                    HeaderValue::from_bytes(b"why \xff").expect("obs-text"),
+                )
+                .json(&json!({"tier": "free"})),
+        ),
+        (
+            "long justification",
+            app.request(Method::PATCH, &format!("/admin/users/{}", bob.id), ADMIN)
+                .header("X-Nox-Justification", "j".repeat(5000))
+                .json(&json!({"tier": "free"})),
+        ),
+        (
+            "unknown method",
+            app.request(
+                Method::from_bytes(b"FROBNICATEFROBNICATE").expect("method"),
+                "/ls",
+                &alice.token,
+            ),
+        ),
+        (
+            "encoded route",
+            app.request(Method::GET, "/m%65", &alice.token),
+        ),
+    ];
+    let labels: Vec<&str> = hostile.iter().map(|(label, _)| *label).collect();
+    let good = (0..20).map(|i| {
+        let token = if i % 2 == 0 { &alice.token } else { &bob.token };
+        app.request(Method::GET, "/me", token)
+    });
+    let sent = futures_util::future::join_all(
+        hostile
+            .into_iter()
+            .map(|(_, request)| request)
+            .chain(good)
+            .map(tagged),
+    )
+    .await;
+    if mode == AuditMode::Buffered {
+        app.stop().await;
+    }
+    for ((_, status), label) in sent.iter().zip(&labels) {
+        assert!(*status < 500, "{label}: answered {status}");
+    }
+    let rows = rows(&app).await;
+    for (index, (id, status)) in sent.iter().enumerate() {
+        let label = labels.get(index).copied().unwrap_or("good request");
+        let found = rows.get(id).map_or(0, Vec::len);
+        assert_eq!(found, 1, "{label} ({status}): {found} rows");
+        let row = &rows[id][0];
+        assert_eq!(row.get::<_, i16>("status_code") as u16, *status, "{label}");
+    }
+    let row = |label: &str| &rows[&sent[labels.iter().position(|l| *l == label).unwrap()].0][0];
+
+    let nul_path = row("nul path");
+    assert_eq!(
+        nul_path.get::<_, Option<String>>("file_path").as_deref(),
+        Some("\u{FFFD}")
+    );
+    assert_eq!(sanitized(nul_path), ["file_path"]);
+    let invalid_path = row("invalid utf-8 path");
+    assert_eq!(sanitized(invalid_path), ["file_path"]);
+    assert_eq!(invalid_path.get::<_, i16>("status_code"), 400);
+    assert_eq!(sanitized(row("invalid utf-8 agent")), ["user_agent"]);
+    assert_eq!(
+        row("invalid utf-8 agent")
+            .get::<_, Option<String>>("user_agent")
+            .as_deref(),
+        Some("agent \u{FFFD}\u{FFFD}")
+    );
+    let long_agent_row = row("long agent");
+    assert_eq!(sanitized(long_agent_row), ["user_agent"]);
+    let metadata: Value = long_agent_row.get("metadata");
+    assert_eq!(metadata["original"]["user_agent"]["bytes"], 600);
+    assert_eq!(
+        metadata["original"]["user_agent"]["sha256"],
+        sha256_hex(long_agent.as_bytes())
+    );
+    let nul_command = row("nul command");
+    assert_eq!(
+        nul_command
+            .get::<_, Option<String>>("command_text")
+            .as_deref(),
+        Some("echo a\u{FFFD}b")
+    );
+    assert_eq!(sanitized(nul_command), ["command_text"]);
+    let long = row("long command");
+    let stored: String = long.get("command_text");
+    assert_eq!(stored.chars().count(), MAX_COMMAND_TEXT_CHARS);
+    let metadata: Value = long.get("metadata");
+    assert_eq!(metadata["original"]["command_text"]["bytes"], 12_000);
+    assert_eq!(
+        metadata["original"]["command_text"]["sha256"],
+        sha256_hex(long_command.as_bytes())
+    );
+    let stdin: Value = row("big stdin").get("metadata");
+    assert_eq!(stdin["stdin"]["bytes"], big_stdin.len());
+    assert_eq!(stdin["stdin"]["sha256"], sha256_hex(big_stdin.as_bytes()));
+    assert_eq!(row("nul query").get::<_, i16>("status_code"), 400);
+    assert_eq!(
+        row("unknown method").get::<_, String>("http_method").len(),
+        16
+    );
+    let encoded = row("encoded route");
+    assert_eq!(encoded.get::<_, String>("endpoint"), "/me");
+    assert_eq!(encoded.get::<_, String>("route"), "/me");
+    let metadata: Value = encoded.get("metadata");
+    assert_eq!(metadata["raw_endpoint"], "/m%65");
+
+    assert_eq!(
+        spool_files(app.data_dir.path()),
+        Vec::<String>::new(),
+        "the spool is empty"
+    );
+    let mut client = app.db.client().await;
+    verify(&mut client, &VerifyOptions::default())
+        .await
+        .expect("the chain verifies");
+}
+
+#[tokio::test]
+async fn hostile_values_land_marked_in_durable_mode() {
+    hostile_values_land_marked_with_their_batch_mates(AuditMode::Durable).await;
+}
+
+#[tokio::test]
+async fn hostile_values_land_marked_in_buffered_mode() {
+    hostile_values_land_marked_with_their_batch_mates(AuditMode::Buffered).await;
+}
+
+#[tokio::test]
+async fn the_endpoint_filter_matches_the_routed_path() {
+    let app = spawn_app_with(|_| {}).await;
+    let alice = app.new_user("alice").await;
+    let (id, _) = tagged(
+        app.request(Method::POST, "/r%75n", &alice.token)
+            .json(&json!({"command": ""})),
+    )
+    .await;
+    let page: Value = app
+        .get_as("/admin/audit/logs?endpoint=/run&page_size=1000", ADMIN)
+        .await
+        .json()
+        .await
+        .expect("json");
+    let found = page["logs"]
+        .as_array()
+        .expect("logs")
+        .iter()
+        .any(|log| log["request_id"] == id.to_string());
+    assert!(found, "{page}");
+}
+
+fn record(endpoint: &str) -> ActionRecord {
+    ActionRecord::arrived(Uuid::now_v7(), OffsetDateTime::now_utc(), "GET", endpoint)
+}
+
+/// A constraint the test adds makes PostgreSQL refuse rows whose file path
+/// is `refuse-me`, as it would refuse content nothing foresaw.
+async fn refuse_marked_rows(db: &TestDb) {
+    db.client()
+        .await
+        .batch_execute(
+            "ALTER TABLE audit_actions ADD CONSTRAINT test_refuses
+                 CHECK (file_path IS DISTINCT FROM 'refuse-me')",
+        )
+        .await
+        .expect("constraint");
+}
+
+#[tokio::test]
+async fn a_batch_with_one_refused_row_writes_the_rest_and_a_minimal_row() {
+    let db = TestDb::new().await;
+    refuse_marked_rows(&db).await;
+    let spool_dir = tempfile::tempdir().expect("tempdir");
+    let writer = db.audit_writer(
+        Spool::open(spool_dir.path()).expect("spool"),
+        WriterConfig {
+            // One batch: everything is queued before the writer wakes.
+            linger: std::time::Duration::from_millis(500),
+            ..WriterConfig::default()
+        },
+    );
+    let sink = writer.sink();
+    let mut refused_id = None;
+    for i in 0..1000 {
+        let mut record = record("/batch");
+        record.file_path = Some(if i == 617 {
+            "refuse-me".into()
+        } else {
+            format!("f{i}")
+        });
+        if i == 617 {
+            refused_id = Some(record.id);
+        }
+        sink.submit(record, false).await.expect("queued");
+    }
+    writer.shutdown().await;
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM audit_actions WHERE endpoint = '/batch'")
+            .await,
+        999
+    );
+    let minimal = db
+        .client()
+        .await
+        .query_one(
+            "SELECT endpoint, file_path, metadata FROM audit_actions WHERE id = $1",
+            &[&refused_id.expect("refused id")],
+        )
+        .await
+        .expect("the refused request still has its row");
+    assert_eq!(minimal.get::<_, String>("endpoint"), "");
+    assert_eq!(minimal.get::<_, Option<String>>("file_path"), None);
+    let metadata: Value = minimal.get("metadata");
+    assert_eq!(metadata["write_error"]["sqlstate"], "23514", "{metadata}");
+    assert_eq!(
+        std::fs::read_dir(spool_dir.path()).expect("spool").count(),
+        0
+    );
+    let mut client = db.client().await;
+    let chains = verify(&mut client, &VerifyOptions::default())
+        .await
+        .expect("the chain verifies");
+    assert_eq!(chains[0].last_seq, 1000, "{chains:?}");
+}
+
+#[tokio::test]
+async fn a_bad_spool_file_does_not_block_the_ones_after_it() {
+    let db = TestDb::new().await;
+    refuse_marked_rows(&db).await;
+    let spool_dir = tempfile::tempdir().expect("tempdir");
+    let spool = Spool::open(spool_dir.path()).expect("spool");
+    // Oldest first: an unreadable file, rows with a NUL (as an older version
+    // spooled them), a row refused whatever its form, then a good file.
+    let unreadable = spool_dir.path().join(format!("{}.ndjson", Uuid::now_v7()));
+    std::fs::write(&unreadable, b"{ not json\n").expect("write");
+    let mut nul = record("/spooled-nul");
+    nul.file_path = Some("a\0b".into());
+    spool.append(&[], &[nul.clone()]).expect("spool nul");
+    let mut refused = record("/spooled-refused");
+    refused.file_path = Some("refuse-me".into());
+    spool
+        .append(&[], &[refused.clone()])
+        .expect("spool refused");
+    let good: Vec<ActionRecord> = (0..5).map(|_| record("/spooled-good")).collect();
+    spool.append(&[], &good).expect("spool good");
+
+    let writer = db.audit_writer(spool.clone(), WriterConfig::default());
+    let status = writer.sink();
+    writer.shutdown().await;
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM audit_actions WHERE endpoint = '/spooled-good'")
+            .await,
+        5
+    );
+    let path: Option<String> = db
+        .client()
+        .await
+        .query_one(
+            "SELECT file_path FROM audit_actions WHERE id = $1",
+            &[&nul.id],
+        )
+        .await
+        .expect("the NUL row")
+        .get(0);
+    assert_eq!(path.as_deref(), Some("a\u{FFFD}b"));
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM audit_actions WHERE id = '{}' AND metadata ? 'write_error'",
+            refused.id
+        ))
+        .await,
+        1
+    );
+    assert_eq!(
+        spool.pending().expect("pending"),
+        Vec::<std::path::PathBuf>::new()
+    );
+    assert_eq!(
+        spool.rejected_files().expect("rejected"),
+        1,
+        "the unreadable file"
+    );
+    assert_eq!(status.status().rejected_files(), 1);
+    assert_eq!(status.status().rows_reduced(), 1);
+    let mut client = db.client().await;
+    verify(&mut client, &VerifyOptions::default())
+        .await
+        .expect("the chain verifies");
+}
