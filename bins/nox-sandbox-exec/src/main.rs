@@ -10,7 +10,8 @@
 //!    forks `bash -c`, reaps everything, and kills every process left when
 //!    bash exits;
 //! 4. enforces the wall-clock timeout by killing init, which takes the whole
-//!    namespace with it;
+//!    namespace with it; SIGTERM (the server's client went away) ends the
+//!    run the same way, and the launcher still cleans up and reports;
 //! 5. writes a JSON report (status, CPU, peak memory, the limit that ended
 //!    the run, the layers applied) to the file named by `--report`.
 //!
@@ -28,7 +29,8 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use nix::sched::{CloneFlags, unshare};
 use nix::sys::resource::{Resource, UsageWho, getrusage, setrlimit};
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Pid, Uid, execve, fork, pipe, setgid, setgroups, setuid};
 
@@ -214,6 +216,17 @@ fn run(args: &Args) -> Result<serde_json::Value, String> {
     }
     let namespaced = unshare(namespaces).is_ok();
 
+    // SIGTERM cancels the run: taken from a descriptor in the wait loop
+    // below rather than by a handler, so the launcher still reports and
+    // removes the cgroups. Unblocked again in init.
+    let mut terminate = SigSet::empty();
+    terminate.add(Signal::SIGTERM);
+    terminate
+        .thread_block()
+        .map_err(|e| format!("sigprocmask: {e}"))?;
+    let cancel = SignalFd::with_flags(&terminate, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(|e| format!("signalfd: {e}"))?;
+
     // Status of bash, from init to us; and a go signal once init is in its cgroups.
     let (status_read, status_write) = pipe().map_err(|e| format!("pipe: {e}"))?;
     let (go_read, go_write) = pipe().map_err(|e| format!("pipe: {e}"))?;
@@ -224,6 +237,7 @@ fn run(args: &Args) -> Result<serde_json::Value, String> {
         ForkResult::Child => {
             drop(status_read);
             drop(go_write);
+            let _ = terminate.thread_unblock();
             let code = init_process(args, namespaced, go_read, status_write);
             std::process::exit(code);
         }
@@ -239,10 +253,22 @@ fn run(args: &Args) -> Result<serde_json::Value, String> {
     // Wait for init, killing it (and so its whole namespace) at the deadline.
     let deadline = started + Duration::from_millis(args.timeout_ms);
     let mut timed_out = false;
+    let mut cancelled = false;
+    let end_run = || {
+        let _ = kill(init, Signal::SIGKILL);
+        if !namespaced {
+            // Init leads the run's session: its group is the run.
+            let _ = nix::sys::signal::killpg(init, Signal::SIGKILL);
+        }
+    };
     while let Ok(WaitStatus::StillAlive) = waitpid(init, Some(WaitPidFlag::WNOHANG)) {
-        if Instant::now() >= deadline && !timed_out {
+        if Instant::now() >= deadline && !timed_out && !cancelled {
             timed_out = true;
-            let _ = kill(init, Signal::SIGKILL);
+            end_run();
+        }
+        if !cancelled && !timed_out && matches!(cancel.read_signal(), Ok(Some(_))) {
+            cancelled = true;
+            end_run();
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -276,6 +302,7 @@ fn run(args: &Args) -> Result<serde_json::Value, String> {
         "exit_code": exit_code,
         "signal": signal,
         "timed_out": timed_out,
+        "cancelled": cancelled,
         "execution_time_ms": (wall_ms * 1000.0).round() / 1000.0,
         "cpu_time_ms": cpu_time_ms,
         "memory_peak_kb": memory_peak_kb,

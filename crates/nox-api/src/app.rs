@@ -365,6 +365,7 @@ pub fn serve(
             .wrap(audit.clone())
             .wrap(from_fn(record_http_metrics))
     })
+    .on_connect(crate::connection::remember_socket)
     .shutdown_timeout(config.shutdown_timeout_secs)
     .disable_signals();
     if let Some(workers) = config.workers {

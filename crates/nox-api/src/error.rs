@@ -60,6 +60,10 @@ pub enum ApiError {
     InvalidParameter(String),
     #[error("{0}")]
     ServiceUnavailable(String),
+    /// The client went away before the answer (nginx's 499); recorded,
+    /// though nobody reads the response.
+    #[error("{0}")]
+    ClientClosed(String),
     /// Anything unexpected: logged with its cause chain, answered as 500.
     #[error("internal server error")]
     Internal(#[source] anyhow::Error),
@@ -83,6 +87,7 @@ impl ApiError {
             ApiError::QuotaExceeded(_) => "quota_exceeded",
             ApiError::InvalidParameter(_) => "invalid_parameter",
             ApiError::ServiceUnavailable(_) => "service_unavailable",
+            ApiError::ClientClosed(_) => "client_closed_request",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -104,6 +109,10 @@ impl ResponseError for ApiError {
             ApiError::QuotaExceeded(_) => StatusCode::FORBIDDEN,
             ApiError::InvalidParameter(_) => StatusCode::BAD_REQUEST,
             ApiError::ServiceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ClientClosed(_) => {
+                StatusCode::from_u16(nox_audit_actix::CLIENT_CLOSED_REQUEST)
+                    .expect("a valid status")
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -1,7 +1,8 @@
 //! The file endpoints: `/ls`, `/cat`, `/download`, `/write`, `/delete`, each
 //! confined to the caller's own workspace (see `nox_sandbox`).
 
-use actix_multipart::Multipart;
+use actix_multipart::{Multipart, MultipartError};
+use actix_web::error::PayloadError;
 use actix_web::http::header::{self, ContentDisposition, DispositionParam, DispositionType};
 use actix_web::{HttpRequest, HttpResponse, delete, get, put, web};
 use base64::Engine;
@@ -365,8 +366,7 @@ pub async fn write(
         let mut multipart = Multipart::new(request.headers(), payload);
         let mut written = None;
         while let Some(field) = multipart.next().await {
-            let field = field
-                .map_err(|e| ApiError::InvalidParameter(format!("bad multipart body: {e}")))?;
+            let field = field.map_err(|e| body_error("bad multipart body", &e))?;
             if written.is_none() && field.name() == Some("file") {
                 written = Some(copy_body(field, &mut file, max).await?);
             } else {
@@ -426,16 +426,45 @@ fn too_large(max: u64) -> ApiError {
 }
 
 /// Streams a body into `out`; `None` once it exceeds `max` bytes.
+/// Whether a request body's error means its client went away before
+/// sending all of it (rather than sending a malformed one).
+trait EndedEarly {
+    fn client_left(&self) -> bool;
+}
+
+impl EndedEarly for PayloadError {
+    fn client_left(&self) -> bool {
+        matches!(self, PayloadError::Incomplete(_))
+    }
+}
+
+impl EndedEarly for MultipartError {
+    fn client_left(&self) -> bool {
+        matches!(
+            self,
+            MultipartError::Incomplete | MultipartError::Payload(PayloadError::Incomplete(_))
+        )
+    }
+}
+
+/// 499 when the client left mid-body, else 400.
+fn body_error(what: &str, error: &(impl std::fmt::Display + EndedEarly)) -> ApiError {
+    let detail = format!("{what}: {error}");
+    match error.client_left() {
+        true => ApiError::ClientClosed(detail),
+        false => ApiError::InvalidParameter(detail),
+    }
+}
+
 async fn copy_body<S, E, W>(mut body: S, out: &mut W, max: u64) -> Result<Option<u64>, ApiError>
 where
     S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
-    E: std::fmt::Display,
+    E: std::fmt::Display + EndedEarly,
     W: tokio::io::AsyncWrite + Unpin,
 {
     let mut written = 0u64;
     while let Some(chunk) = body.next().await {
-        let chunk = chunk
-            .map_err(|e| ApiError::InvalidParameter(format!("the upload was interrupted: {e}")))?;
+        let chunk = chunk.map_err(|e| body_error("the upload was interrupted", &e))?;
         written += chunk.len() as u64;
         if written > max {
             return Ok(None);

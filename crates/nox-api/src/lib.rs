@@ -7,6 +7,7 @@ pub mod audit_logs;
 pub mod auth;
 mod blocking;
 pub mod config;
+mod connection;
 pub mod db;
 pub mod error;
 pub mod export;

@@ -82,6 +82,7 @@ impl RunService {
             layers: None,
         };
         service.layers = service.probe(config).await;
+        start_sweeping_leftovers(service.report_dir.clone());
         Ok(service)
     }
 
@@ -108,7 +109,8 @@ impl RunService {
             limits: self.limits(Duration::from_secs(10), 64),
             user: self.user.clone(),
         };
-        match nox_sandbox::run::run(launcher, &self.report_dir, &request).await {
+        let never = std::future::pending();
+        match nox_sandbox::run::run(launcher, &self.report_dir, &request, never).await {
             Ok(outcome) => {
                 let layers = outcome.layers;
                 let missing: Vec<&str> = [
@@ -358,7 +360,10 @@ pub async fn run_command(
         limits: service.limits(timeout, memory_mb),
         user: service.user.clone(),
     };
-    let outcome = nox_sandbox::run::run(&launcher, &service.report_dir, &run)
+    // A client that leaves ends its run (within ~100 ms), like a reset
+    // connection, which drops this handler and the run with it.
+    let gone = crate::connection::client_gone(request.clone());
+    let outcome = nox_sandbox::run::run(&launcher, &service.report_dir, &run, gone)
         .await
         .map_err(ApiError::internal)?;
     // The command may have changed anything in the workspace.
@@ -367,11 +372,47 @@ pub async fn run_command(
         .quotas
         .charge_cpu(user, outcome.cpu_time_ms.round() as u64);
     record_outcome(&request, &outcome);
+    if outcome.cancelled {
+        return Err(ApiError::ClientClosed(
+            "the client closed the connection; the command was stopped".into(),
+        ));
+    }
     Ok(respond(outcome, timeout, kind))
 }
 
+/// Every minute, removes the cgroups and reports that runs whose launcher
+/// was killed left behind (also those of a previous server process).
+fn start_sweeping_leftovers(report_dir: PathBuf) {
+    use nox_sandbox::leftovers;
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            let dir = report_dir.clone();
+            let swept = tokio::task::spawn_blocking(move || {
+                let cgroups = leftovers::sweep_cgroups(
+                    std::path::Path::new(leftovers::CGROUP_ROOT),
+                    leftovers::MIN_AGE,
+                );
+                (
+                    cgroups,
+                    leftovers::sweep_reports(&dir, leftovers::REPORT_MAX_AGE),
+                )
+            })
+            .await;
+            if let Ok((cgroups, reports)) = swept
+                && cgroups + reports > 0
+            {
+                tracing::info!(cgroups, reports, "removed what killed runs left behind");
+            }
+        }
+    });
+}
+
 fn record_outcome(request: &HttpRequest, outcome: &RunOutcome) {
-    let kind = if outcome.timed_out {
+    let kind = if outcome.cancelled {
+        "cancelled"
+    } else if outcome.timed_out {
         "timeout"
     } else if outcome.limit_hit.is_some() {
         "limit"

@@ -19,4 +19,4 @@ mod middleware;
 pub use client_ip::client_ip;
 pub use cpu::{charge_cpu, is_metered, thread_cpu_time};
 pub use details::{AuditDetails, RequestId, record, request_id};
-pub use middleware::{Audit, AuditConfig, REQUEST_ID_HEADER};
+pub use middleware::{Audit, AuditConfig, CLIENT_CLOSED_REQUEST, REQUEST_ID_HEADER};

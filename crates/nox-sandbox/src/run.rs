@@ -2,11 +2,18 @@
 //! the isolation (namespaces, cgroups, rlimits, Landlock, unprivileged user)
 //! before `exec`. This side spawns it with an empty environment, feeds
 //! stdin, captures stdout and stderr up to a limit each (draining the rest so
-//! the command never blocks), and reads the launcher's report.
+//! the command never blocks), and reads the launcher's report. A run is
+//! cancelled (its caller's client went away, or its future was dropped) by
+//! SIGTERM to the launcher, which kills the run, removes its cgroups and
+//! still reports.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -56,6 +63,8 @@ struct Report {
     exit_code: Option<i32>,
     signal: Option<i32>,
     timed_out: bool,
+    #[serde(default)]
+    cancelled: bool,
     execution_time_ms: f64,
     cpu_time_ms: f64,
     memory_peak_kb: u64,
@@ -81,6 +90,8 @@ pub struct RunOutcome {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub timed_out: bool,
+    /// Ended early because the caller cancelled it.
+    pub cancelled: bool,
     pub execution_time_ms: f64,
     pub cpu_time_ms: f64,
     pub memory_peak_kb: u64,
@@ -99,11 +110,13 @@ pub enum RunError {
 }
 
 /// Runs `request` with the launcher at `launcher`; `report_dir` holds the
-/// launcher's report file for the run (outside any workspace).
+/// launcher's report file for the run (outside any workspace). When
+/// `cancel` resolves first, the run is ended and reported as cancelled.
 pub async fn run(
     launcher: &Path,
     report_dir: &Path,
     request: &RunRequest,
+    cancel: impl Future<Output = ()>,
 ) -> Result<RunOutcome, RunError> {
     let run_id = uuid::Uuid::new_v4().simple().to_string();
     let report = report_dir.join(format!("{run_id}.json"));
@@ -129,9 +142,7 @@ pub async fn run(
         .arg(&run_id)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // A dropped request kills the launcher, whose death kills the run.
-        .kill_on_drop(true);
+        .stderr(Stdio::piped());
     if limits.allow_network {
         command.arg("--allow-network");
     }
@@ -146,6 +157,10 @@ pub async fn run(
     }
     command.arg("--").arg(&request.command);
     let mut child = command.spawn().map_err(RunError::Launch)?;
+    // Dropped before the launcher exits, the run is cancelled (the launcher
+    // then cleans up on its own; Tokio reaps it).
+    let launcher_pid = child.id().map(|pid| Pid::from_raw(pid as i32));
+    let mut terminate = TerminateOnDrop(launcher_pid);
 
     let stdin = child.stdin.take();
     let input = request.stdin.clone().unwrap_or_default();
@@ -158,11 +173,23 @@ pub async fn run(
     let stdout = capture(child.stdout.take(), limits.output_limit);
     let stderr = capture(child.stderr.take(), limits.output_limit);
     // The launcher enforces the timeout; this is a safety net on top.
+    let cancel = async {
+        cancel.await;
+        if let Some(pid) = launcher_pid {
+            let _ = kill(pid, Signal::SIGTERM);
+        }
+        std::future::pending::<()>().await
+    };
     let waited = tokio::time::timeout(limits.timeout + Duration::from_secs(10), async {
-        let ((), stdout, stderr, status) = tokio::join!(feed, stdout, stderr, child.wait());
-        (stdout, stderr, status)
+        let finished = async { tokio::join!(feed, stdout, stderr, child.wait()) };
+        tokio::select! {
+            biased;
+            ((), stdout, stderr, status) = finished => (stdout, stderr, status),
+            () = cancel => unreachable!("pending forever once it has signalled"),
+        }
     })
     .await;
+    terminate.0 = None;
     let (stdout, stderr, status) = match waited {
         Ok(result) => result,
         Err(_) => {
@@ -191,12 +218,26 @@ pub async fn run(
         exit_code: report.exit_code,
         signal: report.signal,
         timed_out: report.timed_out,
+        cancelled: report.cancelled,
         execution_time_ms: report.execution_time_ms,
         cpu_time_ms: report.cpu_time_ms,
         memory_peak_kb: report.memory_peak_kb,
         limit_hit: report.limit_hit,
         layers: report.layers,
     })
+}
+
+/// Sends SIGTERM to the launcher unless disarmed (its pid set to `None`)
+/// once the launcher has exited.
+struct TerminateOnDrop(Option<Pid>);
+
+impl Drop for TerminateOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            // Not yet waited for, so the pid is still the launcher's.
+            let _ = kill(pid, Signal::SIGTERM);
+        }
+    }
 }
 
 /// Reads a stream to its end, keeping the first `limit` bytes.

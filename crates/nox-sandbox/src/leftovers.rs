@@ -1,0 +1,101 @@
+//! What a run leaves behind when its launcher could not clean up (it was
+//! killed with SIGKILL, or the server died): its cgroups, and its report
+//! file. The server sweeps both at start and then periodically.
+//!
+//! A run's cgroups are `<CGROUP_ROOT>/<controller>/nox/<run id>` in the v1
+//! `memory` and `pids` hierarchies, as `nox-sandbox-exec` makes them (its
+//! integration tests and `tests/it/run.rs` check the layout). A live run's
+//! cgroup always holds its init, except in the moment between the
+//! launcher's `mkdir` and its moving init in; so a sweep removes only
+//! cgroups that are empty (the kernel refuses to remove any other) and
+//! older than [`MIN_AGE`], which also leaves other servers' runs on the
+//! same host alone.
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+/// Where the cgroup hierarchies are mounted.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// The controllers a run gets a cgroup in.
+pub const CONTROLLERS: &[&str] = &["memory", "pids"];
+/// Younger leftovers may belong to a run that is starting.
+pub const MIN_AGE: Duration = Duration::from_secs(60);
+/// A report this old was never read: its run's server request is gone.
+pub const REPORT_MAX_AGE: Duration = Duration::from_secs(3600);
+
+/// Removes empty run cgroups older than `min_age` under `cgroup_root`;
+/// returns how many were removed.
+pub fn sweep_cgroups(cgroup_root: &Path, min_age: Duration) -> usize {
+    CONTROLLERS
+        .iter()
+        .map(|controller| remove_old_dirs(&cgroup_root.join(controller).join("nox"), min_age))
+        .sum()
+}
+
+/// Removes report files older than `max_age` from `report_dir`.
+pub fn sweep_reports(report_dir: &Path, max_age: Duration) -> usize {
+    let Ok(entries) = fs::read_dir(report_dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_file()))
+        .filter(|entry| is_older_than(&entry.path(), max_age))
+        .filter(|entry| fs::remove_file(entry.path()).is_ok())
+        .count()
+}
+
+fn remove_old_dirs(parent: &Path, min_age: Duration) -> usize {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+        .filter(|entry| is_older_than(&entry.path(), min_age))
+        // rmdir of a cgroup fails while it has processes or children.
+        .filter(|entry| fs::remove_dir(entry.path()).is_ok())
+        .count()
+}
+
+fn is_older_than(path: &Path, age: Duration) -> bool {
+    fs::symlink_metadata(path)
+        .and_then(|meta| meta.modified())
+        .is_ok_and(|modified| {
+            SystemTime::now()
+                .duration_since(modified)
+                .is_ok_and(|elapsed| elapsed >= age)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_old_empty_directories_are_removed() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let nox = root.path().join("memory/nox");
+        fs::create_dir_all(nox.join("left-behind")).expect("dir");
+        fs::create_dir_all(nox.join("busy/child")).expect("dir");
+        fs::write(nox.join("memory.limit_in_bytes"), "1").expect("file");
+        assert_eq!(
+            sweep_cgroups(root.path(), Duration::from_secs(3600)),
+            0,
+            "too young"
+        );
+        assert_eq!(sweep_cgroups(root.path(), Duration::ZERO), 1);
+        assert!(!nox.join("left-behind").exists());
+        assert!(nox.join("busy").exists(), "not empty: the kernel keeps it");
+        assert!(nox.join("memory.limit_in_bytes").exists());
+    }
+
+    #[test]
+    fn old_reports_are_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(dir.path().join("run.json"), "{}").expect("report");
+        assert_eq!(sweep_reports(dir.path(), Duration::from_secs(3600)), 0);
+        assert_eq!(sweep_reports(dir.path(), Duration::ZERO), 1);
+    }
+}
