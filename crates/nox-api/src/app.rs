@@ -28,7 +28,7 @@ use crate::auth::resolve_identity;
 use crate::config::Config;
 use crate::db::Database;
 use crate::error::{configure_extractors, json_error_handlers, not_found};
-use crate::limits::rate_limit;
+use crate::limits::{InFlight, rate_limit, shed_overload};
 use crate::metrics::{MetricsEndpoint, record_http_metrics};
 use crate::quotas::enforce_request_quota;
 use crate::run::RunService;
@@ -49,6 +49,8 @@ pub struct AppState {
     pub runs: Arc<RunService>,
     /// Shared by every worker, so each limit holds for the whole process.
     pub rate_limits: Arc<RateLimits>,
+    /// Requests in flight, all workers together (`NOX_MAX_INFLIGHT`).
+    pub in_flight: Arc<InFlight>,
     /// Quota counters, flushed to the database about once a second.
     pub quotas: Arc<QuotaBook>,
     pub metrics: MetricsEndpoint,
@@ -216,6 +218,7 @@ impl AppState {
             max_upload_bytes: config.max_upload_mb * 1024 * 1024,
             runs: Arc::new(RunService::start(config).await?),
             rate_limits: start_rate_limits(config),
+            in_flight: InFlight::new(config.max_inflight()),
             quotas: Arc::clone(&quotas),
             metrics: MetricsEndpoint {
                 handle: metrics,
@@ -362,6 +365,9 @@ pub fn serve(
             .wrap(from_fn(rate_limit))
             .wrap(from_fn(resolve_identity))
             .wrap(json_error_handlers())
+            // Just inside the audit layer: a shed request does no work but
+            // still gets its audit row.
+            .wrap(from_fn(shed_overload))
             .wrap(audit.clone())
             .wrap(from_fn(record_http_metrics))
     })

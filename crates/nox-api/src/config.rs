@@ -12,7 +12,10 @@ use nox_audit_store::AuditMode;
 use nox_auth::Secret;
 
 /// Operator-chosen admin tokens shorter than this are refused.
-pub const MIN_ADMIN_TOKEN_CHARS: usize = 32;
+pub const MIN_ADMIN_TOKEN_CHARS: usize = nox_auth::token::MIN_TOKEN_LEN;
+
+/// The default `NOX_MAX_INFLIGHT`, per core.
+pub const MAX_INFLIGHT_PER_CORE: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -194,6 +197,13 @@ pub struct Config {
     #[arg(long, env = "NOX_RATE_LIMIT_BURST_PER_IP", default_value_t = 10)]
     pub rate_limit_burst_per_ip: u32,
 
+    /// Requests in flight at once, all workers together (a request counts
+    /// until its response body is sent); beyond, 503 with Retry-After: 1
+    /// before any other work, each still audited. /health and /metrics do
+    /// not count. Default: 256 per core.
+    #[arg(long, env = "NOX_MAX_INFLIGHT", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_inflight: Option<u32>,
+
     /// When set, GET /metrics requires `Authorization: Bearer <this token>`.
     #[arg(long, env = "NOX_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<Secret>,
@@ -249,17 +259,41 @@ impl Config {
     }
 
     /// The first admin's token, if the operator gave one; refused when
-    /// shorter than 32 characters.
+    /// shorter than 32 characters, or when it could never be sent as a
+    /// bearer token (not 32 to 512 printable ASCII characters without
+    /// spaces: `nox_auth::token::is_well_formed`).
     pub fn admin_token(&self) -> anyhow::Result<Option<&Secret>> {
         let token = self.admin_token.as_ref().or(self.legacy_api_token.as_ref());
-        if let Some(token) = token
-            && token.expose().chars().count() < MIN_ADMIN_TOKEN_CHARS
-        {
-            anyhow::bail!(
-                "NOX_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_CHARS} characters long"
-            );
+        if let Some(token) = token {
+            if token.expose().chars().count() < MIN_ADMIN_TOKEN_CHARS {
+                anyhow::bail!(
+                    "NOX_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_CHARS} characters long"
+                );
+            }
+            if !nox_auth::token::is_well_formed(token.expose()) {
+                anyhow::bail!(
+                    "NOX_ADMIN_TOKEN must be at most {} characters, each printable ASCII other than space",
+                    nox_auth::token::MAX_TOKEN_LEN
+                );
+            }
         }
         Ok(token)
+    }
+
+    /// `NOX_MAX_INFLIGHT`, or its default: 256 per core. Nox serves tens of
+    /// thousands of short requests a second with a few dozen in flight per
+    /// core (BENCHMARKS.md measures up to 128 connections on two cores), so
+    /// the default never sheds a load the machine can serve, and leaves
+    /// room for slow ones (uploads, downloads, runs); it bounds what a flood
+    /// can pile up in memory and in front of the database pool.
+    pub fn max_inflight(&self) -> usize {
+        match self.max_inflight {
+            Some(max) => max as usize,
+            None => {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                MAX_INFLIGHT_PER_CORE * cores
+            }
+        }
     }
 
     pub fn auth_cache_ttl(&self) -> Duration {
@@ -300,6 +334,32 @@ mod tests {
         assert_eq!(parse("4").expect("4 threads"), Some(4));
         assert!(parse("0").is_err());
         assert!(parse("1025").is_err());
+    }
+
+    #[test]
+    fn max_inflight_must_be_at_least_one_and_defaults_to_the_machine() {
+        let parse = |value: &str| {
+            Config::try_parse_from(["nox-server", "--max-inflight", value])
+                .map(|config| config.max_inflight())
+        };
+        assert_eq!(parse("2").expect("2"), 2);
+        assert!(parse("0").is_err(), "0 would refuse every request");
+        let default = Config::try_parse_from(["nox-server"]).expect("defaults");
+        assert!(default.max_inflight() >= MAX_INFLIGHT_PER_CORE);
+        assert_eq!(default.max_inflight() % MAX_INFLIGHT_PER_CORE, 0);
+    }
+
+    #[test]
+    fn admin_tokens_that_could_never_be_sent_are_refused() {
+        let token = |value: &str| {
+            Config::try_parse_from(["nox-server", "--admin-token", value])
+                .expect("parses")
+                .admin_token()
+                .map(|token| token.is_some())
+        };
+        assert!(token("an-operator-chosen-secret-of-32+chars").expect("fine"));
+        assert!(token("an operator chosen secret with spaces").is_err());
+        assert!(token(&"x".repeat(513)).is_err());
     }
 
     #[test]

@@ -401,7 +401,12 @@ mod tests {
     #[test]
     fn malformed_tokens_are_refused_from_memory() {
         let authenticator = Authenticator::new(Duration::from_secs(60));
-        for junk in ["x", "short-token", &"y".repeat(4096), "é".repeat(40).as_str()] {
+        for junk in [
+            "x",
+            "short-token",
+            &"y".repeat(4096),
+            "é".repeat(40).as_str(),
+        ] {
             assert!(matches!(authenticator.cached(junk), Lookup::Refused));
         }
         // A well-formed token nobody has seen needs a check.

@@ -194,7 +194,11 @@ mod tests {
         let limits = per_ip(2);
         // Two addresses of one /64 share one bucket.
         assert!(limits.check_ip(ip("2001:db8:1:2::1")).is_ok());
-        assert!(limits.check_ip(ip("2001:db8:1:2:ffff:ffff:ffff:fffe")).is_ok());
+        assert!(
+            limits
+                .check_ip(ip("2001:db8:1:2:ffff:ffff:ffff:fffe"))
+                .is_ok()
+        );
         let refused = limits
             .check_ip(ip("2001:db8:1:2:1234:5678:9abc:def0"))
             .expect_err("the /64's burst is spent");
