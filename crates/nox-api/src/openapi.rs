@@ -10,7 +10,9 @@ use actix_web::dev::{ResourceDef, ServiceRequest, ServiceResponse};
 use actix_web::http::Method;
 use actix_web::middleware::Next;
 use actix_web::{HttpResponse, get, web};
+use utoipa::openapi::path::Operation;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::app::AppState;
@@ -58,7 +60,7 @@ use crate::app::AppState;
         crate::admin_audit::audit_metrics,
     ),
     components(schemas(crate::error::ErrorBody)),
-    modifiers(&BearerAuth)
+    modifiers(&BearerAuth, &CommonResponses)
 )]
 #[derive(Debug)]
 pub struct ApiDoc;
@@ -73,6 +75,97 @@ impl Modify for BearerAuth {
         components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Paths that are neither rate limited nor audited (the defaults of
+/// `limits::EXEMPT` and `NOX_AUDIT_SKIP_PATHS`).
+const UNLIMITED: &[&str] = &["/health", "/metrics"];
+
+/// Adds to every operation the error responses that layers in front of its
+/// handler can give, so the document lists every status a client can see
+/// (the API fuzzing in CI, `scripts/fuzz-api.sh`, holds every response to
+/// it). An operation's own description of a status is kept.
+///
+/// - 401: an operation that takes a token, when none valid was sent.
+/// - 400 `invalid_parameter`: an operation with parameters or a body, when
+///   one does not parse (the extractors answer before the handler runs).
+/// - 429 `rate_limited` (or `quota_exceeded`, for the request quotas) and
+///   503 `service_unavailable` (the audit trail can take no record, or the
+///   database is down): every path but [`UNLIMITED`].
+#[derive(Debug)]
+struct CommonResponses;
+
+impl Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let limited = !UNLIMITED.contains(&path.as_str());
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.options,
+                &mut item.head,
+                &mut item.patch,
+                &mut item.trace,
+            ];
+            for operation in operations.into_iter().flatten() {
+                add_common_responses(operation, limited);
+            }
+        }
+    }
+}
+
+fn add_common_responses(operation: &mut Operation, limited: bool) {
+    let secured = operation
+        .security
+        .as_ref()
+        .is_some_and(|requirements| !requirements.is_empty());
+    let takes_input = operation
+        .parameters
+        .as_ref()
+        .is_some_and(|parameters| !parameters.is_empty())
+        || operation.request_body.is_some();
+    let mut add = |status: &str, description: &str| {
+        operation
+            .responses
+            .responses
+            .entry(status.to_owned())
+            .or_insert_with(|| {
+                ResponseBuilder::new()
+                    .description(description)
+                    .content(
+                        "application/json",
+                        ContentBuilder::new()
+                            .schema(Some(Ref::from_schema_name("ErrorBody")))
+                            .build(),
+                    )
+                    .build()
+                    .into()
+            });
+    };
+    if takes_input {
+        add(
+            "400",
+            "A parameter or the body is invalid (`invalid_parameter`)",
+        );
+    }
+    if secured {
+        add(
+            "401",
+            "No valid token (missing, malformed, unknown, revoked or expired, or its user deactivated)",
+        );
+    }
+    if limited {
+        add(
+            "429",
+            "Rate limited (`rate_limited`) or over a request quota (`quota_exceeded`); `Retry-After` says when to retry",
+        );
+        add(
+            "503",
+            "The audit trail can take no record of the request, or the database is unavailable (`service_unavailable`)",
         );
     }
 }
@@ -200,6 +293,42 @@ mod tests {
     use actix_web::middleware::from_fn;
     use actix_web::web::Bytes;
     use actix_web::{App, HttpResponse, test, web};
+
+    #[actix_web::test]
+    async fn every_operation_documents_the_statuses_its_layers_can_give() {
+        use utoipa::OpenApi;
+        let doc = super::ApiDoc::openapi();
+        let mut checked = 0;
+        for (path, item) in &doc.paths.paths {
+            let operations = [&item.get, &item.put, &item.post, &item.delete, &item.patch];
+            for operation in operations.into_iter().flatten() {
+                let has = |status: &str| operation.responses.responses.contains_key(status);
+                if operation.security.as_ref().is_some_and(|s| !s.is_empty()) {
+                    assert!(has("401"), "{path}: 401");
+                }
+                if operation.parameters.as_ref().is_some_and(|p| !p.is_empty())
+                    || operation.request_body.is_some()
+                {
+                    assert!(has("400"), "{path}: 400");
+                }
+                if !super::UNLIMITED.contains(&path.as_str()) {
+                    assert!(has("429") && has("503"), "{path}: 429, 503");
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > 30, "{checked} operations");
+        // An operation's own description of a status is kept.
+        let run = doc.paths.paths["/run"].post.as_ref().expect("POST /run");
+        let utoipa::openapi::RefOr::T(busy) = &run.responses.responses["429"] else {
+            panic!("an inline response");
+        };
+        assert!(
+            busy.description.contains("Too many runs"),
+            "{}",
+            busy.description
+        );
+    }
 
     #[actix_web::test]
     async fn head_answers_the_get_size_without_producing_its_body() {
