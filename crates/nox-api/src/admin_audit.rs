@@ -326,6 +326,16 @@ pub async fn admin_actions(
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Auditor)?;
     let days = days_back(query.days, 30)?;
+    // PostgreSQL's text cannot hold one (it was a 500).
+    if query
+        .admin_action_type
+        .as_deref()
+        .is_some_and(|text| text.contains('\0'))
+    {
+        return Err(ApiError::InvalidParameter(
+            "admin_action_type: must not contain a NUL byte".into(),
+        ));
+    }
     let client = state.pool.get().await?;
     let rows = client
         .query(

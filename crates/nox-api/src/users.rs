@@ -74,7 +74,7 @@ fn validate_email(email: &Option<String>) -> Result<(), ApiError> {
         Some(email)
             if email.chars().count() > MAX_EMAIL_CHARS
                 || !email.contains('@')
-                || email.chars().any(char::is_whitespace) =>
+                || email.chars().any(|c| c.is_whitespace() || c.is_control()) =>
         {
             Err(ApiError::InvalidParameter(
                 "email must look like name@domain and be at most 254 characters".into(),
@@ -299,6 +299,12 @@ pub async fn create_token(
         return Err(ApiError::InvalidParameter(format!(
             "name is longer than {MAX_TOKEN_NAME_CHARS} characters"
         )));
+    }
+    // PostgreSQL's text cannot hold one (it was a 500).
+    if name.contains('\0') {
+        return Err(ApiError::InvalidParameter(
+            "name must not contain a NUL byte".into(),
+        ));
     }
     let expires_at = match body.expires_in_days {
         None => None,
