@@ -218,6 +218,18 @@ async fn malformed_bearers_are_refused_without_a_lookup() {
         .await,
         4
     );
+    // Health checks and scrapes are never limited, so they never cause a
+    // lookup either.
+    for _ in 0..3 {
+        let health = send(
+            app.client
+                .get(app.url("/health"))
+                .bearer_auth(random_token()),
+        )
+        .await;
+        assert_eq!(health.status(), StatusCode::OK);
+    }
+    assert_eq!(app.state.authenticator.database_checks(), lookups_before);
     // A well-formed unknown token is looked up once, then refused from
     // memory (remembered, though no token of that value ever existed).
     let unknown = random_token();
