@@ -114,8 +114,15 @@ pub async fn me(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUserRequest {
+    /// 1 to 64 of `a-z`, `0-9`, `_`, `.` and `-`.
+    #[schema(pattern = "^[a-z0-9_.-]{1,64}$", min_length = 1, max_length = 64)]
     pub name: String,
     pub role: Option<Role>,
+    /// At most 254 characters with an `@`, no spaces or control characters.
+    #[schema(
+        max_length = 254,
+        pattern = "^[^\\s\\u0000-\\u001f\\u007f-\\u009f]*@[^\\s\\u0000-\\u001f\\u007f-\\u009f]*$"
+    )]
     pub email: Option<String>,
     /// Defaults to `standard`, or `unlimited` for admins.
     pub tier: Option<Tier>,
@@ -208,9 +215,9 @@ pub struct UpdateUserRequest {
     pub role: Option<Role>,
     pub is_active: Option<bool>,
     pub tier: Option<Tier>,
-    /// `null` removes the email.
+    /// `null` removes the email; else as when creating the user.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 254, pattern = "^[^\\s\\u0000-\\u001f\\u007f-\\u009f]*@[^\\s\\u0000-\\u001f\\u007f-\\u009f]*$")]
     pub email: Option<Option<String>>,
 }
 
@@ -254,8 +261,11 @@ pub async fn update_user(
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTokenRequest {
+    /// At most 128 characters.
+    #[schema(max_length = 128)]
     pub name: Option<String>,
     /// 1 to 3650; no expiry when absent.
+    #[schema(minimum = 1, maximum = 3650)]
     pub expires_in_days: Option<u32>,
 }
 
