@@ -29,33 +29,46 @@ pub const REPORT_MAX_AGE: Duration = Duration::from_secs(3600);
 pub fn sweep_cgroups(cgroup_root: &Path, min_age: Duration) -> usize {
     CONTROLLERS
         .iter()
-        .map(|controller| remove_old_dirs(&cgroup_root.join(controller).join("nox"), min_age))
+        .map(|controller| {
+            // rmdir of a cgroup fails while it has processes or children.
+            remove_old(
+                &cgroup_root.join(controller).join("nox"),
+                min_age,
+                Kind::Dir,
+            )
+        })
         .sum()
 }
 
 /// Removes report files older than `max_age` from `report_dir`.
 pub fn sweep_reports(report_dir: &Path, max_age: Duration) -> usize {
-    let Ok(entries) = fs::read_dir(report_dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_file()))
-        .filter(|entry| is_older_than(&entry.path(), max_age))
-        .filter(|entry| fs::remove_file(entry.path()).is_ok())
-        .count()
+    remove_old(report_dir, max_age, Kind::File)
 }
 
-fn remove_old_dirs(parent: &Path, min_age: Duration) -> usize {
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    File,
+    Dir,
+}
+
+/// Removes the entries of `parent` of `kind` older than `age`.
+fn remove_old(parent: &Path, age: Duration, kind: Kind) -> usize {
     let Ok(entries) = fs::read_dir(parent) else {
         return 0;
     };
     entries
         .flatten()
-        .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
-        .filter(|entry| is_older_than(&entry.path(), min_age))
-        // rmdir of a cgroup fails while it has processes or children.
-        .filter(|entry| fs::remove_dir(entry.path()).is_ok())
+        .filter(|entry| {
+            entry.file_type().is_ok_and(|found| match kind {
+                Kind::File => found.is_file(),
+                Kind::Dir => found.is_dir(),
+            })
+        })
+        .filter(|entry| is_older_than(&entry.path(), age))
+        .filter(|entry| match kind {
+            Kind::File => fs::remove_file(entry.path()).is_ok(),
+            Kind::Dir => fs::remove_dir(entry.path()).is_ok(),
+        })
         .count()
 }
 
