@@ -361,7 +361,7 @@ pub fn set_spool_rows(rows: u64) {
     gauge!(AUDIT_SPOOL_ROWS).set(rows as f64);
 }
 
-/// One run: `outcome` is `ok`, `error`, `timeout` or `limit`.
+/// One run: `outcome` is `ok`, `error`, `timeout`, `limit` or `cancelled` (its client left).
 pub fn record_run(outcome: &'static str, seconds: f64, cpu_seconds: f64) {
     counter!(RUN_TOTAL, "outcome" => outcome).increment(1);
     histogram!(RUN_DURATION_SECONDS).record(seconds);
