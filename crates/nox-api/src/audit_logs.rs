@@ -53,24 +53,41 @@ pub(crate) fn parse_bool(name: &str, text: &str) -> Result<bool, ApiError> {
     }
 }
 
+/// Whether PostgreSQL's `timestamptz` can hold `at` (it starts in 4713 BC;
+/// `time` goes back to -9999, and a value before was a 500).
+fn storable_instant(at: OffsetDateTime) -> bool {
+    at.to_offset(time::UtcOffset::UTC).year() > -4712
+}
+
 /// RFC 3339, or `YYYY-MM-DD` (the start of that UTC day, or with
-/// `end_of_day` the start of the next one, exclusive).
+/// `end_of_day` the start of the next one, exclusive; the second value says
+/// whether the instant is exclusive).
 fn parse_instant(
     name: &str,
     text: &str,
     end_of_day: bool,
 ) -> Result<(OffsetDateTime, bool), ApiError> {
-    if let Ok(at) = OffsetDateTime::parse(text, &Rfc3339) {
-        return Ok((at, false));
-    }
-    let day = Date::parse(text, format_description!("[year]-[month]-[day]"))
-        .map_err(|_| invalid(name, "expected RFC 3339 or YYYY-MM-DD"))?;
-    let day = if end_of_day {
-        day.next_day().unwrap_or(day)
-    } else {
-        day
+    let parsed = match OffsetDateTime::parse(text, &Rfc3339) {
+        Ok(at) => (at, false),
+        Err(_) => {
+            let day = Date::parse(text, format_description!("[year]-[month]-[day]"))
+                .map_err(|_| invalid(name, "expected RFC 3339 or YYYY-MM-DD"))?;
+            match (end_of_day, day.next_day()) {
+                (false, _) => (day.midnight().assume_utc(), false),
+                (true, Some(next)) => (next.midnight().assume_utc(), true),
+                // 9999-12-31 has no next day here: up to its last instant,
+                // inclusive (it was refused as before the start date).
+                (true, None) => (
+                    time::PrimitiveDateTime::new(day, time::Time::MAX).assume_utc(),
+                    false,
+                ),
+            }
+        }
     };
-    Ok((day.midnight().assume_utc(), end_of_day))
+    if !storable_instant(parsed.0) {
+        return Err(invalid(name, "out of range"));
+    }
+    Ok(parsed)
 }
 
 fn encode_cursor(at: OffsetDateTime, id: Uuid) -> String {
@@ -86,7 +103,11 @@ fn decode_cursor(text: &str) -> Result<(OffsetDateTime, Uuid), ApiError> {
     let text = String::from_utf8(bytes).map_err(|_| bad())?;
     let (micros, id) = text.split_once(',').ok_or_else(bad)?;
     let micros: i128 = micros.parse().map_err(|_| bad())?;
-    let at = OffsetDateTime::from_unix_timestamp_nanos(micros * 1000).map_err(|_| bad())?;
+    let nanos = micros.checked_mul(1000).ok_or_else(bad)?;
+    let at = OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .filter(|at| storable_instant(*at))
+        .ok_or_else(bad)?;
     Ok((at, Uuid::parse_str(id).map_err(|_| bad())?))
 }
 
@@ -261,13 +282,16 @@ pub async fn logs(
             .filter(|n| (1..=1000).contains(n))
             .ok_or_else(|| invalid("page_size", "expected 1 to 1000"))?,
     };
+    // At most u32::MAX, as documented: the offset, (page - 1) * page_size,
+    // then fits an i64 (a larger page overflowed: a panic, or in a release
+    // build a negative OFFSET and a 500).
     let page: i64 = match query.get("page") {
         None => 1,
         Some(text) => text
             .parse()
             .ok()
-            .filter(|n| *n >= 1)
-            .ok_or_else(|| invalid("page", "expected 1 or more"))?,
+            .filter(|n| (1..=i64::from(u32::MAX)).contains(n))
+            .ok_or_else(|| invalid("page", "expected 1 to 4294967295"))?,
     };
     let include_total = query
         .get("include_total")
