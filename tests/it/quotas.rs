@@ -265,6 +265,63 @@ async fn the_cpu_quota_refuses_the_next_run_once_spent() {
     );
 }
 
+/// Found by probing after the API fuzzing: `cpu_seconds` near `i64::MAX`
+/// was accepted, and the user's next run overflowed in the CPU check (a
+/// panic in a debug build, the connection closed without an answer).
+#[tokio::test]
+async fn limits_beyond_the_maximum_are_refused_and_the_maximum_works() {
+    let app = spawn_app().await;
+    let alice = app.new_user("alice").await;
+    for field in [
+        "req_hour",
+        "req_day",
+        "cpu_seconds",
+        "mem_mb",
+        "storage_mb",
+        "files_max",
+    ] {
+        let response = send(
+            app.request(
+                Method::PUT,
+                &format!("/quotas/admin/users/{}/quotas", alice.id),
+                ADMIN,
+            )
+            .json(&json!({ field: 9_223_372_036_854_775_807_u64 })),
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{field}");
+        let body = json_of(response).await;
+        assert_eq!(body["code"], "invalid_parameter");
+        assert!(
+            body["detail"].as_str().expect("detail").starts_with(field),
+            "{body}"
+        );
+    }
+    let max = 1_000_000_000_000_u64;
+    let set = set_quotas(
+        &app,
+        &alice.id,
+        json!({"req_hour": max, "req_day": max, "cpu_seconds": max, "mem_mb": max,
+               "storage_mb": max, "files_max": max}),
+    )
+    .await;
+    assert_eq!(set["cpu_seconds"], max);
+    assert_eq!(
+        app.get_as("/quotas/my/usage", &alice.token).await.status(),
+        StatusCode::OK
+    );
+    if nix::unistd::Uid::effective().is_root() {
+        let run = send(
+            app.request(Method::POST, "/run", &alice.token)
+                .json(&json!({"command": "true"})),
+        )
+        .await;
+        assert_eq!(run.status(), StatusCode::OK);
+    } else {
+        eprintln!("run part skipped: runs need root (namespaces, cgroups, setuid)");
+    }
+}
+
 #[tokio::test]
 async fn quota_endpoints_show_limits_and_admin_changes_are_recorded() {
     let app = spawn_app().await;

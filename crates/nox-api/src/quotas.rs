@@ -295,27 +295,34 @@ pub async fn admin_get_quotas(
     Ok(HttpResponse::Ok().json(body))
 }
 
+/// The largest limit an admin can set: far beyond any real use, and small
+/// enough that the quota arithmetic (seconds to milliseconds, MiB to bytes)
+/// cannot overflow. (`cpu_seconds: 9223372036854775807` was accepted and
+/// then overflowed in the CPU check of the user's next run.)
+pub const MAX_LIMIT: u64 = 1_000_000_000_000;
+
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QuotaUpdate {
     pub tier: Option<Tier>,
+    // Each limit: a number up to MAX_LIMIT, or `null` for the tier's.
     #[serde(default, deserialize_with = "crate::users::present")]
-    #[schema(value_type = Option<u64>)]
+    #[schema(value_type = Option<u64>, maximum = 1_000_000_000_000_u64)]
     pub req_hour: Option<Option<u64>>,
     #[serde(default, deserialize_with = "crate::users::present")]
-    #[schema(value_type = Option<u64>)]
+    #[schema(value_type = Option<u64>, maximum = 1_000_000_000_000_u64)]
     pub req_day: Option<Option<u64>>,
     #[serde(default, deserialize_with = "crate::users::present")]
-    #[schema(value_type = Option<u64>)]
+    #[schema(value_type = Option<u64>, maximum = 1_000_000_000_000_u64)]
     pub cpu_seconds: Option<Option<u64>>,
     #[serde(default, deserialize_with = "crate::users::present")]
-    #[schema(value_type = Option<u64>)]
+    #[schema(value_type = Option<u64>, maximum = 1_000_000_000_000_u64)]
     pub mem_mb: Option<Option<u64>>,
     #[serde(default, deserialize_with = "crate::users::present")]
-    #[schema(value_type = Option<u64>)]
+    #[schema(value_type = Option<u64>, maximum = 1_000_000_000_000_u64)]
     pub storage_mb: Option<Option<u64>>,
     #[serde(default, deserialize_with = "crate::users::present")]
-    #[schema(value_type = Option<u64>)]
+    #[schema(value_type = Option<u64>, maximum = 1_000_000_000_000_u64)]
     pub files_max: Option<Option<u64>>,
 }
 
@@ -330,6 +337,20 @@ pub async fn admin_put_quotas(
 ) -> Result<HttpResponse, ApiError> {
     let admin = caller.require(Role::Admin)?;
     let user = *id;
+    for (name, value) in [
+        ("req_hour", body.req_hour),
+        ("req_day", body.req_day),
+        ("cpu_seconds", body.cpu_seconds),
+        ("mem_mb", body.mem_mb),
+        ("storage_mb", body.storage_mb),
+        ("files_max", body.files_max),
+    ] {
+        if value.flatten().is_some_and(|v| v > MAX_LIMIT) {
+            return Err(ApiError::InvalidParameter(format!(
+                "{name} must be at most {MAX_LIMIT} (null: the tier's limit)"
+            )));
+        }
+    }
     let (old_tier, old) = stored_quotas(&state, user).await?;
     let pick = |change: Option<Option<u64>>, current: Option<u64>| change.unwrap_or(current);
     let new = Limits {
