@@ -155,7 +155,7 @@ mkdir -p "$WORK/reports"
 st_run() {
     local name=$1 token=$2
     shift 2
-    (cd "$WORK" && timeout 900 "$VENV/bin/st" run "$BASE/openapi.json" \
+    (cd "$WORK" && PYTHONDONTWRITEBYTECODE=1 timeout 900 "$VENV/bin/st" run "$BASE/openapi.json" \
         -H "Authorization: Bearer $token" \
         --checks "$CHECKS" \
         --phases examples,coverage,fuzzing,stateful \
