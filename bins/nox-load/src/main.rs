@@ -1,15 +1,17 @@
 //! `nox-load`: sends GET requests at a constant rate for a fixed time and
-//! prints latency percentiles. Open loop: each request is due at its own
-//! time whatever the earlier ones do, and its latency counts from when it
-//! was due, so a stalled server shows up in the tail instead of quietly
-//! lowering the rate (wrk's closed loop cannot show that).
+//! prints latency percentiles, for the 2xx answers and for each status
+//! answered. Open loop: each request is due at its own time whatever the
+//! earlier ones do, and its latency counts from when it was due, so a
+//! stalled server shows up in the tail instead of quietly lowering the rate
+//! (wrk's closed loop cannot show that).
 //!
 //!   nox-load --rate 20000 --seconds 8 --header "Authorization: Bearer …" URL
+//!   nox-load --rate 2000 --seconds 10 --random-bearer 20000 URL   # a token flood
 //!
 //! Lean by design, so that it can drive a server near its peak from the
 //! same small machine: one thread for the connections, a fixed set of
-//! keep-alive connections speaking plain HTTP/1.1, one request buffer
-//! written as is. A pacing thread releases the requests (Tokio's timer
+//! keep-alive connections speaking plain HTTP/1.1, request buffers made up
+//! front and written as they are (one, or `--random-bearer`'s N in turn). A pacing thread releases the requests (Tokio's timer
 //! ticks in whole milliseconds, which alone would add up to a millisecond
 //! to every latency), at most 200 µs before they are due; a free connection
 //! sends the oldest released request at once. A request sent early counts
@@ -17,7 +19,7 @@
 //! count from their due time, so the wait is part of their latency.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -31,7 +33,7 @@ use tokio::sync::Notify;
 #[derive(Debug, Parser)]
 #[command(
     name = "nox-load",
-    about = "Constant-rate (open-loop) HTTP/1.1 GET load; prints latency percentiles."
+    about = "Constant-rate (open-loop) HTTP/1.1 GET load; prints latency percentiles per status."
 )]
 struct Args {
     /// Requests per second.
@@ -56,9 +58,15 @@ struct Args {
     /// counted (connections, caches and thread pools warm up).
     #[arg(long, default_value_t = 1)]
     warmup: u64,
-    /// Also print each second's percentiles (by due time).
+    /// Also print each second's percentiles of the 2xx answers (by due
+    /// time).
     #[arg(long)]
     per_second: bool,
+    /// Send each request with `Authorization: Bearer nox_<64 hex digits>`,
+    /// taking N distinct random tokens, made up front, in turn (a flood of
+    /// well-formed tokens no server knows).
+    #[arg(long, value_name = "N")]
+    random_bearer: Option<usize>,
     /// `http://host:port/path?query` (plain HTTP only).
     url: String,
 }
@@ -71,19 +79,39 @@ const RELEASE_WINDOW: Duration = Duration::from_micros(200);
 /// What every connection shares (one thread: no locks).
 #[derive(Debug, Default)]
 struct Shared {
+    /// The request buffers, sent in turn.
+    requests: Vec<Vec<u8>>,
+    next_request: Cell<usize>,
     /// Released requests, by due time, oldest first.
     due: RefCell<VecDeque<Instant>>,
     released: Notify,
     /// Set once the pacer has released every request.
     all_released: Cell<bool>,
-    /// Per answered request: when it was due (after the warm-up), its
-    /// latency.
-    latencies: RefCell<Vec<(Duration, Duration)>>,
+    /// Every answer to a request due after the warm-up.
+    answers: RefCell<Vec<Answer>>,
     last_answer: Cell<Option<Instant>>,
-    errors: Cell<u64>,
+    /// Requests due after the warm-up that got no answer (time-out, closed
+    /// or refused connection, unreadable response).
+    unanswered: Cell<u64>,
+}
+
+/// One answered request.
+#[derive(Debug, Clone, Copy)]
+struct Answer {
+    /// When it was due, from the end of the warm-up.
+    due: Duration,
+    latency: Duration,
+    status: u16,
 }
 
 impl Shared {
+    /// The next request buffer to send.
+    fn next_request(&self) -> &[u8] {
+        let index = self.next_request.get();
+        self.next_request.set((index + 1) % self.requests.len());
+        &self.requests[index]
+    }
+
     /// The oldest released request's due time; `None` once all were taken.
     async fn take(&self) -> Option<Instant> {
         loop {
@@ -103,7 +131,15 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(args.rate > 0, "--rate must be at least 1");
     anyhow::ensure!(args.connections > 0, "--connections must be at least 1");
-    let (address, request) = build_request(&args.url, &args.headers)?;
+    let (address, head) = request_head(&args.url, &args.headers)?;
+    let requests = match args.random_bearer {
+        Some(0) => bail!("--random-bearer must be at least 1"),
+        Some(count) => random_tokens(count, seed())
+            .iter()
+            .map(|token| finish_request(&head, Some(token)))
+            .collect(),
+        None => vec![finish_request(&head, None)],
+    };
     let total = args.rate as u64 * (args.warmup + args.seconds);
     let start = Instant::now() + Duration::from_millis(200);
     let interval = Duration::from_secs(1) / args.rate;
@@ -131,16 +167,16 @@ async fn main() -> anyhow::Result<()> {
         }
     });
     let shared = Rc::new(Shared {
-        latencies: RefCell::new(Vec::with_capacity(total as usize)),
+        requests,
+        answers: RefCell::new(Vec::with_capacity(total as usize)),
         ..Shared::default()
     });
     let timeout = Duration::from_secs(args.timeout);
-    let request = Rc::new(request);
     let local = tokio::task::LocalSet::new();
     let connections = args.connections.min((args.rate as usize / 10).max(1));
     for _ in 0..connections {
-        let (shared, request) = (Rc::clone(&shared), Rc::clone(&request));
-        local.spawn_local(connection(address, request, shared, measured_from, timeout));
+        let shared = Rc::clone(&shared);
+        local.spawn_local(connection(address, shared, measured_from, timeout));
     }
     let pacer_shared = Rc::clone(&shared);
     local.spawn_local(async move {
@@ -152,36 +188,72 @@ async fn main() -> anyhow::Result<()> {
         pacer_shared.released.notify_waiters();
     });
     local.await;
-    // Achieved rate: answers over the time from the first measured request
-    // to the last answer (not to the end of the last time-out).
+    // Achieved rate: 2xx answers over the time from the first measured
+    // request to the last answer (not to the end of the last time-out).
     let elapsed = shared
         .last_answer
         .get()
         .map_or(0.0, |at| at.duration_since(measured_from).as_secs_f64())
         .max(args.seconds as f64);
-    let answered = shared.latencies.take();
-    let errors = shared.errors.get();
+    let answers = shared.answers.take();
     if args.per_second {
         for second in 0..args.seconds {
             let window = Duration::from_secs(second)..Duration::from_secs(second + 1);
-            let latencies = answered
-                .iter()
-                .filter(|(due, _)| window.contains(due))
-                .map(|(_, latency)| *latency)
-                .collect();
-            println!("second {second}: {}", Percentiles::of(latencies));
+            let in_window = answers.iter().filter(|a| window.contains(&a.due));
+            println!("second {second}: {}", Summary::of(in_window).ok);
         }
     }
-    let count = answered.len();
+    let summary = Summary::of(&answers);
+    let ok = summary.ok.0.len();
+    let errors = answers.len() - ok + shared.unanswered.get() as usize;
     println!(
-        "rate {} req/s for {} s: {count} ok, {} errors, achieved {:.0} req/s; {}",
+        "rate {} req/s for {} s: {ok} ok, {errors} errors, achieved {:.0} req/s; {}",
         args.rate,
         args.seconds,
-        errors,
-        count as f64 / elapsed,
-        Percentiles::of(answered.into_iter().map(|(_, latency)| latency).collect())
+        ok as f64 / elapsed,
+        summary.ok
     );
+    for (status, latencies) in &summary.by_status {
+        println!(
+            "status {status}: {} answers, {latencies}",
+            latencies.0.len()
+        );
+    }
+    if shared.unanswered.get() > 0 {
+        println!("unanswered: {}", shared.unanswered.get());
+    }
     Ok(())
+}
+
+/// The answers' latencies: of the 2xx ones together (the load's "ok"), and
+/// per status.
+#[derive(Debug)]
+struct Summary {
+    ok: Percentiles,
+    by_status: BTreeMap<u16, Percentiles>,
+}
+
+impl Summary {
+    fn of<'a>(answers: impl IntoIterator<Item = &'a Answer>) -> Self {
+        let mut ok = Vec::new();
+        let mut by_status: BTreeMap<u16, Vec<Duration>> = BTreeMap::new();
+        for answer in answers {
+            if (200..300).contains(&answer.status) {
+                ok.push(answer.latency);
+            }
+            by_status
+                .entry(answer.status)
+                .or_default()
+                .push(answer.latency);
+        }
+        Summary {
+            ok: Percentiles::of(ok),
+            by_status: by_status
+                .into_iter()
+                .map(|(status, latencies)| (status, Percentiles::of(latencies)))
+                .collect(),
+        }
+    }
 }
 
 /// Latency percentiles, printed in milliseconds.
@@ -215,8 +287,9 @@ impl std::fmt::Display for Percentiles {
     }
 }
 
-/// The server's address and the request's bytes.
-fn build_request(url: &str, headers: &[String]) -> anyhow::Result<(SocketAddr, Vec<u8>)> {
+/// The server's address and the request's head up to its last header
+/// line (without the blank line that ends it).
+fn request_head(url: &str, headers: &[String]) -> anyhow::Result<(SocketAddr, String)> {
     let uri: http::Uri = url
         .parse()
         .with_context(|| format!("{url:?} is not a URL"))?;
@@ -231,21 +304,61 @@ fn build_request(url: &str, headers: &[String]) -> anyhow::Result<(SocketAddr, V
     .next()
     .with_context(|| format!("{} does not resolve", authority.host()))?;
     let target = uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut request = format!("GET {target} HTTP/1.1\r\nHost: {authority}\r\n");
+    let mut head = format!("GET {target} HTTP/1.1\r\nHost: {authority}\r\n");
     for header in headers {
         let (name, value) = header
             .split_once(':')
             .with_context(|| format!("{header:?} is not \"Name: value\""))?;
-        request.push_str(&format!("{}: {}\r\n", name.trim(), value.trim()));
+        head.push_str(&format!("{}: {}\r\n", name.trim(), value.trim()));
+    }
+    Ok((address, head))
+}
+
+/// A whole request: the head, a bearer token if given, the blank line.
+fn finish_request(head: &str, bearer: Option<&str>) -> Vec<u8> {
+    let mut request = head.to_owned();
+    if let Some(token) = bearer {
+        request.push_str(&format!("Authorization: Bearer {token}\r\n"));
     }
     request.push_str("\r\n");
-    Ok((address, request.into_bytes()))
+    request.into_bytes()
+}
+
+/// `count` distinct tokens of Nox's own form, `nox_` and 64 hex digits.
+/// SplitMix64 maps successive states one-to-one to its outputs, so no two
+/// of the first 2^64 outputs are equal, and each token begins with a
+/// different one.
+fn random_tokens(count: usize, seed: u64) -> Vec<String> {
+    let mut state = seed;
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    (0..count)
+        .map(|_| {
+            let words = [next(), next(), next(), next()];
+            format!(
+                "nox_{:016x}{:016x}{:016x}{:016x}",
+                words[0], words[1], words[2], words[3]
+            )
+        })
+        .collect()
+}
+
+/// A different seed each run (no two runs send the same tokens).
+fn seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ u64::from(std::process::id()).rotate_left(32)
 }
 
 /// One keep-alive connection taking due requests until none are left.
 async fn connection(
     address: SocketAddr,
-    request: Rc<Vec<u8>>,
     shared: Rc<Shared>,
     measured_from: Instant,
     timeout: Duration,
@@ -268,7 +381,7 @@ async fn connection(
                 stream = Some(connected);
             }
             let stream = stream.as_mut().expect("connected above");
-            stream.write_all(&request).await?;
+            stream.write_all(shared.next_request()).await?;
             read_response(stream, &mut buffer).await
         };
         let outcome = tokio::time::timeout(timeout, exchange).await;
@@ -280,15 +393,16 @@ async fn connection(
             continue;
         };
         match outcome {
-            Ok(Ok(status)) if (200..300).contains(&status) => {
+            Ok(Ok(status)) => {
                 let latency = counted_from.elapsed();
                 shared.last_answer.set(Some(Instant::now()));
-                shared
-                    .latencies
-                    .borrow_mut()
-                    .push((due_after_warmup, latency));
+                shared.answers.borrow_mut().push(Answer {
+                    due: due_after_warmup,
+                    latency,
+                    status,
+                });
             }
-            _ => shared.errors.set(shared.errors.get() + 1),
+            _ => shared.unanswered.set(shared.unanswered.get() + 1),
         }
     }
 }
@@ -324,4 +438,84 @@ async fn read_more(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> anyhow::Resu
         bail!("the server closed the connection");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_tokens_are_distinct_and_well_formed() {
+        let tokens = random_tokens(20_000, 7);
+        let distinct: std::collections::HashSet<_> = tokens.iter().collect();
+        assert_eq!(distinct.len(), 20_000);
+        for token in &tokens {
+            let digits = token.strip_prefix("nox_").expect("nox_ prefix");
+            assert_eq!(digits.len(), 64, "{token}");
+            assert!(digits.bytes().all(|b| b.is_ascii_hexdigit()), "{token}");
+        }
+        assert_ne!(random_tokens(1, 8), random_tokens(1, 7), "seeds differ");
+    }
+
+    #[test]
+    fn requests_carry_the_headers_and_the_bearer() {
+        let (address, head) = request_head(
+            "http://127.0.0.1:8099/me?x=1",
+            &["X-Test:  yes ".to_owned()],
+        )
+        .expect("valid");
+        assert_eq!(address, "127.0.0.1:8099".parse().expect("address"));
+        let plain = finish_request(&head, None);
+        assert_eq!(
+            plain,
+            b"GET /me?x=1 HTTP/1.1\r\nHost: 127.0.0.1:8099\r\nX-Test: yes\r\n\r\n"
+        );
+        let flood = finish_request(&head, Some("nox_00"));
+        assert!(flood.ends_with(b"X-Test: yes\r\nAuthorization: Bearer nox_00\r\n\r\n"));
+        assert!(request_head("https://127.0.0.1/", &[]).is_err());
+        assert!(request_head("http://127.0.0.1/", &["no colon".to_owned()]).is_err());
+    }
+
+    #[test]
+    fn answers_are_summarised_per_status_and_2xx_together() {
+        let answer = |millis, status| Answer {
+            due: Duration::ZERO,
+            latency: Duration::from_millis(millis),
+            status,
+        };
+        let answers = [
+            answer(3, 200),
+            answer(1, 204),
+            answer(2, 200),
+            answer(40, 429),
+            answer(10, 429),
+            answer(5, 503),
+        ];
+        let summary = Summary::of(&answers);
+        assert_eq!(summary.ok.0.len(), 3);
+        assert_eq!(summary.ok.millis(0.0), 1.0);
+        assert_eq!(summary.ok.millis(1.0), 3.0);
+        let counts: Vec<_> = summary
+            .by_status
+            .iter()
+            .map(|(status, latencies)| (*status, latencies.0.len()))
+            .collect();
+        assert_eq!(counts, [(200, 2), (204, 1), (429, 2), (503, 1)]);
+        assert_eq!(summary.by_status[&429].millis(0.5), 40.0);
+        assert_eq!(summary.by_status[&429].millis(0.0), 10.0);
+        assert!(
+            Summary::of(&[]).ok.millis(0.99).is_nan(),
+            "no answers: no figure"
+        );
+    }
+
+    #[test]
+    fn requests_are_sent_in_turn() {
+        let shared = Shared {
+            requests: vec![b"a".to_vec(), b"b".to_vec()],
+            ..Shared::default()
+        };
+        let sent: Vec<_> = (0..5).map(|_| shared.next_request().to_vec()).collect();
+        assert_eq!(sent, [b"a", b"b", b"a", b"b", b"a"]);
+    }
 }
