@@ -55,6 +55,8 @@ pub async fn enforce_request_quota(
     let state = request.app_data::<web::Data<AppState>>().cloned();
     if let (Some(caller), Some(state)) = (caller, state)
         && !request.path().starts_with(OWN_QUOTA_PREFIX)
+        // Health checks and scrapes are never limited, nor counted.
+        && !crate::limits::is_exempt(&request)
     {
         let limits = limits_of(&state, &caller).await;
         if let Err(violation) = state.quotas.try_count_request(caller.user_id, &limits) {

@@ -138,7 +138,7 @@ pub fn describe(version: &str) {
     );
     describe_counter!(
         AUDIT_DROPPED_TOTAL,
-        "Audit records dropped. Zero by design; a non-zero value is a bug."
+        "Audit records lost: buffered records neither the database nor the spool could take. Must stay 0."
     );
     describe_counter!(
         RUN_TOTAL,
@@ -343,6 +343,12 @@ pub fn record_rows_replayed(rows: usize) {
 
 pub fn record_write_failure() {
     counter!(AUDIT_WRITE_FAILURES_TOTAL).increment(1);
+}
+
+/// Records neither the database nor the spool could take, with nobody
+/// waiting to be refused in their place (buffered mode).
+pub fn record_dropped(rows: usize) {
+    counter!(AUDIT_DROPPED_TOTAL).increment(rows as u64);
 }
 
 pub fn record_rows_reduced(rows: usize) {

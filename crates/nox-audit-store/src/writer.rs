@@ -451,7 +451,18 @@ impl Task {
                 tracing::warn!(%error, rows = records.len(), "audit batch not written to the database; spooling it");
                 self.status.database_up.store(false, Ordering::Relaxed);
                 self.status.set_error(Some(format!("database: {error}")));
-                self.spool_batch(sessions, records).await
+                // Nobody waits for a buffered record, so no request can fail
+                // in its place: if the spool refuses it too, it is lost.
+                let unanswered = records.len().saturating_sub(acks.len());
+                let spooled = self.spool_batch(sessions, records).await;
+                if spooled.is_err() && unanswered > 0 {
+                    tracing::error!(
+                        rows = unanswered,
+                        "audit records lost: neither the database nor the spool took them"
+                    );
+                    nox_audit_metrics::record_dropped(unanswered);
+                }
+                spooled
             }
         };
         for ack in acks {
@@ -663,7 +674,8 @@ impl Task {
                 Ok(())
             }
             Ok(Err(error)) => {
-                tracing::error!(%error, rows, "rejected audit rows could not be kept");
+                tracing::error!(%error, rows, "rejected audit rows could not be kept: they are lost");
+                nox_audit_metrics::record_dropped(rows);
                 self.status
                     .set_error(Some(format!("rejected rows: {error}")));
                 Err(())
