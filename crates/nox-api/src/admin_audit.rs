@@ -104,6 +104,7 @@ async fn chain_state(
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct CheckpointsQuery {
     /// Newest first; 1 to 1000, default 100.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
 }
 
@@ -170,8 +171,10 @@ pub async fn stats(
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct UsersQuery {
     /// Days back from now, 1 to 365 (default 7).
+    #[param(minimum = 1, maximum = 365)]
     pub days: Option<i64>,
     /// Users with fewer actions are left out (default 1).
+    #[param(minimum = 0)]
     pub min_actions: Option<i64>,
 }
 
@@ -254,6 +257,7 @@ pub async fn users(
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct SummariesQuery {
     /// Days back from today, 1 to 365 (default 30).
+    #[param(minimum = 1, maximum = 365)]
     pub days: Option<i64>,
     pub user_id: Option<Uuid>,
 }
@@ -311,6 +315,7 @@ fn summary_json(row: &Row) -> Value {
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct AdminActionsQuery {
     /// Days back from now, 1 to 365 (default 30).
+    #[param(minimum = 1, maximum = 365)]
     pub days: Option<i64>,
     pub admin_user_id: Option<Uuid>,
     pub target_user_id: Option<Uuid>,

@@ -54,12 +54,12 @@ struct Job {
 
 #[utoipa::path(
     params(
-        ("format" = Option<String>, Query, description = "csv (default), json or ndjson"),
+        ("format" = Option<String>, Query, pattern = "^(csv|json|ndjson)$", description = "csv (default), json or ndjson"),
         ("compress" = Option<bool>, Query, description = "A gzip file (application/gzip)"),
-        ("limit" = Option<u64>, Query, description = "At most this many rows, newest first"),
+        ("limit" = Option<u64>, Query, minimum = 1, description = "At most this many rows, newest first"),
         ("user_id" = Option<Uuid>, Query), ("session_id" = Option<Uuid>, Query), ("request_id" = Option<Uuid>, Query),
         ("action_type" = Option<String>, Query), ("action_category" = Option<String>, Query),
-        ("endpoint" = Option<String>, Query), ("status_code" = Option<i16>, Query), ("success" = Option<bool>, Query),
+        ("endpoint" = Option<String>, Query), ("status_code" = Option<i16>, Query, minimum = 100, maximum = 599), ("success" = Option<bool>, Query),
         ("quota_violation" = Option<bool>, Query), ("client_ip" = Option<String>, Query),
         ("start_date" = Option<String>, Query), ("end_date" = Option<String>, Query), ("search" = Option<String>, Query),
     ),
