@@ -298,11 +298,13 @@ pub async fn create_token(
 ) -> Result<HttpResponse, ApiError> {
     let admin = caller.require(Role::Admin)?;
     let actor = actor(&request, admin)?;
+    // No body, or `null`, as documented: the defaults.
     let body: CreateTokenRequest = if body.iter().all(u8::is_ascii_whitespace) {
         CreateTokenRequest::default()
     } else {
-        serde_json::from_slice(&body)
+        serde_json::from_slice::<Option<CreateTokenRequest>>(&body)
             .map_err(|error| ApiError::InvalidParameter(format!("invalid JSON body: {error}")))?
+            .unwrap_or_default()
     };
     let name = body.name.unwrap_or_default();
     if name.chars().count() > MAX_TOKEN_NAME_CHARS {
