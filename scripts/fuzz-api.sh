@@ -179,8 +179,8 @@ admin_failed=0
 NOX_FUZZ_PROTECTED_IDS="$ADMIN_ID,$ADMIN_TOKEN_IDS" \
     SCHEMATHESIS_HOOKS=nox_fuzz_hooks PYTHONPATH="$ROOT/scripts/fuzz" \
     st_run admin "$ADMIN_TOKEN" >"$WORK/reports/admin.log" 2>&1 || admin_failed=1
+# (The summary is followed by the hooks' count of ids they replaced.)
 sed -n '/^=* SUMMARY =*$/,$p' "$WORK/reports/admin.log"
-grep '^nox_fuzz_hooks:' "$WORK/reports/admin.log" | sort -u || true
 [[ $admin_failed == 0 ]] || { failed=1; echo "-- the admin run failed:"; cat "$WORK/reports/admin.log"; }
 
 # The admin is still an admin with a working token (the hooks' purpose).
