@@ -500,3 +500,63 @@ async fn records_of_arbitrary_bytes_all_land_in_full() {
         .await
         .expect("the chain verifies");
 }
+
+/// A handler that panics is answered 500 and recorded as such, not as a
+/// client that went away (the panic used to take the connection down).
+#[actix_web::test]
+async fn a_panicking_handler_is_answered_and_recorded_as_500() {
+    use actix_web::{App, test, web};
+    use nox_audit_actix::{Audit, AuditConfig};
+    let db = TestDb::new().await;
+    let spool_dir = tempfile::tempdir().expect("tempdir");
+    let writer = db.audit_writer(
+        Spool::open(spool_dir.path()).expect("spool"),
+        WriterConfig::default(),
+    );
+    let app = test::init_service(
+        App::new()
+            .route(
+                "/boom",
+                web::get().to(|| async {
+                    panic!("a bug");
+                    #[allow(unreachable_code)]
+                    ""
+                }),
+            )
+            .wrap(Audit::new(AuditConfig::default(), writer.sink())),
+    )
+    .await;
+    let request_id = Uuid::now_v7();
+    // The error that actix then answers with.
+    let error = test::try_call_service(
+        &app,
+        test::TestRequest::get()
+            .uri("/boom")
+            .insert_header(("X-Request-ID", request_id.to_string()))
+            .to_request(),
+    )
+    .await
+    .expect_err("the panic becomes an error response");
+    let response = error.error_response();
+    assert_eq!(response.status(), 500);
+    let body = actix_web::body::to_bytes(response.into_body())
+        .await
+        .expect("body");
+    let body: Value = serde_json::from_slice(&body).expect("json");
+    assert_eq!(body["code"], "internal");
+    writer.shutdown().await;
+    let row = db
+        .client()
+        .await
+        .query_one(
+            "SELECT status_code, error_details FROM audit_actions WHERE request_id = $1",
+            &[&request_id],
+        )
+        .await
+        .expect("one row");
+    assert_eq!(row.get::<_, i16>(0), 500);
+    assert_eq!(
+        row.get::<_, Option<String>>(1).as_deref(),
+        Some("the request handler panicked")
+    );
+}

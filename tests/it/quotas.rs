@@ -413,3 +413,19 @@ async fn quota_endpoints_show_limits_and_admin_changes_are_recorded() {
     .await;
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
 }
+
+/// An admin who sets their own request quota to 0 is refused everywhere
+/// but the quota admin API, through which they can undo it.
+#[tokio::test]
+async fn an_admin_cannot_lock_themselves_out_with_their_own_quota() {
+    let app = spawn_app().await;
+    let me: Value = json_of(app.get_as("/me", ADMIN).await).await;
+    let admin_id = me["id"].as_str().expect("id").to_owned();
+    set_quotas(&app, &admin_id, json!({"req_hour": 0})).await;
+    assert_eq!(
+        app.get_as("/me", ADMIN).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    set_quotas(&app, &admin_id, json!({"req_hour": null})).await;
+    assert_eq!(app.get_as("/me", ADMIN).await.status(), StatusCode::OK);
+}

@@ -18,6 +18,7 @@ use crate::error::{ApiError, ErrorBody};
 
 /// Endpoints a user over quota can still reach, and that do not count.
 const OWN_QUOTA_PREFIX: &str = "/quotas/my/";
+const ADMIN_QUOTA_PREFIX: &str = "/quotas/admin/";
 const MIB: u64 = 1024 * 1024;
 
 /// The caller's effective limits: their tier's, overridden per field.
@@ -55,6 +56,9 @@ pub async fn enforce_request_quota(
     let state = request.app_data::<web::Data<AppState>>().cloned();
     if let (Some(caller), Some(state)) = (caller, state)
         && !request.path().starts_with(OWN_QUOTA_PREFIX)
+        // An admin can always reach the quota admin API, so one who set
+        // their own request quota to 0 can undo it.
+        && !(caller.role == Role::Admin && request.path().starts_with(ADMIN_QUOTA_PREFIX))
         // Health checks and scrapes are never limited, nor counted.
         && !crate::limits::is_exempt(&request)
     {

@@ -3,6 +3,7 @@
 
 use std::cell::Cell;
 use std::future::{Ready, ready};
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -13,10 +14,10 @@ use actix_web::body::{BodySize, BoxBody, MessageBody};
 use actix_web::dev::{Payload, Service, ServiceRequest, ServiceResponse, Transform, forward_ready};
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::{Method, StatusCode};
-use actix_web::{Error, HttpMessage, HttpResponse};
+use actix_web::{Error, HttpMessage, HttpResponse, ResponseError};
 use bytes::Bytes;
-use futures_util::StreamExt;
 use futures_util::future::LocalBoxFuture;
+use futures_util::{FutureExt, StreamExt};
 use ipnet::IpNet;
 use uuid::Uuid;
 
@@ -211,7 +212,13 @@ where
                 sink: sink.clone(),
                 taxonomy: config.taxonomy,
             };
-            let response = call.await;
+            // A panicking handler is answered 500 and recorded as such (it
+            // would otherwise take the connection down, recorded as if the
+            // client had left).
+            let response = AssertUnwindSafe(call)
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| Err(HandlerPanicked::new(&*panic).into()));
             let mut pending = unfinished.take();
             let response = match response {
                 Ok(response) => response,
@@ -220,7 +227,10 @@ where
                     // it with the status it will be answered with.
                     let status = error.as_response_error().status_code();
                     pending.classify(&config.taxonomy, status);
-                    let record = pending.finish(0, None);
+                    let mut record = pending.finish(0, None);
+                    if error.as_error::<HandlerPanicked>().is_some() {
+                        record.error_details = Some(HandlerPanicked::DETAIL.to_owned());
+                    }
                     if let Err(sink_error) = sink.submit(record, durable).await {
                         tracing::error!(%sink_error, "a request's audit record could not be stored");
                     }
@@ -275,6 +285,39 @@ where
             }
             Ok(ServiceResponse::new(http_request, response.set_body(body)))
         })
+    }
+}
+
+/// A handler panicked: answered like any internal error.
+#[derive(Debug)]
+struct HandlerPanicked;
+
+impl HandlerPanicked {
+    const DETAIL: &str = "the request handler panicked";
+
+    fn new(panic: &(dyn std::any::Any + Send)) -> Self {
+        let message = panic
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        tracing::error!(panic = message, "a request handler panicked");
+        HandlerPanicked
+    }
+}
+
+impl std::fmt::Display for HandlerPanicked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(Self::DETAIL)
+    }
+}
+
+impl ResponseError for HandlerPanicked {
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::InternalServerError().json(serde_json::json!({
+            "detail": "internal server error",
+            "code": "internal",
+        }))
     }
 }
 

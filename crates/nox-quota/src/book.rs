@@ -335,7 +335,7 @@ impl QuotaBook {
         };
         self.roll(entry, user, now);
         let used_seconds = entry.day.cpu_ms / 1000;
-        if entry.day.cpu_ms >= limit_seconds * 1000 {
+        if entry.day.cpu_ms >= limit_seconds.saturating_mul(1000) {
             return Err(Violation {
                 quota_type: "cpu_seconds",
                 current_usage: used_seconds,
