@@ -1,7 +1,7 @@
 //! The server skeleton: health, errors, the OpenAPI document.
 
 use nox_testkit::spawn_app;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 #[tokio::test]
 async fn health_reports_the_database_up() {
@@ -178,5 +178,28 @@ async fn openapi_document_lists_every_endpoint() {
     assert_eq!(
         doc["components"]["securitySchemes"]["bearer"]["scheme"],
         "bearer"
+    );
+    // `path` is required where the handler requires it, optional on /ls.
+    let path_param =
+        |route: &str, method: &str| doc["paths"][route][method]["parameters"][0].clone();
+    for (route, method) in [
+        ("/cat", "get"),
+        ("/download", "get"),
+        ("/write", "put"),
+        ("/delete", "delete"),
+    ] {
+        let param = path_param(route, method);
+        assert_eq!(
+            (&param["name"], &param["in"], &param["required"]),
+            (&json!("path"), &json!("query"), &json!(true)),
+            "{route}: {param}"
+        );
+    }
+    assert_ne!(path_param("/ls", "get")["required"], json!(true));
+    let command = &doc["components"]["schemas"]["RunBody"]["properties"]["command"];
+    assert_eq!(
+        (&command["minLength"], &command["maxLength"]),
+        (&json!(1), &json!(10_000)),
+        "{command}"
     );
 }

@@ -38,6 +38,16 @@ pub struct PathQuery {
     pub path: Option<String>,
 }
 
+/// [`PathQuery`] as documented where `path` is required (the handlers
+/// still extract `PathQuery`, so a missing path is refused with its row).
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // Read by the OpenAPI document only.
+pub struct RequiredPath {
+    /// Relative to your workspace; a leading `/` means its root.
+    path: String,
+}
+
 impl PathQuery {
     /// The path, which the audit row records as requested (even when it is
     /// refused); `default` applies when the parameter is absent.
@@ -194,7 +204,7 @@ pub struct CatResponse {
 }
 
 #[utoipa::path(
-    params(PathQuery),
+    params(RequiredPath),
     responses(
         (status = 200, body = CatResponse),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
@@ -245,7 +255,7 @@ pub async fn cat(
 }
 
 #[utoipa::path(
-    params(PathQuery),
+    params(RequiredPath),
     responses(
         (status = 200, description = "The raw bytes, streamed", content_type = "application/octet-stream"),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
@@ -292,7 +302,7 @@ pub struct WriteResponse {
 }
 
 #[utoipa::path(
-    params(PathQuery),
+    params(RequiredPath),
     request_body(
         description = "Either multipart/form-data with the field `file`, or the raw bytes with any other content type",
         content = Vec<u8>, content_type = "application/octet-stream"
@@ -482,7 +492,7 @@ pub struct DeleteResponse {
 }
 
 #[utoipa::path(
-    params(PathQuery),
+    params(RequiredPath),
     responses(
         (status = 200, body = DeleteResponse),
         (status = 400, description = "Includes the workspace root itself", body = ErrorBody),

@@ -209,11 +209,14 @@ pub fn routes(config: &mut web::ServiceConfig) {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunBody {
-    /// Run with `bash -c`, 1 to 10,000 characters.
+    /// Run with `bash -c`, 1 to 10,000 characters, no NUL.
+    #[schema(min_length = 1, max_length = 10000)]
     pub command: String,
     /// Seconds, 1 to 300 (default `NOX_TIMEOUT`).
+    #[schema(minimum = 1, maximum = 300)]
     pub timeout: Option<u64>,
-    /// Fed to the command's standard input.
+    /// Fed to the command's standard input, at most 1 MiB; recorded as its
+    /// size and SHA-256, never its content.
     pub stdin: Option<String>,
 }
 
