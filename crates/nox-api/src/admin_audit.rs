@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::app::AppState;
 use crate::auth::Authenticated;
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, refuse_nul};
 use crate::timestamp_json;
 
 pub fn routes(config: &mut web::ServiceConfig) {
@@ -331,15 +331,8 @@ pub async fn admin_actions(
 ) -> Result<HttpResponse, ApiError> {
     caller.require(Role::Auditor)?;
     let days = days_back(query.days, 30)?;
-    // PostgreSQL's text cannot hold one (it was a 500).
-    if query
-        .admin_action_type
-        .as_deref()
-        .is_some_and(|text| text.contains('\0'))
-    {
-        return Err(ApiError::InvalidParameter(
-            "admin_action_type: must not contain a NUL byte".into(),
-        ));
+    if let Some(kind) = &query.admin_action_type {
+        refuse_nul("admin_action_type", kind)?;
     }
     let client = state.pool.get().await?;
     let rows = client

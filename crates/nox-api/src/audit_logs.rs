@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::app::AppState;
 use crate::auth::Authenticated;
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, refuse_nul};
 
 /// The filters `/logs` and `/export` share.
 const FILTERS: &[&str] = &[
@@ -153,9 +153,8 @@ pub(crate) fn build_filters(
     if let Some(unknown) = query.keys().find(|k| !known(k)) {
         return Err(invalid(unknown, "unknown parameter"));
     }
-    // PostgreSQL's text cannot hold one, and a filter never needs it.
-    if let Some((name, _)) = query.iter().find(|(_, value)| value.contains('\0')) {
-        return Err(invalid(name, "must not contain a NUL byte"));
+    for (name, value) in query {
+        refuse_nul(name, value)?;
     }
     let mut filters = Filters::default();
     for name in ["user_id", "session_id", "request_id"] {

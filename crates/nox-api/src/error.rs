@@ -69,6 +69,17 @@ pub enum ApiError {
     Internal(#[source] anyhow::Error),
 }
 
+/// Refuses a NUL in a value bound for PostgreSQL, whose text cannot hold
+/// one (it would be a 500); `name` says which.
+pub fn refuse_nul(name: &str, text: &str) -> Result<(), ApiError> {
+    match text.contains('\0') {
+        true => Err(ApiError::InvalidParameter(format!(
+            "{name}: must not contain a NUL byte"
+        ))),
+        false => Ok(()),
+    }
+}
+
 impl ApiError {
     pub fn internal(error: impl Into<anyhow::Error>) -> Self {
         ApiError::Internal(error.into())

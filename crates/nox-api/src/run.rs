@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::app::AppState;
 use crate::auth::Authenticated;
 use crate::config::{Config, RunNetwork};
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, refuse_nul};
 
 /// As long as the audit row stores whole.
 const MAX_COMMAND_CHARS: usize = nox_audit_model::storable::MAX_COMMAND_TEXT_CHARS;
@@ -300,11 +300,7 @@ pub async fn run_command(
             "command must be 1 to {MAX_COMMAND_CHARS} characters"
         )));
     }
-    if body.command.contains('\0') {
-        return Err(ApiError::InvalidParameter(
-            "command contains a NUL byte".into(),
-        ));
-    }
+    refuse_nul("command", &body.command)?;
     let service = Arc::clone(&state.runs);
     let timeout = match body.timeout {
         None => service.default_timeout,

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::app::AppState;
 use crate::auth::Authenticated;
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, refuse_nul};
 
 /// Why an admin made a change, recorded with it.
 pub const JUSTIFICATION_HEADER: &str = "x-nox-justification";
@@ -312,12 +312,7 @@ pub async fn create_token(
             "name is longer than {MAX_TOKEN_NAME_CHARS} characters"
         )));
     }
-    // PostgreSQL's text cannot hold one (it was a 500).
-    if name.contains('\0') {
-        return Err(ApiError::InvalidParameter(
-            "name must not contain a NUL byte".into(),
-        ));
-    }
+    refuse_nul("name", &name)?;
     let expires_at = match body.expires_in_days {
         None => None,
         Some(days @ 1..=MAX_TOKEN_DAYS) => {
