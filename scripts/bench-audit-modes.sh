@@ -34,6 +34,7 @@ ADMIN_URL=${DATABASE_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 DB_URL=${ADMIN_URL%/*}/nox_bench_modes
 TOKEN=bench-admin-token-0123456789abcdef0123456789
 PORT=${PORT:-8099}
+RELEASE=${CARGO_TARGET_DIR:-target}/release
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 [ -n "${NOX_SERVER_BIN:-}" ] || cargo build --release -q -p nox-server
@@ -55,7 +56,7 @@ run_mode() { # topology mode connections -> "rps p50 p99 server_us postgres_us o
     psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS nox_bench_modes" -c "CREATE DATABASE nox_bench_modes" 2>/dev/null
     local data; data=$(mktemp -d)
     NOX_AUDIT_MODE=$1 NOX_RATE_LIMIT_PER_USER=0 NOX_RATE_LIMIT_PER_IP=0 NOX_ADMIN_TOKEN=$TOKEN DATABASE_URL=$DB_URL NOX_DATA_DIR=$data \
-        NOX_PORT=$PORT RUST_LOG=warn $(server_cpus "$topology") "${NOX_SERVER_BIN:-./target/release/nox-server}" >/dev/null 2>&1 &
+        NOX_PORT=$PORT RUST_LOG=warn $(server_cpus "$topology") "${NOX_SERVER_BIN:-$RELEASE/nox-server}" >/dev/null 2>&1 &
     local server=$!
     for _ in $(seq 50); do curl -sf "localhost:$PORT/health" >/dev/null && break; sleep 0.1; done
     curl -sf -X PUT "localhost:$PORT/write?path=a.txt" -H "Authorization: Bearer $TOKEN" --data-binary hello >/dev/null

@@ -7,7 +7,7 @@
 #   scripts/bench-audit-queries.sh     # ROWS=5000000 EXPORT_ROWS=1000000 RUNS=3 DURATION=5
 #
 # BIN_DIR=dir uses binaries already built there instead of building
-# target/release.
+# them in $CARGO_TARGET_DIR (default target/)/release.
 #
 # Seeds the database nox_bench_queries (at DATABASE_ADMIN_URL's server) with
 # `nox-migrate seed` unless it already holds ROWS rows, and keeps it for the
@@ -27,7 +27,7 @@ PORT=${PORT:-8097}
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 BIN_DIR=${BIN_DIR:-}
-if [ -z "$BIN_DIR" ]; then cargo build --release -q --bins; BIN_DIR=target/release; fi
+if [ -z "$BIN_DIR" ]; then cargo build --release -q --bins; BIN_DIR=${CARGO_TARGET_DIR:-target}/release; fi
 
 rows=$(psql -tAq "$DB_URL" -c "SELECT count(*) FROM audit_actions" 2>/dev/null || echo 0)
 if [ "$rows" -lt "$ROWS" ]; then

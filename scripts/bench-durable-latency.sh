@@ -30,6 +30,7 @@ DB_URL=${ADMIN_URL%/*}/nox_bench_latency
 TOKEN=bench-admin-token-0123456789abcdef0123456789
 PORT=${PORT:-8096}
 URL="http://127.0.0.1:$PORT/ls?path=."
+RELEASE=${CARGO_TARGET_DIR:-target}/release
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 if [ -n "${NOX_SERVER_BIN:-}" ]; then
@@ -48,7 +49,7 @@ start_server() { # mode
     data=$(mktemp -d)
     NOX_AUDIT_MODE=$1 NOX_RATE_LIMIT_PER_USER=0 NOX_RATE_LIMIT_PER_IP=0 NOX_ADMIN_TOKEN=$TOKEN DATABASE_URL=$DB_URL \
         NOX_DATA_DIR=$data NOX_PORT=$PORT RUST_LOG=warn $(server_cpus "$TOPOLOGY") \
-        "${NOX_SERVER_BIN:-./target/release/nox-server}" >/dev/null 2>&1 &
+        "${NOX_SERVER_BIN:-$RELEASE/nox-server}" >/dev/null 2>&1 &
     server=$!
     for _ in $(seq 100); do curl -sf "localhost:$PORT/health" >/dev/null && break; sleep 0.1; done
     curl -sf -X PUT "localhost:$PORT/write?path=a.txt" -H "Authorization: Bearer $TOKEN" --data-binary hello >/dev/null
@@ -64,10 +65,10 @@ rss_mib() { awk '$1 == "VmRSS:" {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 # Open-loop load; requests unanswered after 2 s count as errors, so an
 # overloaded run ends soon after its DURATION.
 load() { # rate
-    $(client_cpus "$TOPOLOGY") ./target/release/nox-load --rate "$1" --seconds "$DURATION" --timeout 2 \
+    $(client_cpus "$TOPOLOGY") "$RELEASE/nox-load" --rate "$1" --seconds "$DURATION" --timeout 2 \
         --header "Authorization: Bearer $TOKEN" "$URL"
 }
-p99_of() { sed -n 's/.* p99 \([0-9.]*\) .*/\1/p' <<<"$1"; } # empty when no request was answered
+p99_of() { sed -n '1s/.* p99 \([0-9.]*\) .*/\1/p' <<<"$1"; } # the 2xx answers'; empty when none
 
 echo "topology: $TOPOLOGY"
 for run in $(seq "$RUNS"); do
@@ -93,8 +94,8 @@ for run in $(seq "$RUNS"); do
         wait "$loader"
         durable=$(cat "/tmp/nox-load-durable.$$"); rm -f "/tmp/nox-load-durable.$$"
         stop_server
-        echo "  off     $off"
-        echo "  durable $durable"
+        echo "  off     $(head -1 <<<"$off")"
+        echo "  durable $(head -1 <<<"$durable")"
         awk -v r="$rate" -v d="$(p99_of "$durable")" -v o="$(p99_of "$off")" \
             'BEGIN {if (d == "" || o == "") printf "  at %d req/s: no p99 (nothing answered)\n", r
                     else printf "  at %d req/s: p99 added by durable %.2f ms\n", r, d - o}'

@@ -12,12 +12,13 @@ ADMIN_URL=${DATABASE_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 DB_URL=${ADMIN_URL%/*}/nox_bench_run
 TOKEN=bench-admin-token-0123456789abcdef0123456789
 PORT=${PORT:-8098}
+RELEASE=${CARGO_TARGET_DIR:-target}/release
 
 cargo build --release -q --bins
 psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS nox_bench_run" -c "CREATE DATABASE nox_bench_run" 2>/dev/null
 data=$(mktemp -d); chmod 755 "$data"
 NOX_RATE_LIMIT_PER_USER=0 NOX_RATE_LIMIT_PER_IP=0 NOX_ADMIN_TOKEN=$TOKEN DATABASE_URL=$DB_URL NOX_DATA_DIR=$data NOX_PORT=$PORT RUST_LOG=warn \
-    ./target/release/nox-server >/dev/null 2>&1 &
+    "$RELEASE/nox-server" >/dev/null 2>&1 &
 server=$!
 trap 'kill -TERM $server; wait $server || true; rm -rf "$data"; psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS nox_bench_run" 2>/dev/null' EXIT
 for _ in $(seq 50); do curl -sf "localhost:$PORT/health" >/dev/null && break; sleep 0.1; done
