@@ -16,4 +16,6 @@ mod migrations;
 mod quotas;
 mod rollups;
 mod run;
+mod run_leaks;
+mod run_limits;
 mod writer;

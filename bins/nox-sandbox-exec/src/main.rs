@@ -12,8 +12,15 @@
 //! 4. enforces the wall-clock timeout by killing init, which takes the whole
 //!    namespace with it; SIGTERM (the server's client went away) ends the
 //!    run the same way, and the launcher still cleans up and reports;
-//! 5. writes a JSON report (status, CPU, peak memory, the limit that ended
-//!    the run, the layers applied) to the file named by `--report`.
+//! 5. writes a JSON report (status, CPU, peak memory, the limit the run hit,
+//!    the layers applied) to the file named by `--report`.
+//!
+//! The command is never an argument (arguments are world-readable in
+//! `/proc/<pid>/cmdline`): standard input starts with its length in bytes,
+//! in decimal, and a newline, then the command itself; the rest of standard
+//! input is the command's. Bash gets it the same way, from a memfd on
+//! descriptor 3 that it reads, closes and `eval`s (see [`SHELL`]); every
+//! other descriptor but 0, 1 and 2 is closed before `exec`.
 //!
 //! Output goes straight to the inherited stdout and stderr.
 
@@ -21,18 +28,19 @@
 
 use std::ffi::CString;
 use std::fs;
-use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use nix::errno::Errno;
 use nix::sched::{CloneFlags, unshare};
 use nix::sys::resource::{Resource, UsageWho, getrusage, setrlimit};
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use nix::unistd::{ForkResult, Gid, Pid, Uid, execve, fork, pipe, setgid, setgroups, setuid};
+use nix::unistd::{ForkResult, Gid, Pid, Uid, fork, pipe, setgid, setgroups, setuid};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -71,9 +79,21 @@ struct Args {
     /// A unique name for this run's cgroups.
     #[arg(long)]
     run_id: String,
-    /// The command, run with `bash -c`.
-    command: String,
 }
+
+/// The longest command accepted on standard input (`POST /run` allows
+/// 10,000 characters, at most 40,000 bytes).
+const MAX_COMMAND_BYTES: usize = 1024 * 1024;
+
+/// What bash runs: the command, read from descriptor 3 up to the NUL that
+/// ends it, then descriptor 3 closed and the command `eval`ed, so it is
+/// parsed and run as `bash -c` would. Differences: the command can see its
+/// own text in the (unexported) variable `__nox_command`, a syntax error is
+/// reported by `eval` rather than `-c`, and bash stays the parent of its
+/// last command instead of `exec`ing it (a command killed by signal N makes
+/// bash exit with 128 + N). No process's argument list holds the command.
+const SHELL: &str =
+    "IFS= read -r -d '' -u 3 __nox_command || exit 126; exec 3<&-; eval \"$__nox_command\"";
 
 /// Read-only for the command: what a shell and interpreters need.
 const SYSTEM_DIRS: &[&str] = &[
@@ -90,8 +110,13 @@ const DEVICES: &[&str] = &[
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 fn main() {
-    let args = Args::parse();
-    let report = match run(&args) {
+    let mut args = Args::parse();
+    let report = match read_command().and_then(|command| {
+        // Absolute, so the command's `HOME` and `TMPDIR` are too.
+        args.workspace = fs::canonicalize(&args.workspace)
+            .map_err(|e| format!("the workspace {}: {e}", args.workspace.display()))?;
+        run(&args, &command)
+    }) {
         Ok(report) => report,
         Err(error) => serde_json::json!({ "error": error }),
     };
@@ -152,19 +177,29 @@ impl Cgroups {
         Some(bytes / 1024)
     }
 
-    fn oom_killed(&self) -> bool {
-        self.memory.as_ref().is_some_and(|dir| {
-            let failcnt = read_number(&dir.join("memory.failcnt")).unwrap_or(0);
-            let oom_kills = fs::read_to_string(dir.join("memory.oom_control"))
-                .ok()
-                .and_then(|text| {
-                    text.lines()
-                        .find_map(|line| line.strip_prefix("oom_kill "))
-                        .and_then(|n| n.trim().parse::<u64>().ok())
-                })
-                .unwrap_or(0);
-            oom_kills > 0 || failcnt > 0
-        })
+    /// Whether the run's memory cgroup killed one of its processes, whichever
+    /// (bash itself, or a child bash outlived: then bash usually exits 137).
+    fn memory_limited(&self, exit_code: Option<i32>, signal: Option<i32>) -> bool {
+        let Some(dir) = &self.memory else {
+            return false;
+        };
+        let oom_kills = fs::read_to_string(dir.join("memory.oom_control"))
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix("oom_kill "))
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+            });
+        match oom_kills {
+            Some(kills) => kills > 0,
+            // Kernels before 4.13 do not count OOM kills per cgroup: the
+            // limit was reached (which reclaiming the page cache also
+            // counts) and something died of SIGKILL.
+            None => {
+                read_number(&dir.join("memory.failcnt")).unwrap_or(0) > 0
+                    && died_of(Signal::SIGKILL, exit_code, signal)
+            }
+        }
     }
 
     fn processes_limited(&self) -> bool {
@@ -198,7 +233,7 @@ fn read_number(path: &Path) -> Option<u64> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-fn run(args: &Args) -> Result<serde_json::Value, String> {
+fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
     let is_root = Uid::effective().is_root();
     let memory_bytes = args.memory_mb * 1024 * 1024;
     let cgroups = if is_root {
@@ -227,6 +262,8 @@ fn run(args: &Args) -> Result<serde_json::Value, String> {
     let cancel = SignalFd::with_flags(&terminate, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(|e| format!("signalfd: {e}"))?;
 
+    // The command, for bash to read from descriptor 3 (see SHELL).
+    let script = command_file(command)?;
     // Status of bash, from init to us; and a go signal once init is in its cgroups.
     let (status_read, status_write) = pipe().map_err(|e| format!("pipe: {e}"))?;
     let (go_read, go_write) = pipe().map_err(|e| format!("pipe: {e}"))?;
@@ -238,11 +275,12 @@ fn run(args: &Args) -> Result<serde_json::Value, String> {
             drop(status_read);
             drop(go_write);
             let _ = terminate.thread_unblock();
-            let code = init_process(args, namespaced, go_read, status_write);
+            let code = init_process(args, namespaced, go_read, status_write, script);
             std::process::exit(code);
         }
         ForkResult::Parent { child } => child,
     };
+    drop(script);
     drop(status_write);
     drop(go_read);
     cgroups.add(init);
@@ -283,12 +321,14 @@ fn run(args: &Args) -> Result<serde_json::Value, String> {
     let cpu_time_ms = (cpu_us(usage.user_time()) + cpu_us(usage.system_time())) as f64 / 1000.0;
     let memory_peak_kb = cgroups.memory_peak_kb().unwrap_or(usage.max_rss() as u64);
 
+    // Time first: the deadline kills everything, whatever else happened.
     let limit_hit = if timed_out {
         Some("time")
-    } else if cgroups.oom_killed() && signal == Some(Signal::SIGKILL as i32) {
+    } else if cgroups.memory_limited(exit_code, signal) {
         Some("memory")
-    } else if signal == Some(Signal::SIGXCPU as i32)
-        || (signal == Some(Signal::SIGKILL as i32) && cpu_time_ms >= (args.cpu_secs * 1000) as f64)
+    } else if died_of(Signal::SIGXCPU, exit_code, signal)
+        || (died_of(Signal::SIGKILL, exit_code, signal)
+            && cpu_time_ms >= (args.cpu_secs * 1000) as f64)
     {
         Some("cpu")
     } else if cgroups.processes_limited() {
@@ -319,6 +359,74 @@ fn run(args: &Args) -> Result<serde_json::Value, String> {
     }))
 }
 
+/// Whether bash, or the command it ran last, died of `wanted`: bash exits
+/// with 128 + N when its last command was killed by signal N.
+fn died_of(wanted: Signal, exit_code: Option<i32>, signal: Option<i32>) -> bool {
+    signal == Some(wanted as i32) || exit_code == Some(128 + wanted as i32)
+}
+
+/// Reads the command from the head of standard input: its length in bytes,
+/// in decimal, a newline, then the command. Unbuffered reads of exactly that
+/// much, so the rest of standard input is left for the command.
+fn read_command() -> Result<String, String> {
+    let stdin = std::io::stdin();
+    let fd = stdin.as_fd();
+    let read_some = |buffer: &mut [u8]| -> Result<usize, String> {
+        loop {
+            match nix::unistd::read(fd, buffer) {
+                Ok(0) => return Err("standard input ended before the command".into()),
+                Ok(n) => return Ok(n),
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(format!("reading the command: {e}")),
+            }
+        }
+    };
+    let mut length = 0usize;
+    let mut digits = 0;
+    loop {
+        let mut byte = [0u8; 1];
+        read_some(&mut byte)?;
+        match byte[0] {
+            b'\n' if digits > 0 => break,
+            digit @ b'0'..=b'9' if digits < 8 => {
+                length = length * 10 + usize::from(digit - b'0');
+                digits += 1;
+            }
+            _ => return Err("standard input does not start with the command's length".into()),
+        }
+    }
+    if length > MAX_COMMAND_BYTES {
+        return Err(format!(
+            "the command is longer than {MAX_COMMAND_BYTES} bytes"
+        ));
+    }
+    let mut command = vec![0u8; length];
+    let mut filled = 0;
+    while filled < length {
+        filled += read_some(&mut command[filled..])?;
+    }
+    let command = String::from_utf8(command).map_err(|_| "the command is not UTF-8")?;
+    if command.contains('\0') {
+        return Err("the command contains a NUL byte".into());
+    }
+    Ok(command)
+}
+
+/// A memfd holding the command and the NUL that ends it, positioned at its
+/// start. A memfd rather than a pipe: bash reads a seekable descriptor in
+/// blocks, a pipe one byte per system call.
+fn command_file(command: &str) -> Result<OwnedFd, String> {
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    let fd = memfd_create(c"nox-command", MFdFlags::MFD_CLOEXEC)
+        .map_err(|e| format!("memfd_create: {e}"))?;
+    let mut file = fs::File::from(fd);
+    file.write_all(command.as_bytes())
+        .and_then(|()| file.write_all(b"\0"))
+        .and_then(|()| file.seek(SeekFrom::Start(0)).map(drop))
+        .map_err(|e| format!("writing the command: {e}"))?;
+    Ok(OwnedFd::from(file))
+}
+
 /// Bash's exit, as init reports it: `e<code>` or `s<signal>`.
 fn decode_status(bytes: &[u8]) -> (Option<i32>, Option<i32>) {
     let text = String::from_utf8_lossy(bytes);
@@ -331,7 +439,13 @@ fn decode_status(bytes: &[u8]) -> (Option<i32>, Option<i32>) {
 }
 
 /// PID 1 of the run's namespace. Returns its exit code.
-fn init_process(args: &Args, namespaced: bool, go: OwnedFd, status: OwnedFd) -> i32 {
+fn init_process(
+    args: &Args,
+    namespaced: bool,
+    go: OwnedFd,
+    status: OwnedFd,
+    script: OwnedFd,
+) -> i32 {
     // Die with the launcher, and with it every process of the run.
     let _ = nix::sys::prctl::set_pdeathsig(Some(Signal::SIGKILL));
     // Wait until the parent has put us into the run's cgroups.
@@ -352,12 +466,16 @@ fn init_process(args: &Args, namespaced: bool, go: OwnedFd, status: OwnedFd) -> 
         eprintln!("nox-sandbox-exec: {error}");
         return 71;
     }
+    let Some(bash) = BashExec::prepare(args) else {
+        eprintln!("nox-sandbox-exec: an argument or variable contains a NUL byte");
+        return 71;
+    };
     let mut status = fs::File::from(status);
     // SAFETY: still single-threaded.
     let bash = match unsafe { fork() } {
         Ok(ForkResult::Child) => {
-            exec_bash(args);
-            // exec_bash returns only on failure.
+            let error = bash.exec(&script);
+            eprintln!("nox-sandbox-exec: cannot run bash: {error}");
             std::process::exit(127);
         }
         Ok(ForkResult::Parent { child }) => child,
@@ -366,6 +484,7 @@ fn init_process(args: &Args, namespaced: bool, go: OwnedFd, status: OwnedFd) -> 
             return 71;
         }
     };
+    drop(script);
     // Reap everything; once bash is gone, nothing else may live on.
     let mut reported = false;
     loop {
@@ -501,29 +620,98 @@ fn landlock(workspace: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn exec_bash(args: &Args) {
-    let workspace = args.workspace.display().to_string();
-    let user = args.user_name.clone().unwrap_or_else(|| "nox".into());
-    let env = [
-        "PATH=/usr/local/bin:/usr/bin:/bin".to_owned(),
-        format!("HOME={workspace}"),
-        format!("TMPDIR={workspace}/.tmp"),
-        "LANG=C.UTF-8".to_owned(),
-        format!("USER={user}"),
-    ];
-    let _ = fs::create_dir_all(args.workspace.join(".tmp"));
-    let cstrings = |items: &[String]| -> Option<Vec<CString>> {
-        items
+/// Bash's `execve` arguments, made before the fork so that the child only
+/// moves descriptors and execs.
+struct BashExec {
+    path: CString,
+    // The strings the pointers below point into (their heap buffers do not
+    // move with the vectors).
+    _strings: Vec<CString>,
+    argv: Vec<*const nix::libc::c_char>,
+    envp: Vec<*const nix::libc::c_char>,
+}
+
+impl BashExec {
+    fn prepare(args: &Args) -> Option<BashExec> {
+        // Absolute: `main` canonicalized it.
+        let workspace = args.workspace.display().to_string();
+        let user = args.user_name.clone().unwrap_or_else(|| "nox".into());
+        let argv = ["bash".to_owned(), "-c".into(), SHELL.into()];
+        let env = [
+            "PATH=/usr/local/bin:/usr/bin:/bin".to_owned(),
+            format!("HOME={workspace}"),
+            format!("TMPDIR={workspace}/.tmp"),
+            "LANG=C.UTF-8".to_owned(),
+            format!("USER={user}"),
+        ];
+        let _ = fs::create_dir_all(args.workspace.join(".tmp"));
+        let strings = argv
             .iter()
+            .chain(&env)
             .map(|s| CString::new(s.as_bytes()).ok())
-            .collect()
-    };
-    let Some(argv) = cstrings(&["bash".into(), "-c".into(), args.command.clone()]) else {
-        eprintln!("nox-sandbox-exec: the command contains a NUL byte");
-        return;
-    };
-    let Some(envp) = cstrings(&env) else { return };
-    let bash = CString::new("/bin/bash").unwrap_or_default();
-    let Err(error) = execve(&bash, &argv, &envp);
-    eprintln!("nox-sandbox-exec: cannot run bash: {error}");
+            .collect::<Option<Vec<CString>>>()?;
+        let pointers = |range: std::ops::Range<usize>| {
+            strings[range]
+                .iter()
+                .map(|s| s.as_ptr())
+                .chain([std::ptr::null()])
+                .collect()
+        };
+        Some(BashExec {
+            path: CString::new("/bin/bash").ok()?,
+            argv: pointers(0..argv.len()),
+            envp: pointers(argv.len()..strings.len()),
+            _strings: strings,
+        })
+    }
+
+    /// In the forked child: the command's memfd becomes descriptor 3, every
+    /// descriptor above it is closed (the status pipe, anything inherited),
+    /// then bash. Only async-signal-safe system calls, no allocation.
+    /// Returns only on failure.
+    fn exec(&self, script: &OwnedFd) -> Errno {
+        const SCRIPT_FD: i32 = 3;
+        let raw = script.as_raw_fd();
+        // SAFETY: plain system calls on descriptors this process holds, and
+        // execve(2) with NULL-terminated arrays of pointers into `_strings`,
+        // alive for as long as `self`.
+        unsafe {
+            let moved = if raw == SCRIPT_FD {
+                // Already in place: only clear its close-on-exec flag.
+                nix::libc::fcntl(raw, nix::libc::F_SETFD, 0)
+            } else {
+                // Replaces descriptor 3, whatever it was; the copy is not
+                // close-on-exec.
+                nix::libc::dup2(raw, SCRIPT_FD)
+            };
+            if moved < 0 {
+                return Errno::last();
+            }
+            close_from(SCRIPT_FD + 1);
+            nix::libc::execve(self.path.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr());
+        }
+        Errno::last()
+    }
+}
+
+/// Closes every descriptor from `first` up: `close_range(2)`, or one by one
+/// on kernels before 5.9.
+///
+/// # Safety
+/// Nothing may use those descriptors afterwards: call it just before exec.
+unsafe fn close_from(first: i32) {
+    // SAFETY: plain system calls; the caller gives the descriptors up.
+    unsafe {
+        let closed = nix::libc::syscall(
+            nix::libc::SYS_close_range,
+            first as nix::libc::c_uint,
+            nix::libc::c_uint::MAX,
+            0 as nix::libc::c_uint,
+        );
+        if closed != 0 {
+            for fd in first..65_536 {
+                nix::libc::close(fd);
+            }
+        }
+    }
 }

@@ -230,7 +230,9 @@ pub struct Truncated {
 pub struct RunResponse {
     pub stdout: String,
     pub stderr: String,
+    /// Bash's exit code: a command killed by signal N gives 128 + N.
     pub exit_code: Option<i32>,
+    /// The signal that killed bash itself.
     pub signal: Option<i32>,
     pub success: bool,
     pub execution_time_ms: f64,
@@ -239,7 +241,9 @@ pub struct RunResponse {
     pub timeout_used: u64,
     pub timed_out: bool,
     pub truncated: Truncated,
-    /// `time`, `cpu`, `memory` or `processes` when a limit ended the run.
+    /// The first limit the run hit, of: `time` (the deadline ended it),
+    /// `memory` (the memory limit killed any of its processes), `cpu`,
+    /// `processes` (a fork was refused); else null.
     pub limit_hit: Option<String>,
     /// `python`, `nodejs` or `bash`, from the first word.
     pub command_type: &'static str,

@@ -1,8 +1,10 @@
 //! Running a command through the `nox-sandbox-exec` launcher, which applies
 //! the isolation (namespaces, cgroups, rlimits, Landlock, unprivileged user)
-//! before `exec`. This side spawns it with an empty environment, feeds
-//! stdin, captures stdout and stderr up to a limit each (draining the rest so
-//! the command never blocks), and reads the launcher's report. A run is
+//! before `exec`. This side spawns it with an empty environment, sends the
+//! command and then the command's input on its stdin (never in its
+//! arguments, which every host user can read in `ps`), captures stdout and
+//! stderr up to a limit each (draining the rest so the command never
+//! blocks), and reads the launcher's report. A run is
 //! cancelled (its caller's client went away, or its future was dropped) by
 //! SIGTERM to the launcher, which kills the run, removes its cgroups and
 //! still reports.
@@ -155,7 +157,6 @@ pub async fn run(
             .arg("--user-name")
             .arg(&user.name);
     }
-    command.arg("--").arg(&request.command);
     let mut child = command.spawn().map_err(RunError::Launch)?;
     // Dropped before the launcher exits, the run is cancelled (the launcher
     // then cleans up on its own; Tokio reaps it).
@@ -163,11 +164,15 @@ pub async fn run(
     let mut terminate = TerminateOnDrop(launcher_pid);
 
     let stdin = child.stdin.take();
-    let input = request.stdin.clone().unwrap_or_default();
+    // The launcher reads the command from the head of its stdin: the
+    // length in bytes, a newline, the command. The rest is the command's.
+    let mut input = format!("{}\n", request.command.len()).into_bytes();
+    input.extend_from_slice(request.command.as_bytes());
+    input.extend_from_slice(request.stdin.as_deref().unwrap_or_default().as_bytes());
     let feed = async move {
         if let Some(mut stdin) = stdin {
             // A command that does not read its input closes the pipe: fine.
-            let _ = stdin.write_all(input.as_bytes()).await;
+            let _ = stdin.write_all(&input).await;
         }
     };
     let stdout = capture(child.stdout.take(), limits.output_limit);
