@@ -179,7 +179,7 @@ async fn metrics_are_complete_exact_and_bounded() {
     let run_families: &[(&str, &[&str])] = &[
         ("nox_run_total", &["outcome"]),
         ("nox_run_duration_seconds", &[]),
-        ("nox_run_cpu_seconds_total", &[]),
+        ("nox_run_cpu_seconds", &[]),
     ];
     let expected: Vec<&(&str, &[&str])> = expected
         .iter()
@@ -204,6 +204,12 @@ async fn metrics_are_complete_exact_and_bounded() {
         assert!(scrape.docs.contains_key(*name), "{name} has no HELP");
     }
     for (family, kind) in nox_audit_metrics::FAMILIES {
+        // Prometheus naming: `_total` names a counter, and only a counter.
+        assert_eq!(
+            family.ends_with("_total"),
+            *kind == "counter",
+            "{family} is a {kind}"
+        );
         if can_run || !family.starts_with("nox_run_") {
             assert!(
                 text.contains(&format!("# TYPE {family} {kind}")),
@@ -274,6 +280,18 @@ async fn metrics_are_complete_exact_and_bounded() {
         3.0
     );
     assert_eq!(count("nox_audit_dropped_total", &[]), 0.0);
+    if can_run {
+        // Run CPU is a histogram: one observation per run, its `_sum` the
+        // total CPU seconds.
+        let cpu = find(&scrape, "nox_run_cpu_seconds", &[]).expect("nox_run_cpu_seconds");
+        let Value::Histogram(buckets) = &cpu.value else {
+            panic!("nox_run_cpu_seconds is not a histogram: {cpu:?}");
+        };
+        assert_eq!(buckets.last().map(|b| b.count), Some(1.0), "{cpu:?}");
+        assert_eq!(count("nox_run_cpu_seconds_count", &[]), 1.0);
+        assert!(find(&scrape, "nox_run_cpu_seconds_sum", &[]).is_some());
+        assert!(!text.contains("nox_run_cpu_seconds_total"));
+    }
     assert_eq!(
         count("nox_build_info", &[("version", nox_api::VERSION)]),
         1.0

@@ -33,7 +33,7 @@ pub const AUDIT_ROWS_REDUCED_TOTAL: &str = "nox_audit_rows_reduced_total";
 pub const AUDIT_REJECTED_TOTAL: &str = "nox_audit_rejected_total";
 pub const RUN_TOTAL: &str = "nox_run_total";
 pub const RUN_DURATION_SECONDS: &str = "nox_run_duration_seconds";
-pub const RUN_CPU_SECONDS_TOTAL: &str = "nox_run_cpu_seconds_total";
+pub const RUN_CPU_SECONDS: &str = "nox_run_cpu_seconds";
 pub const SANDBOX_FILES: &str = "nox_sandbox_files";
 pub const SANDBOX_BYTES: &str = "nox_sandbox_bytes";
 pub const QUOTA_VIOLATIONS_TOTAL: &str = "nox_quota_violations_total";
@@ -61,7 +61,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     (AUDIT_REJECTED_TOTAL, "counter"),
     (RUN_TOTAL, "counter"),
     (RUN_DURATION_SECONDS, "histogram"),
-    (RUN_CPU_SECONDS_TOTAL, "gauge"),
+    (RUN_CPU_SECONDS, "histogram"),
     (SANDBOX_FILES, "gauge"),
     (SANDBOX_BYTES, "gauge"),
     (QUOTA_VIOLATIONS_TOTAL, "counter"),
@@ -149,10 +149,10 @@ pub fn describe(version: &str) {
         Unit::Seconds,
         "Wall-clock duration of runs."
     );
-    describe_gauge!(
-        RUN_CPU_SECONDS_TOTAL,
+    describe_histogram!(
+        RUN_CPU_SECONDS,
         Unit::Seconds,
-        "CPU seconds used by runs (only ever grows)."
+        "CPU seconds used per run (all its processes); _sum is the total, a counter."
     );
     describe_gauge!(SANDBOX_FILES, "Files in all known workspaces.");
     describe_gauge!(SANDBOX_BYTES, Unit::Bytes, "Bytes in all known workspaces.");
@@ -371,9 +371,10 @@ pub fn set_spool_rows(rows: u64) {
 pub fn record_run(outcome: &'static str, seconds: f64, cpu_seconds: f64) {
     counter!(RUN_TOTAL, "outcome" => outcome).increment(1);
     histogram!(RUN_DURATION_SECONDS).record(seconds);
-    // The facade's counters hold integers; fractional CPU seconds only ever
-    // grow, so they go into a gauge that is only incremented.
-    gauge!(RUN_CPU_SECONDS_TOTAL).increment(cpu_seconds);
+    // The facade's counters hold integers: a histogram keeps fractional CPU
+    // seconds in base units, its `_sum` the running total (a counter) and
+    // its buckets how CPU is spread over runs.
+    histogram!(RUN_CPU_SECONDS).record(cpu_seconds);
 }
 
 pub fn set_sandbox_usage(files: u64, bytes: u64) {
@@ -398,6 +399,19 @@ pub fn record_shed() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Prometheus naming: `_total` is a counter's suffix, and every counter
+    /// has it.
+    #[test]
+    fn only_counters_are_called_total() {
+        for (name, kind) in FAMILIES {
+            assert_eq!(
+                name.ends_with("_total"),
+                *kind == "counter",
+                "{name} is a {kind}"
+            );
+        }
+    }
 
     #[test]
     fn user_labels_are_bounded() {
