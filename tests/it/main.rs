@@ -9,6 +9,7 @@ mod dropped;
 mod export;
 mod files;
 mod hostile;
+mod hostile_files;
 mod http_basics;
 mod identity;
 mod limits;

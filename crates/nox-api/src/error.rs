@@ -45,6 +45,9 @@ pub enum ApiError {
     PathEscape(String),
     #[error("{0}")]
     InvalidPath(String),
+    /// 400: `/cat` or `/download` of a directory, FIFO, socket or device.
+    #[error("{0}")]
+    NotARegularFile(String),
     #[error("{0}")]
     PayloadTooLarge(String),
     /// 429 with a `Retry-After` header.
@@ -93,6 +96,7 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::PathEscape(_) => "path_escape",
             ApiError::InvalidPath(_) => "invalid_path",
+            ApiError::NotARegularFile(_) => "not_a_regular_file",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::QuotaExceeded(_) => "quota_exceeded",
@@ -111,7 +115,9 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::PathEscape(_) | ApiError::InvalidPath(_) => StatusCode::BAD_REQUEST,
+            ApiError::PathEscape(_) | ApiError::InvalidPath(_) | ApiError::NotARegularFile(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::QuotaExceeded(violation) if violation.retry_after_secs.is_some() => {
@@ -172,6 +178,7 @@ impl From<nox_sandbox::SandboxError> for ApiError {
             SandboxError::NotFound => ApiError::NotFound("path not found".into()),
             SandboxError::PathEscape(detail) => ApiError::PathEscape(detail),
             SandboxError::InvalidPath(detail) => ApiError::InvalidPath(detail),
+            SandboxError::NotARegularFile(detail) => ApiError::NotARegularFile(detail),
             SandboxError::Io(error) => ApiError::internal(error),
         }
     }

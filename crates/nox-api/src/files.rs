@@ -113,10 +113,11 @@ async fn in_workspace<T: Send + 'static>(
 pub struct ListEntry {
     /// Directories end with `/`.
     pub name: String,
-    /// `file`, `directory` or `symlink` (symbolic links are listed, never followed).
+    /// `file`, `directory`, `symlink` (symbolic links are listed, never
+    /// followed) or `other` (a FIFO, socket or device).
     #[serde(rename = "type")]
     pub kind: &'static str,
-    /// `null` for directories and links.
+    /// `null` for all but regular files.
     pub size: Option<u64>,
     #[serde(with = "time::serde::rfc3339")]
     pub modified: OffsetDateTime,
@@ -134,7 +135,7 @@ fn kind_name(kind: EntryKind) -> &'static str {
 #[utoipa::path(
     params(PathQuery),
     responses(
-        (status = 200, description = "A directory listing (`type: directory`, sorted by name) or one file (`type: file`)"),
+        (status = 200, description = "A directory listing (`type: directory`, sorted by name) or one entry: a file (`type: file`) or a FIFO, socket or device (`type: other`, `size: null`; never opened)"),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
     ),
     security(("bearer" = [])),
@@ -153,8 +154,9 @@ pub async fn ls(
         let entry = workspace.stat(&target)?;
         let listing = match entry.kind {
             EntryKind::Directory => Some(workspace.list(&target)?),
-            EntryKind::File => None,
-            _ => {
+            // A FIFO, socket or device is described, never opened.
+            EntryKind::File | EntryKind::Other => None,
+            EntryKind::Symlink => {
                 return Err(ApiError::PathEscape(
                     "the path is a symbolic link, which is never followed".into(),
                 ));
@@ -165,11 +167,12 @@ pub async fn ls(
     .await?;
     let body = match listing {
         None => {
-            audit_file(&request, &path, Some(entry.size), 1);
+            let size = (entry.kind == EntryKind::File).then_some(entry.size);
+            audit_file(&request, &path, size, 1);
             serde_json::json!({
-                "type": "file",
+                "type": kind_name(entry.kind),
                 "path": path.display(),
-                "size": entry.size,
+                "size": size,
                 "modified": crate::timestamp_json(entry.modified),
             })
         }
@@ -207,7 +210,8 @@ pub struct CatResponse {
     params(RequiredPath),
     responses(
         (status = 200, body = CatResponse),
-        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 400, description = "`not_a_regular_file`: a directory, FIFO, socket or device (refused without waiting on it); or a refused path", body = ErrorBody),
+        (status = 404, body = ErrorBody),
         (status = 413, description = "Over 1 MiB: use /download", body = ErrorBody),
     ),
     security(("bearer" = [])),
@@ -258,7 +262,8 @@ pub async fn cat(
     params(RequiredPath),
     responses(
         (status = 200, description = "The raw bytes, streamed", content_type = "application/octet-stream"),
-        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 400, description = "`not_a_regular_file`: a directory, FIFO, socket or device (refused without waiting on it); or a refused path", body = ErrorBody),
+        (status = 404, body = ErrorBody),
     ),
     security(("bearer" = [])),
     tag = "files"
@@ -487,6 +492,8 @@ where
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DeleteResponse {
     pub message: String,
+    /// Regular files deleted, as the files quota counts them (links,
+    /// special files and directories are removed, not counted).
     pub files_deleted: u64,
     pub bytes_freed: u64,
 }

@@ -15,7 +15,9 @@ use std::sync::Mutex;
 use uuid::Uuid;
 
 pub use path::SandboxPath;
-pub use workspace::{Entry, EntryKind, Replaced, Upload, Workspace};
+pub use workspace::{
+    DELETE_PREFIX, Entry, EntryKind, MAX_OPEN_DIRS, MAX_WALK_DEPTH, Replaced, Upload, Workspace,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -27,6 +29,10 @@ pub enum SandboxError {
     /// The path is malformed or names the wrong kind of thing.
     #[error("{0}")]
     InvalidPath(String),
+    /// Reading something that is not a regular file: a directory, FIFO,
+    /// socket or device (refused without opening it for long).
+    #[error("{0}")]
+    NotARegularFile(String),
     #[error("file system error: {0}")]
     Io(#[from] std::io::Error),
 }

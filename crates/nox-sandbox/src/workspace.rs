@@ -5,15 +5,20 @@
 //! workspace nor follow a symbolic link, whatever is swapped in while a
 //! request runs. Names are then used relative to descriptors (`*at` calls),
 //! never re-resolved from strings. Deleting works on the link itself.
+//! Reading refuses anything but a regular file without ever waiting on it
+//! (a FIFO opened for reading would wait for a writer). Tree walks (usage,
+//! hand-over, delete) are loops over an explicit stack holding at most
+//! [`MAX_OPEN_DIRS`] descriptors, however deep the tree a command made.
 //! All of this blocks: call it from a blocking thread.
 
+use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::dir::Dir;
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat2, renameat};
+use nix::fcntl::{AtFlags, FcntlArg, OFlag, OpenHow, ResolveFlag, fcntl, openat2, renameat};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat, mkdirat};
 use nix::unistd::{UnlinkatFlags, unlinkat};
 use time::OffsetDateTime;
@@ -26,6 +31,30 @@ use crate::path::SandboxPath;
 pub const UPLOAD_PREFIX: &str = ".nox-upload-";
 
 const RESOLVE: ResolveFlag = ResolveFlag::RESOLVE_BENEATH.union(ResolveFlag::RESOLVE_NO_SYMLINKS);
+
+/// The most descriptors one tree walk holds at once, its starting
+/// directory's included (a delete also holds the parent of what it
+/// deletes). Deeper than that, a walk closes the shallowest ones and, on
+/// its way back up, reopens each parent as `..` of its child, checked to be
+/// the same directory (device and inode) it left, as fts(3) does.
+pub const MAX_OPEN_DIRS: usize = 32;
+
+/// How many levels below the workspace root [`Workspace::usage`] and
+/// [`Workspace::hand_over`] go: entries down to this depth are counted and
+/// handed over, deeper ones are not (a warning is logged). Nothing the
+/// server makes is that deep (a client path has at most 4096 bytes, so
+/// 2048 levels); only a command can go deeper, and what it made is its run
+/// user's already. [`Workspace::delete`] has no depth limit.
+pub const MAX_WALK_DEPTH: usize = 4096;
+
+/// A delete does not descend below this many levels under the directory it
+/// deletes: it moves a deeper subtree up to that directory's top level
+/// (renamed [`DELETE_PREFIX`]`<uuid>`) and deletes it from there, so it
+/// deletes a tree of any depth with a stack this short, all of it open.
+const DELETE_HOIST_DEPTH: usize = MAX_OPEN_DIRS - 2;
+
+/// Prefix of subtrees a delete moved up (inside the directory it deletes).
+pub const DELETE_PREFIX: &str = ".nox-delete-";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryKind {
@@ -75,6 +104,28 @@ fn kind_of(stat: &FileStat) -> EntryKind {
         SFlag::S_IFLNK => EntryKind::Symlink,
         _ => EntryKind::Other,
     }
+}
+
+/// Refuses to read anything but a regular file: a link is never followed,
+/// every other kind is `not_a_regular_file`.
+fn refuse_unless_regular(stat: &FileStat) -> Result<(), SandboxError> {
+    let what = match SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT {
+        SFlag::S_IFREG => return Ok(()),
+        SFlag::S_IFLNK => {
+            return Err(SandboxError::PathEscape(
+                "the path is a symbolic link, which is never followed".into(),
+            ));
+        }
+        SFlag::S_IFDIR => "a directory",
+        SFlag::S_IFIFO => "a FIFO (named pipe)",
+        SFlag::S_IFSOCK => "a socket",
+        SFlag::S_IFCHR => "a character device",
+        SFlag::S_IFBLK => "a block device",
+        _ => "of an unknown kind",
+    };
+    Err(SandboxError::NotARegularFile(format!(
+        "the path is {what}, not a regular file"
+    )))
 }
 
 fn modified(stat: &FileStat) -> OffsetDateTime {
@@ -146,22 +197,48 @@ impl Workspace {
         Ok(entries)
     }
 
-    /// Opens a regular file for reading; returns it and its size.
+    /// Opens a regular file for reading; returns it and its size. Anything
+    /// else is refused (`not_a_regular_file`) without waiting on it: the
+    /// entry is looked at before it is opened (a device is never opened),
+    /// and opened with `O_NONBLOCK`, so a FIFO swapped in meanwhile does not
+    /// wait for a writer, then checked again on the descriptor.
     pub fn open_file(&self, path: &SandboxPath) -> Result<(File, u64), SandboxError> {
-        if path.is_root() {
-            return Err(SandboxError::InvalidPath("the path is a directory".into()));
-        }
-        let fd = self.open_at(path, OFlag::O_RDONLY)?;
-        let stat = fstat(&fd).map_err(map_errno)?;
-        match kind_of(&stat) {
-            EntryKind::File => Ok((File::from(fd), stat.st_size as u64)),
-            EntryKind::Directory => {
-                Err(SandboxError::InvalidPath("the path is a directory".into()))
+        let Some((parent, name)) = path.split_last() else {
+            return Err(SandboxError::NotARegularFile(
+                "the path is the workspace root, a directory, not a regular file".into(),
+            ));
+        };
+        let parent = self.open_dir(&parent)?;
+        let stat = fstatat(&parent, name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(map_errno)?;
+        refuse_unless_regular(&stat)?;
+        let fd = nix::fcntl::openat(
+            &parent,
+            name,
+            OFlag::O_RDONLY
+                | OFlag::O_NONBLOCK
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_NOCTTY
+                | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|errno| match errno {
+            // A socket swapped in meanwhile cannot be opened.
+            Errno::ENXIO => {
+                SandboxError::NotARegularFile("the path is a socket, not a regular file".into())
             }
-            _ => Err(SandboxError::InvalidPath(
-                "the path is not a regular file".into(),
-            )),
-        }
+            other => map_errno(other),
+        })?;
+        let stat = fstat(&fd).map_err(map_errno)?;
+        refuse_unless_regular(&stat)?;
+        // A regular file's reads never wait; the flag is cleared all the
+        // same, so the file behaves as any other.
+        let flags = fcntl(&fd, FcntlArg::F_GETFL).map_err(map_errno)?;
+        fcntl(
+            &fd,
+            FcntlArg::F_SETFL(OFlag::from_bits_retain(flags) & !OFlag::O_NONBLOCK),
+        )
+        .map_err(map_errno)?;
+        Ok((File::from(fd), stat.st_size as u64))
     }
 
     /// Creates the parent directories of `path` and a temporary file next to
@@ -215,9 +292,10 @@ impl Workspace {
         Ok(current)
     }
 
-    /// Deletes a file, a symbolic link (the link, not its target) or a
-    /// directory tree. Returns (files deleted, bytes freed). The workspace
-    /// root itself is refused.
+    /// Deletes a file, a symbolic link (the link, not its target), a special
+    /// file or a directory tree of any depth. Returns (regular files
+    /// deleted, bytes freed): what the storage accounting counts. The
+    /// workspace root itself is refused.
     pub fn delete(&self, path: &SandboxPath) -> Result<(u64, u64), SandboxError> {
         let Some((parent, name)) = path.split_last() else {
             return Err(SandboxError::InvalidPath(
@@ -227,16 +305,21 @@ impl Workspace {
         let parent = self.open_dir(&parent)?;
         let stat = fstatat(&parent, name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(map_errno)?;
         if kind_of(&stat) == EntryKind::Directory {
-            remove_tree(&parent, name)
+            let name = CString::new(name)
+                .map_err(|_| SandboxError::InvalidPath("the path contains a NUL byte".into()))?;
+            let walk = remove_tree(&parent, &name)?;
+            debug_assert!(walk.peak_open <= MAX_OPEN_DIRS);
+            Ok(walk.counts)
         } else {
             unlinkat(&parent, name, UnlinkatFlags::NoRemoveDir).map_err(map_errno)?;
-            Ok((1, regular_size(&stat)))
+            Ok((regular_files(&stat), regular_size(&stat)))
         }
     }
 
-    /// Gives the workspace and everything in it to the user commands run as
-    /// (root only), walking by descriptors and never following links, so a
-    /// link planted by an earlier command cannot redirect the change.
+    /// Gives the workspace and everything in it, down to
+    /// [`MAX_WALK_DEPTH`] levels, to the user commands run as (root only),
+    /// walking by descriptors and never following links, so a link planted
+    /// by an earlier command cannot redirect the change.
     pub fn hand_over(&self, uid: u32, gid: u32) -> Result<(), SandboxError> {
         let root = self.open_dir(&SandboxPath::root())?;
         let (uid, gid) = (
@@ -244,14 +327,33 @@ impl Workspace {
             nix::unistd::Gid::from_raw(gid),
         );
         nix::unistd::fchown(&root, Some(uid), Some(gid)).map_err(map_errno)?;
-        chown_tree(root, uid, gid)
+        let walk = chown_tree(root, uid, gid)?;
+        debug_assert!(walk.peak_open <= MAX_OPEN_DIRS);
+        if walk.truncated {
+            tracing::warn!(
+                workspace = %self.root_path.display(),
+                max_depth = MAX_WALK_DEPTH,
+                "the workspace is deeper than a walk goes: deeper entries were not handed over"
+            );
+        }
+        Ok(())
     }
 
-    /// Bytes and number of regular files in the whole workspace (a full
-    /// walk: used once per workspace, then kept current incrementally).
+    /// Bytes and number of regular files in the workspace, down to
+    /// [`MAX_WALK_DEPTH`] levels (a full walk: used once per workspace,
+    /// then kept current incrementally).
     pub fn usage(&self) -> Result<(u64, u64), SandboxError> {
         let root = self.open_dir(&SandboxPath::root())?;
-        usage_of(root)
+        let walk = usage_of(root)?;
+        debug_assert!(walk.peak_open <= MAX_OPEN_DIRS);
+        if walk.truncated {
+            tracing::warn!(
+                workspace = %self.root_path.display(),
+                max_depth = MAX_WALK_DEPTH,
+                "the workspace is deeper than a walk goes: deeper entries were not counted"
+            );
+        }
+        Ok(walk.counts)
     }
 }
 
@@ -264,6 +366,10 @@ fn entry(name: &str, stat: &FileStat) -> Entry {
     }
 }
 
+fn regular_files(stat: &FileStat) -> u64 {
+    u64::from(kind_of(stat) == EntryKind::File)
+}
+
 fn regular_size(stat: &FileStat) -> u64 {
     if kind_of(stat) == EntryKind::File {
         stat.st_size as u64
@@ -272,7 +378,7 @@ fn regular_size(stat: &FileStat) -> u64 {
     }
 }
 
-fn open_child_dir(parent: &impl AsFd, name: &str) -> Result<OwnedFd, SandboxError> {
+fn open_child_dir(parent: &impl AsFd, name: &CStr) -> Result<OwnedFd, SandboxError> {
     nix::fcntl::openat(
         parent,
         name,
@@ -282,7 +388,7 @@ fn open_child_dir(parent: &impl AsFd, name: &str) -> Result<OwnedFd, SandboxErro
     .map_err(map_errno)
 }
 
-fn child_names(dir: OwnedFd) -> Result<Vec<std::ffi::CString>, SandboxError> {
+fn child_names(dir: OwnedFd) -> Result<Vec<CString>, SandboxError> {
     let mut dir = Dir::from_fd(dir).map_err(map_errno)?;
     let mut names = Vec::new();
     for item in dir.iter() {
@@ -295,76 +401,267 @@ fn child_names(dir: OwnedFd) -> Result<Vec<std::ffi::CString>, SandboxError> {
     Ok(names)
 }
 
-/// Removes `name` (a directory) under `parent` and everything in it,
-/// through descriptors only: links inside are removed, never followed.
-fn remove_tree(parent: &OwnedFd, name: &str) -> Result<(u64, u64), SandboxError> {
+/// What a walk found, and how it went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Walked {
+    /// Usage: (bytes, regular files); delete: (regular files, bytes).
+    counts: (u64, u64),
+    /// Directories at the depth limit were not entered.
+    truncated: bool,
+    /// The most descriptors the walk held at once.
+    peak_open: usize,
+}
+
+/// One directory on a walk's path.
+struct Frame {
+    /// `None` while closed to keep within [`MAX_OPEN_DIRS`].
+    fd: Option<OwnedFd>,
+    dev: u64,
+    ino: u64,
+    /// Its name in its parent.
+    name: CString,
+    /// Entries still to visit.
+    pending: Vec<CString>,
+}
+
+/// The directories from a walk's start down to where it is: a loop over
+/// this replaces a recursion, so no tree can exhaust the thread's stack,
+/// and it holds at most [`MAX_OPEN_DIRS`] descriptors. The start and the
+/// deepest directories stay open; the shallowest others are closed as the
+/// walk goes deeper and reopened as `..` of their child on the way back,
+/// checked to be the very directory left (device and inode), so a tree
+/// moved meanwhile stops the walk instead of leading it elsewhere.
+struct DirStack {
+    frames: Vec<Frame>,
+    /// Frames from this index (never the start's) to the top are open.
+    oldest_open: usize,
+    open: usize,
+    peak_open: usize,
+}
+
+impl DirStack {
+    fn new(start: OwnedFd, name: CString) -> Result<DirStack, SandboxError> {
+        let mut stack = DirStack {
+            frames: Vec::new(),
+            oldest_open: 1,
+            open: 0,
+            peak_open: 0,
+        };
+        stack.push(name, start)?;
+        Ok(stack)
+    }
+
+    /// How many directories are on the path (the start's included).
+    fn depth(&self) -> usize {
+        self.frames.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// The directory being visited; always open.
+    fn top(&self) -> &OwnedFd {
+        self.frames
+            .last()
+            .and_then(|frame| frame.fd.as_ref())
+            .expect("the top of a walk is open")
+    }
+
+    /// The walk's starting directory; always open.
+    fn start(&self) -> &OwnedFd {
+        self.frames
+            .first()
+            .and_then(|frame| frame.fd.as_ref())
+            .expect("the start of a walk is open")
+    }
+
+    /// The next entry of the directory being visited, if any is left.
+    fn next_child(&mut self) -> Option<CString> {
+        self.frames.last_mut()?.pending.pop()
+    }
+
+    fn note_open(&mut self, transient: usize) {
+        self.peak_open = self.peak_open.max(self.open + transient);
+    }
+
+    /// Enters `fd`, the directory `name` of the one being visited (its
+    /// descriptor counts from the moment it was opened).
+    fn push(&mut self, name: CString, fd: OwnedFd) -> Result<(), SandboxError> {
+        self.open += 1;
+        self.note_open(0);
+        if self.open > MAX_OPEN_DIRS - 1 {
+            // The new one is not a frame yet: the oldest is below it.
+            let oldest = self.oldest_open.max(1);
+            debug_assert!(oldest < self.frames.len());
+            self.frames[oldest].fd = None;
+            self.oldest_open = oldest + 1;
+            self.open -= 1;
+        }
+        let stat = fstat(&fd).map_err(map_errno)?;
+        let names = fd.try_clone()?;
+        self.note_open(1);
+        let pending = child_names(names)?;
+        self.frames.push(Frame {
+            fd: Some(fd),
+            dev: stat.st_dev,
+            ino: stat.st_ino,
+            name,
+            pending,
+        });
+        Ok(())
+    }
+
+    /// Leaves the directory being visited, whose entries are all done;
+    /// returns its name. Its parent (unless it was the start) is visited
+    /// again, reopened if it had been closed.
+    fn leave(&mut self) -> Result<CString, SandboxError> {
+        let child = self.frames.pop().expect("a directory to leave");
+        let child_fd = child.fd.expect("the top of a walk is open");
+        let index = self.frames.len().saturating_sub(1);
+        match self.frames.last_mut() {
+            Some(parent) if parent.fd.is_none() => {
+                let fd = open_child_dir(&child_fd, c"..")?;
+                self.peak_open = self.peak_open.max(self.open + 1);
+                let stat = fstat(&fd).map_err(map_errno)?;
+                if (stat.st_dev, stat.st_ino) != (parent.dev, parent.ino) {
+                    return Err(SandboxError::InvalidPath(
+                        "the tree was moved while it was walked; retry".into(),
+                    ));
+                }
+                parent.fd = Some(fd);
+                self.oldest_open = index;
+            }
+            _ => self.open -= 1,
+        }
+        Ok(child.name)
+    }
+}
+
+/// Removes `name` (a directory) under `parent` and everything in it, at any
+/// depth, through descriptors only: links inside are removed, never
+/// followed. Counts (regular files, bytes).
+fn remove_tree(parent: &OwnedFd, name: &CStr) -> Result<Walked, SandboxError> {
     let dir = open_child_dir(parent, name)?;
+    let mut stack = DirStack::new(dir, name.to_owned())?;
     let (mut files, mut bytes) = (0, 0);
-    for child in child_names(dir.try_clone()?)? {
-        let stat = match fstatat(&dir, child.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+    while !stack.is_empty() {
+        let Some(child) = stack.next_child() else {
+            let done = stack.leave()?;
+            let holder = if stack.is_empty() {
+                parent
+            } else {
+                stack.top()
+            };
+            unlinkat(holder, done.as_c_str(), UnlinkatFlags::RemoveDir).map_err(map_errno)?;
+            continue;
+        };
+        let dir = stack.top();
+        let stat = match fstatat(dir, child.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(stat) => stat,
             Err(Errno::ENOENT) => continue,
             Err(errno) => return Err(map_errno(errno)),
         };
-        if kind_of(&stat) == EntryKind::Directory {
-            let child = child.to_string_lossy().into_owned();
-            let (f, b) = remove_tree(&dir, &child)?;
-            files += f;
-            bytes += b;
+        if kind_of(&stat) != EntryKind::Directory {
+            match unlinkat(dir, child.as_c_str(), UnlinkatFlags::NoRemoveDir) {
+                Ok(()) => {
+                    files += regular_files(&stat);
+                    bytes += regular_size(&stat);
+                }
+                Err(Errno::ENOENT) => {}
+                Err(errno) => return Err(map_errno(errno)),
+            }
+        } else if stack.depth() >= DELETE_HOIST_DEPTH {
+            // Deeper than the stack goes: move the subtree up to the top of
+            // the deleted directory and delete it from there.
+            let hoisted = CString::new(format!("{DELETE_PREFIX}{}", Uuid::new_v4().simple()))
+                .expect("no NUL in a generated name");
+            renameat(dir, child.as_c_str(), stack.start(), hoisted.as_c_str())
+                .map_err(map_errno)?;
+            stack.frames[0].pending.push(hoisted);
         } else {
-            unlinkat(&dir, child.as_c_str(), UnlinkatFlags::NoRemoveDir).map_err(map_errno)?;
-            files += 1;
-            bytes += regular_size(&stat);
+            match open_child_dir(dir, &child) {
+                Ok(sub) => stack.push(child, sub)?,
+                Err(SandboxError::NotFound) => {}
+                Err(error) => return Err(error),
+            }
         }
     }
-    unlinkat(parent, name, UnlinkatFlags::RemoveDir).map_err(map_errno)?;
-    Ok((files, bytes))
+    Ok(Walked {
+        counts: (files, bytes),
+        truncated: false,
+        peak_open: stack.peak_open,
+    })
 }
 
+/// Gives every entry below `root`, down to [`MAX_WALK_DEPTH`] levels, to
+/// `uid`:`gid`, never following a link.
 fn chown_tree(
-    dir: OwnedFd,
+    root: OwnedFd,
     uid: nix::unistd::Uid,
     gid: nix::unistd::Gid,
-) -> Result<(), SandboxError> {
-    for child in child_names(dir.try_clone()?)? {
-        let Ok(stat) = fstatat(&dir, child.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else {
+) -> Result<Walked, SandboxError> {
+    let mut stack = DirStack::new(root, CString::default())?;
+    let mut truncated = false;
+    while !stack.is_empty() {
+        let Some(child) = stack.next_child() else {
+            stack.leave()?;
+            continue;
+        };
+        let dir = stack.top();
+        let Ok(stat) = fstatat(dir, child.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else {
             continue;
         };
         if stat.st_uid != uid.as_raw() || stat.st_gid != gid.as_raw() {
-            nix::unistd::fchownat(
-                &dir,
+            match nix::unistd::fchownat(
+                dir,
                 child.as_c_str(),
                 Some(uid),
                 Some(gid),
                 AtFlags::AT_SYMLINK_NOFOLLOW,
-            )
-            .map_err(map_errno)?;
+            ) {
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(errno) => return Err(map_errno(errno)),
+            }
         }
-        if kind_of(&stat) == EntryKind::Directory
-            && let Ok(sub) = open_child_dir(&dir, &child.to_string_lossy())
-        {
-            chown_tree(sub, uid, gid)?;
+        if kind_of(&stat) == EntryKind::Directory {
+            if stack.depth() >= MAX_WALK_DEPTH {
+                truncated = true;
+            } else if let Ok(sub) = open_child_dir(dir, &child) {
+                stack.push(child, sub)?;
+            }
         }
     }
-    Ok(())
+    Ok(Walked {
+        counts: (0, 0),
+        truncated,
+        peak_open: stack.peak_open,
+    })
 }
 
-fn usage_of(dir: OwnedFd) -> Result<(u64, u64), SandboxError> {
+/// (bytes, regular files) below `root`, down to [`MAX_WALK_DEPTH`] levels.
+fn usage_of(root: OwnedFd) -> Result<Walked, SandboxError> {
+    let mut stack = DirStack::new(root, CString::default())?;
     let (mut bytes, mut files) = (0, 0);
-    for child in child_names(dir.try_clone()?)? {
+    let mut truncated = false;
+    while !stack.is_empty() {
+        let Some(child) = stack.next_child() else {
+            stack.leave()?;
+            continue;
+        };
         // Uploads in progress count once they are kept, not before.
         if child.to_bytes().starts_with(UPLOAD_PREFIX.as_bytes()) {
             continue;
         }
-        let Ok(stat) = fstatat(&dir, child.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else {
+        let dir = stack.top();
+        let Ok(stat) = fstatat(dir, child.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else {
             continue;
         };
         match kind_of(&stat) {
+            EntryKind::Directory if stack.depth() >= MAX_WALK_DEPTH => truncated = true,
             EntryKind::Directory => {
-                if let Ok(sub) = open_child_dir(&dir, &child.to_string_lossy()) {
-                    let (b, f) = usage_of(sub)?;
-                    bytes += b;
-                    files += f;
+                if let Ok(sub) = open_child_dir(dir, &child) {
+                    stack.push(child, sub)?;
                 }
             }
             EntryKind::File => {
@@ -374,7 +671,11 @@ fn usage_of(dir: OwnedFd) -> Result<(u64, u64), SandboxError> {
             _ => {}
         }
     }
-    Ok((bytes, files))
+    Ok(Walked {
+        counts: (bytes, files),
+        truncated,
+        peak_open: stack.peak_open,
+    })
 }
 
 /// An upload in progress: a temporary file beside its destination.
@@ -414,8 +715,10 @@ impl Upload {
         Ok(())
     }
 
-    /// The size of the file the upload would replace, if any. A directory
-    /// or a symbolic link of that name refuses the upload.
+    /// The size of the regular file the upload would replace, if any (a
+    /// special file of that name, a FIFO say, is replaced without ever being
+    /// opened, and was not counted as a file). A directory or a symbolic
+    /// link of that name refuses the upload.
     pub fn replacing(&self) -> Result<Option<u64>, SandboxError> {
         match fstatat(
             &self.parent,
@@ -429,8 +732,8 @@ impl Upload {
                 "a symbolic link exists at that path; links are never written through or replaced"
                     .into(),
             )),
-            Ok(stat) => Ok(Some(regular_size(&stat))),
-            Err(Errno::ENOENT) => Ok(None),
+            Ok(stat) if kind_of(&stat) == EntryKind::File => Ok(Some(regular_size(&stat))),
+            Ok(_) | Err(Errno::ENOENT) => Ok(None),
             Err(errno) => Err(map_errno(errno)),
         }
     }
@@ -462,6 +765,263 @@ impl Drop for Upload {
                 &self.parent,
                 self.temp_name.as_str(),
                 UnlinkatFlags::NoRemoveDir,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use nix::unistd::{Gid, Uid};
+
+    use super::*;
+
+    /// Depth of the chains below: far deeper than a recursion with a
+    /// descriptor per level could go with a default stack or descriptor
+    /// limit, and deeper than [`MAX_WALK_DEPTH`].
+    const DEEP: usize = 10_000;
+
+    /// A temporary workspace whose tree is removed by [`remove_tree`]
+    /// before the directory is: `std::fs::remove_dir_all` recurses.
+    struct Scratch {
+        dir: tempfile::TempDir,
+        workspace: Workspace,
+    }
+
+    impl Scratch {
+        fn new() -> Scratch {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let workspace = Workspace::open(&dir.path().join("ws")).expect("workspace");
+            Scratch { dir, workspace }
+        }
+
+        fn root(&self) -> OwnedFd {
+            self.workspace.open_dir(&SandboxPath::root()).expect("root")
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let root = self.root();
+            for name in child_names(root.try_clone().expect("dup")).expect("names") {
+                let _ = remove_tree(&root, &name);
+            }
+        }
+    }
+
+    /// The directory `levels` levels down a chain of `d`s.
+    fn descend(root: &OwnedFd, levels: usize) -> OwnedFd {
+        let mut dir = root.try_clone().expect("dup");
+        for _ in 0..levels {
+            dir = open_child_dir(&dir, c"d").expect("a level of the chain");
+        }
+        dir
+    }
+
+    fn write_at(dir: &OwnedFd, name: &CStr, bytes: &[u8]) {
+        let fd = nix::fcntl::openat(
+            dir,
+            name,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o644),
+        )
+        .expect("create");
+        std::io::Write::write_all(&mut File::from(fd), bytes).expect("write");
+    }
+
+    /// A chain `d/d/…` `depth` deep under `root`, made level by level with
+    /// `mkdirat` and `openat` (its paths are far beyond `PATH_MAX`). Inside
+    /// the directory at each level in `files_in` (1 is `d`), a file `f` of
+    /// as many bytes as its level.
+    fn chain(root: &OwnedFd, depth: usize, files_in: &[usize]) {
+        let mut dir = root.try_clone().expect("dup");
+        for level in 1..=depth {
+            mkdirat(&dir, c"d", Mode::from_bits_truncate(0o755)).expect("mkdirat");
+            dir = open_child_dir(&dir, c"d").expect("openat");
+            if files_in.contains(&level) {
+                write_at(&dir, c"f", &vec![b'x'; level]);
+            }
+        }
+    }
+
+    fn owner(dir: &OwnedFd, name: &CStr) -> (u32, u32) {
+        let stat = fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW).expect("stat");
+        (stat.st_uid, stat.st_gid)
+    }
+
+    #[test]
+    fn usage_walks_a_deep_tree_to_the_depth_limit_with_few_descriptors() {
+        let scratch = Scratch::new();
+        let root = scratch.root();
+        // Files at levels 2, 101 and 4096 are within the limit; the one at
+        // 4097 (in the 4096th directory) is not, nor any deeper.
+        let limit = MAX_WALK_DEPTH;
+        chain(&root, DEEP, &[1, 100, limit - 1, limit, limit + 1, DEEP]);
+        write_at(&root, c"top", b"1234");
+
+        let walked = usage_of(root.try_clone().expect("dup")).expect("usage");
+        let counted = [1, 100, limit - 1].iter().sum::<usize>() as u64 + 4;
+        assert_eq!(walked.counts, (counted, 4));
+        assert!(walked.truncated);
+        assert!(
+            walked.peak_open <= MAX_OPEN_DIRS,
+            "{} descriptors",
+            walked.peak_open
+        );
+        assert_eq!(scratch.workspace.usage().expect("usage"), (counted, 4));
+
+        // A shallow tree is walked whole, without reopening anything.
+        let shallow = Scratch::new();
+        chain(&shallow.root(), 5, &[5]);
+        let walked = usage_of(shallow.root()).expect("usage");
+        assert_eq!((walked.counts, walked.truncated), ((5, 1), false));
+    }
+
+    #[test]
+    fn hand_over_walks_a_deep_tree_to_the_depth_limit_never_following_links() {
+        if !Uid::effective().is_root() {
+            eprintln!("skipped: changing owners needs root");
+            return;
+        }
+        let scratch = Scratch::new();
+        let root = scratch.root();
+        chain(&root, DEEP, &[limit_minus_one(), MAX_WALK_DEPTH]);
+        // A link deep inside, to a file outside the workspace.
+        let outside = scratch.dir.path().join("outside");
+        std::fs::write(&outside, b"not yours").expect("outside");
+        let before = std::fs::metadata(&outside).expect("meta");
+        let deep = descend(&root, 3000);
+        nix::unistd::symlinkat(&outside, &deep, c"link").expect("symlinkat");
+        drop(deep);
+
+        let (uid, gid) = (Uid::from_raw(65534), Gid::from_raw(65534));
+        let walked = chown_tree(root.try_clone().expect("dup"), uid, gid).expect("hand over");
+        assert!(walked.truncated);
+        assert!(
+            walked.peak_open <= MAX_OPEN_DIRS,
+            "{} descriptors",
+            walked.peak_open
+        );
+        scratch
+            .workspace
+            .hand_over(65534, 65534)
+            .expect("hand over");
+
+        let given = (65534, 65534);
+        assert_eq!(owner(&descend(&root, 3000), c"link"), given);
+        let after = std::fs::metadata(&outside).expect("meta");
+        assert_eq!((after.uid(), after.gid()), (before.uid(), before.gid()));
+        // Entries down to the limit are handed over, deeper ones are not.
+        let last = descend(&root, MAX_WALK_DEPTH - 1);
+        assert_eq!(owner(&last, c"f"), given);
+        assert_eq!(owner(&last, c"d"), given);
+        let below = descend(&last, 1);
+        assert_eq!(owner(&below, c"f"), (0, 0));
+        assert_eq!(owner(&below, c"d"), (0, 0));
+    }
+
+    fn limit_minus_one() -> usize {
+        MAX_WALK_DEPTH - 1
+    }
+
+    #[test]
+    fn delete_removes_a_tree_of_any_depth_with_few_descriptors() {
+        let scratch = Scratch::new();
+        let root = scratch.root();
+        let with_files = [1, 29, 30, 31, 500, 5_000, DEEP];
+        chain(&root, DEEP, &with_files);
+        // Besides the chain: a side branch, a link out, a FIFO, deep down.
+        let outside = scratch.dir.path().join("outside");
+        std::fs::write(&outside, b"kept").expect("outside");
+        let deep = descend(&root, 7_000);
+        mkdirat(&deep, c"side", Mode::from_bits_truncate(0o755)).expect("side");
+        write_at(&open_child_dir(&deep, c"side").expect("side"), c"g", b"12");
+        nix::unistd::symlinkat(&outside, &deep, c"link").expect("symlinkat");
+        nix::unistd::mkfifoat(&deep, c"fifo", Mode::from_bits_truncate(0o644)).expect("mkfifo");
+        drop(deep);
+        write_at(&root, c"kept", b"kept");
+
+        let walked = remove_tree(&root, c"d").expect("delete");
+        let bytes = with_files.iter().sum::<usize>() as u64 + 2;
+        assert_eq!(walked.counts, (with_files.len() as u64 + 1, bytes));
+        assert!(
+            walked.peak_open <= MAX_OPEN_DIRS,
+            "{} descriptors",
+            walked.peak_open
+        );
+        assert_eq!(
+            child_names(root.try_clone().expect("dup")).expect("names"),
+            vec![CString::from(c"kept")],
+            "the chain is gone, and nothing it was moved through is left"
+        );
+        assert_eq!(std::fs::read(&outside).expect("outside"), b"kept");
+
+        // Through the public call, as `/delete` makes it.
+        chain(&root, DEEP, &[DEEP]);
+        let deleted = scratch
+            .workspace
+            .delete(&SandboxPath::parse("d").expect("path"))
+            .expect("delete");
+        assert_eq!(deleted, (1, DEEP as u64));
+        assert!(fstatat(&root, c"d", AtFlags::AT_SYMLINK_NOFOLLOW).is_err());
+    }
+
+    #[test]
+    fn a_walk_stops_when_a_closed_parent_was_moved_away() {
+        let scratch = Scratch::new();
+        let root = scratch.root();
+        let depth = MAX_OPEN_DIRS + 8;
+        chain(&root, depth, &[]);
+        let mut stack =
+            DirStack::new(root.try_clone().expect("dup"), CString::default()).expect("stack");
+        while stack.depth() <= depth {
+            let sub = open_child_dir(stack.top(), c"d").expect("down");
+            stack.push(CString::from(c"d"), sub).expect("push");
+        }
+        assert!(stack.peak_open <= MAX_OPEN_DIRS);
+        assert!(stack.frames[5].fd.is_none(), "shallow levels are closed");
+        // Level 5 (closed) goes elsewhere: its `..` is no longer level 4.
+        let level4 = descend(&root, 4);
+        renameat(&level4, c"d", &root, c"moved").expect("move");
+        let error = loop {
+            match stack.leave() {
+                Ok(_) => assert!(stack.depth() > 5, "left level 5 into the wrong parent"),
+                Err(error) => break error,
+            }
+        };
+        assert!(
+            matches!(&error, SandboxError::InvalidPath(detail) if detail.contains("moved")),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn only_regular_files_are_opened_for_reading() {
+        let scratch = Scratch::new();
+        let root = scratch.root();
+        write_at(&root, c"file", b"abc");
+        mkdirat(&root, c"dir", Mode::from_bits_truncate(0o755)).expect("dir");
+        nix::unistd::mkfifoat(&root, c"fifo", Mode::from_bits_truncate(0o644)).expect("mkfifo");
+        let _socket =
+            std::os::unix::net::UnixListener::bind(scratch.workspace.root_path().join("socket"))
+                .expect("socket");
+        let open = |path: &str| {
+            scratch
+                .workspace
+                .open_file(&SandboxPath::parse(path).expect("path"))
+        };
+        let (mut file, size) = open("file").expect("a regular file");
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut file, &mut text).expect("read");
+        assert_eq!((text.as_str(), size), ("abc", 3));
+        let flags = fcntl(&file, FcntlArg::F_GETFL).expect("flags");
+        assert!(!OFlag::from_bits_retain(flags).contains(OFlag::O_NONBLOCK));
+        for path in ["dir", "fifo", "socket", "/"] {
+            assert!(
+                matches!(open(path), Err(SandboxError::NotARegularFile(_))),
+                "{path}"
             );
         }
     }
