@@ -4,7 +4,7 @@
 # latency alone and during the flood.
 #
 #   scripts/bench-abuse.sh      # RUNS=3 DURATION=8 USER_RATE=500 TOKENS=20000
-#                               # AUDIT_MODE=durable TOPOLOGY=split
+#                               # FLOOD_RATE=2000 AUDIT_MODE=durable TOPOLOGY=split
 #   NOX_SERVER_BIN=/tmp/nox-server-before scripts/bench-abuse.sh
 #
 # Per run, two phases, each on a fresh database at DATABASE_ADMIN_URL's
@@ -16,12 +16,14 @@
 # with nox-load (open loop, USER_RATE req/s, DURATION s after a one-second
 # warm-up):
 #   baseline  alone;
-#   flood     while a second nox-load sends TOKENS requests from the same
-#             address (127.0.0.1), each with a different random well-formed
-#             token (`nox_` + 64 hex digits, --random-bearer), spread over
-#             DURATION + 2 s, from half a second after the user starts (so
-#             the user's token is known to the server, as an active user's
-#             is) until after the user's last measured request.
+#   flood     while a second nox-load sends FLOOD_RATE requests a second
+#             from the same address (127.0.0.1), each with one of TOKENS
+#             random well-formed tokens (`nox_` + 64 hex digits,
+#             --random-bearer; each sent once unless DURATION + 2 s at
+#             FLOOD_RATE needs more requests than TOKENS), from half a
+#             second after the user starts (so the user's token is known to
+#             the server, as an active user's is) until after the user's
+#             last measured request.
 # Token lookups: the scans of `api_tokens` in pg_stat_user_tables
 # (seq_scan + idx_scan) over the server's life, read once it has stopped
 # (its backends flush their statistics when they exit). A lookup is one
@@ -30,7 +32,8 @@
 # count minus the baseline's (the same set-up and user re-checks). Cross-check:
 # every 401 the flood gets is one lookup (each token is sent once), every
 # 429 none; and the audit trail must hold a row for each of them.
-# "p99 ratio" is the user's p99 during the flood over its p99 alone.
+# "p99 ratio" is the user's p99 during the flood over its p99 alone; the
+# server's CPU (% of one CPU) is measured over the user's load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/cpus.sh
@@ -39,6 +42,7 @@ RUNS=${RUNS:-3}
 DURATION=${DURATION:-8}
 USER_RATE=${USER_RATE:-500}
 TOKENS=${TOKENS:-20000}
+FLOOD_RATE=${FLOOD_RATE:-2000}
 AUDIT_MODE=${AUDIT_MODE:-durable}
 TOPOLOGY=${TOPOLOGY:-split}
 ADMIN_URL=${DATABASE_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
@@ -60,9 +64,9 @@ if [ "$TOPOLOGY" = split ] && ! split_possible; then
     TOPOLOGY=shared
 fi
 
-FLOOD_SECONDS=$((DURATION + 2))
-FLOOD_RATE=$(((TOKENS + FLOOD_SECONDS - 1) / FLOOD_SECONDS))
-server="" user_load="" data=""
+FLOOD_SECONDS=$(((TOKENS + FLOOD_RATE - 1) / FLOOD_RATE))
+[ "$FLOOD_SECONDS" -ge $((DURATION + 2)) ] || FLOOD_SECONDS=$((DURATION + 2))
+server="" user_pid="" data=""
 start_server() {
     psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB" 2>/dev/null
     data=$(mktemp -d)
@@ -91,13 +95,21 @@ stop_server() {
         (SELECT count(*) FROM audit_actions WHERE status_code = 401),
         (SELECT count(*) FROM audit_actions WHERE status_code = 429)"
 }
-trap 'kill -TERM $server $user_load 2>/dev/null || true; restore_postgres; psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS $DB" 2>/dev/null' EXIT
+trap 'kill -TERM $server $user_pid 2>/dev/null || true; restore_postgres; psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS $DB" 2>/dev/null' EXIT
 place_postgres "$TOPOLOGY"
 
+# The valid user's load; prints nox-load's output, then the server's CPU
+# meanwhile ("cpu <% of one CPU>").
 user_load() {
+    local ticks started
+    ticks=$(ticks_of "$server") started=$(date +%s%N)
     $(client_cpus "$TOPOLOGY") "$RELEASE/nox-load" --rate "$USER_RATE" --seconds "$DURATION" --timeout 2 \
         --header "Authorization: Bearer $user_token" "http://127.0.0.1:$PORT/me"
+    awk -v t=$(($(ticks_of "$server") - ticks)) -v hz="$(getconf CLK_TCK)" -v ns=$(($(date +%s%N) - started)) \
+        'BEGIN {printf "cpu %.0f\n", 100 * t / hz / (ns / 1e9)}'
 }
+ticks_of() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+cpu_of() { awk '$1 == "cpu" {print $2}' <<<"$1"; }
 p99_of() { sed -n '1s/.* p99 \([0-9.]*\) .*/\1/p' <<<"$1"; } # the 2xx answers' p99
 answers_of() { awk -v s="$2" '$1 == "status" && $2 == s":" {n = $3} END {print n + 0}' <<<"$1"; }
 non_2xx() { awk '$1 == "status" && $2 !~ /^2/ {n += $3} $1 == "unanswered:" {n += $2} END {print n + 0}' <<<"$1"; }
@@ -110,20 +122,22 @@ for run in $(seq "$RUNS"); do
     start_server
     alone=$(user_load)
     read -r base_lookups _ _ <<<"$(stop_server)"
-    echo "run $run baseline: user $(head -1 <<<"$alone"); token lookups $base_lookups"
+    echo "run $run baseline: user $(head -1 <<<"$alone"); token lookups $base_lookups;" \
+        "server CPU $(cpu_of "$alone") %"
 
     start_server
     user_load >"$results.user" &
-    user_load=$!
+    user_pid=$!
     sleep 0.5
     flood=$($(client_cpus "$TOPOLOGY") "$RELEASE/nox-load" --rate "$FLOOD_RATE" --seconds "$FLOOD_SECONDS" \
         --warmup 0 --timeout 2 --random-bearer "$TOKENS" "http://127.0.0.1:$PORT/me")
-    wait "$user_load"; user_load=""
+    wait "$user_pid"; user_pid=""
     during=$(cat "$results.user")
     read -r lookups audited_401 audited_429 <<<"$(stop_server)"
     sent=$(awk '$1 == "status" {n += $3} $1 == "unanswered:" {n += $2} END {print n + 0}' <<<"$flood")
     got_401=$(answers_of "$flood" 401) got_429=$(answers_of "$flood" 429)
-    echo "run $run flood:    user $(head -1 <<<"$during"); token lookups $lookups"
+    echo "run $run flood:    user $(head -1 <<<"$during"); token lookups $lookups;" \
+        "server CPU $(cpu_of "$during") %"
     sed 's/^/    flood /' <<<"$flood"
     echo "    audit rows: 401 $audited_401 (flood got $got_401), 429 $audited_429 (flood got $got_429)"
     [ "$(non_2xx "$during")" = 0 ] || echo "    the valid user got $(non_2xx "$during") answers other than 2xx" >&2

@@ -23,8 +23,8 @@ step "cargo bench (ingest, hot paths, encoding)" cargo bench --workspace --bench
 step "audit modes, server on its own CPU" env DURATION=4 TOPOLOGIES=split scripts/bench-audit-modes.sh
 step "audit modes, shared CPUs" env DURATION=4 RUNS=2 TOPOLOGIES=shared scripts/bench-audit-modes.sh
 step "durable latency and RSS" env DURATION=3 scripts/bench-durable-latency.sh
-step "token flood against a valid user" env DURATION=4 scripts/bench-abuse.sh
-step "3x overload: shedding and RSS" env DURATION=4 RUNS=1 scripts/bench-overload.sh
+step "token flood against a valid user" scripts/bench-abuse.sh
+step "3x overload: shedding and RSS" env DURATION=4 RUNS=1 CAPS=default scripts/bench-overload.sh
 step "/run overhead" scripts/bench-run-overhead.sh
 step "/logs and export on 5M rows" env DURATION=2 scripts/bench-audit-queries.sh
 
