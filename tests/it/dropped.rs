@@ -121,10 +121,12 @@ async fn a_run_whose_client_leaves_is_stopped_and_recorded(how: Leave) {
         return;
     }
     let alice = app.new_user("alice").await;
-    // A unique sleep length marks the run's processes.
-    let marker = format!("sleep 300.{}", rand_digits());
+    // A unique sleep length marks the run's processes (the command itself
+    // is in no process's arguments).
+    let marker = format!("300.{}", rand_digits());
     let body =
-        json!({ "command": format!("{marker} & {marker}; wait"), "timeout": 300 }).to_string();
+        json!({ "command": format!("sleep {marker} & sleep {marker}; wait"), "timeout": 300 })
+            .to_string();
     let request_id = Uuid::now_v7();
     let extra = format!(
         "Content-Type: application/json\r\nContent-Length: {}\r\n",

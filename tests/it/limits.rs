@@ -354,3 +354,32 @@ async fn requests_beyond_the_in_flight_cap_are_shed_and_audited() {
     until("its slot freed", || app.state.in_flight.current() == 0).await;
     drop(slow);
 }
+
+/// In durable mode a request waiting for its audit commit is still in
+/// flight: while the audit chain's head is locked (the writer cannot
+/// commit), two waiting requests fill a cap of 2 and a third is shed.
+#[tokio::test]
+async fn requests_waiting_for_their_audit_commit_hold_their_slot() {
+    let app = spawn_app_with(|config| config.max_inflight = Some(2)).await;
+    let alice = app.new_user("alice").await;
+    let mut blocker = app.db.client().await;
+    let lock = blocker.transaction().await.expect("transaction");
+    lock.execute("SELECT 1 FROM audit_chain_heads FOR UPDATE", &[])
+        .await
+        .expect("lock the chain heads");
+    let waiting: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(app.request(Method::GET, "/me", &alice.token).send()))
+        .collect();
+    // Both are in the handler or waiting for the commit by now.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let third = tokio::spawn(app.request(Method::GET, "/me", &alice.token).send());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    lock.rollback().await.expect("unlock");
+    let status = |answer: Result<reqwest::Result<reqwest::Response>, _>| {
+        answer.expect("task").expect("response").status()
+    };
+    assert_eq!(status(third.await), StatusCode::SERVICE_UNAVAILABLE);
+    for request in waiting {
+        assert_eq!(status(request.await), StatusCode::OK);
+    }
+}

@@ -16,6 +16,7 @@
 //! caller, or nobody when the token was never looked up).
 
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
@@ -194,19 +195,27 @@ pub async fn shed_overload(
             .insert(RETRY_AFTER, HeaderValue::from_static("1"));
         return Ok(request.into_response(response).map_into_right_body());
     };
+    // Held by the request too, which lives until its response leaves the
+    // audit layer: in durable mode that is after the record's commit, so
+    // requests waiting for the audit writer still count.
+    let slot = Rc::new(slot);
+    request.extensions_mut().insert(HeldSlot(Rc::clone(&slot)));
     let response = next.call(request).await?;
     Ok(response.map_body(|_, body| EitherBody::left(InFlightBody::new(body, Some(slot)))))
 }
+
+/// The request's share of its slot (see [`shed_overload`]).
+struct HeldSlot(#[allow(dead_code)] Rc<Slot>);
 
 /// A response body that holds its request's in-flight slot until it is
 /// dropped.
 pub struct InFlightBody {
     body: BoxBody,
-    _slot: Option<Slot>,
+    _slot: Option<Rc<Slot>>,
 }
 
 impl InFlightBody {
-    fn new(body: impl MessageBody + 'static, slot: Option<Slot>) -> Self {
+    fn new(body: impl MessageBody + 'static, slot: Option<Rc<Slot>>) -> Self {
         InFlightBody {
             body: body.boxed(),
             _slot: slot,
@@ -234,8 +243,8 @@ impl MessageBody for InFlightBody {
         Pin::new(&mut self.get_mut().body).poll_next(cx)
     }
 
-    /// A body already in memory is sent as bytes: the request's work is
-    /// done, and its slot is freed here.
+    /// A body already in memory is sent as bytes: the body's share of the
+    /// slot is dropped here, the request's when it is.
     fn try_into_bytes(self) -> Result<Bytes, Self> {
         let InFlightBody { body, _slot } = self;
         body.try_into_bytes()
