@@ -14,7 +14,9 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 /// The app, if `/run` works on this machine.
-async fn app_with_runs(adjust: impl FnOnce(&mut nox_api::config::Config)) -> Option<TestApp> {
+pub(crate) async fn app_with_runs(
+    adjust: impl FnOnce(&mut nox_api::config::Config),
+) -> Option<TestApp> {
     let app = spawn_app_with(adjust).await;
     if app.state.runs.layers.is_none() {
         eprintln!(
@@ -26,7 +28,8 @@ async fn app_with_runs(adjust: impl FnOnce(&mut nox_api::config::Config)) -> Opt
     Some(app)
 }
 
-async fn run(app: &TestApp, token: &str, body: Value) -> (StatusCode, Value) {
+/// `POST /run` with `body`: the status and the JSON answer.
+pub(crate) async fn run(app: &TestApp, token: &str, body: Value) -> (StatusCode, Value) {
     let response = send(app.request(Method::POST, "/run", token).json(&body)).await;
     let status = response.status();
     (status, response.json().await.expect("json"))

@@ -5,23 +5,19 @@
 //! These need the launcher with the machine's cgroups; without them they
 //! print why they skip.
 
-use nox_testkit::{TestApp, send, spawn_app_with};
-use reqwest::{Method, StatusCode};
+use nox_testkit::TestApp;
+use reqwest::StatusCode;
 use serde_json::{Value, json};
+
+use crate::run_leaks::{app_with_runs, run};
 
 /// The app, if `/run` works here and has the cgroup the test needs.
 async fn app_with_cgroup(
     cgroup: &str,
     adjust: impl FnOnce(&mut nox_api::config::Config),
 ) -> Option<TestApp> {
-    let app = spawn_app_with(adjust).await;
-    let Some(layers) = &app.state.runs.layers else {
-        eprintln!(
-            "skipped: POST /run is unavailable here (no nox-sandbox-exec beside the test binary, \
-             or its probe run failed)"
-        );
-        return None;
-    };
+    let app = app_with_runs(adjust).await?;
+    let layers = app.state.runs.layers.as_ref()?;
     let present = match cgroup {
         "memory" => layers.memory_cgroup,
         _ => layers.pids_cgroup,
@@ -31,12 +27,6 @@ async fn app_with_cgroup(
         return None;
     }
     Some(app)
-}
-
-async fn run(app: &TestApp, token: &str, body: Value) -> (StatusCode, Value) {
-    let response = send(app.request(Method::POST, "/run", token).json(&body)).await;
-    let status = response.status();
-    (status, response.json().await.expect("json"))
 }
 
 #[tokio::test]
