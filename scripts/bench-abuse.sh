@@ -37,6 +37,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/cpus.sh
+source scripts/lib/build.sh
 
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-8}
@@ -54,15 +55,8 @@ RELEASE=${CARGO_TARGET_DIR:-target}/release
 # The limits under test are the defaults.
 unset NOX_RATE_LIMIT_PER_IP NOX_RATE_LIMIT_BURST_PER_IP NOX_MAX_INFLIGHT NOX_AUTH_CACHE_TTL_MS
 
-if [ -n "${NOX_SERVER_BIN:-}" ]; then
-    cargo build --release -q -p nox-load
-else
-    cargo build --release -q -p nox-server -p nox-load
-fi
-if [ "$TOPOLOGY" = split ] && ! split_possible; then
-    echo "TOPOLOGY=split needs two CPUs; using shared"
-    TOPOLOGY=shared
-fi
+build_load_tools
+TOPOLOGY=$(usable_topology "$TOPOLOGY")
 
 FLOOD_SECONDS=$(((TOKENS + FLOOD_RATE - 1) / FLOOD_RATE))
 [ "$FLOOD_SECONDS" -ge $((DURATION + 2)) ] || FLOOD_SECONDS=$((DURATION + 2))

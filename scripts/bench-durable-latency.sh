@@ -19,6 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/cpus.sh
+source scripts/lib/build.sh
 
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-8}
@@ -33,15 +34,8 @@ URL="http://127.0.0.1:$PORT/ls?path=."
 RELEASE=${CARGO_TARGET_DIR:-target}/release
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
-if [ -n "${NOX_SERVER_BIN:-}" ]; then
-    cargo build --release -q -p nox-load
-else
-    cargo build --release -q -p nox-server -p nox-load
-fi
-if [ "$TOPOLOGY" = split ] && ! split_possible; then
-    echo "TOPOLOGY=split needs two CPUs; using shared"
-    TOPOLOGY=shared
-fi
+build_load_tools
+TOPOLOGY=$(usable_topology "$TOPOLOGY")
 
 server=""
 start_server() { # mode

@@ -40,6 +40,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/cpus.sh
+source scripts/lib/build.sh
 
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-8}
@@ -57,15 +58,8 @@ RELEASE=${CARGO_TARGET_DIR:-target}/release
 unset NOX_MAX_INFLIGHT
 
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
-if [ -n "${NOX_SERVER_BIN:-}" ]; then
-    cargo build --release -q -p nox-load
-else
-    cargo build --release -q -p nox-server -p nox-load
-fi
-if [ "$TOPOLOGY" = split ] && ! split_possible; then
-    echo "TOPOLOGY=split needs two CPUs; using shared"
-    TOPOLOGY=shared
-fi
+build_load_tools
+TOPOLOGY=$(usable_topology "$TOPOLOGY")
 # The server's default cap (nox-api's MAX_INFLIGHT_PER_CORE per CPU it may use).
 if [ "$TOPOLOGY" = split ]; then default_cap=256; else default_cap=$((256 * ${#USABLE_CPUS[@]})); fi
 

@@ -41,6 +41,17 @@ split_possible() {
     [ "${#USABLE_CPUS[@]}" -ge 2 ]
 }
 
+# The topology to use for `$1`: `shared` (said on stderr) where `split` is
+# impossible.
+usable_topology() { # topology
+    if [ "$1" = split ] && ! split_possible; then
+        echo "TOPOLOGY=split needs two CPUs; using shared" >&2
+        echo shared
+    else
+        echo "$1"
+    fi
+}
+
 server_cpus() { # topology
     if [ "$1" = split ]; then echo "taskset -c $SERVER_CPU"; fi
 }
