@@ -110,6 +110,13 @@ const DEVICES: &[&str] = &[
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 fn main() {
+    // SIGTERM cancels a run (see `run`): blocked from the start, so one that
+    // arrives early waits for the wait loop instead of killing the launcher
+    // before it can clean up and report.
+    if let Err(error) = sigterm().thread_block() {
+        eprintln!("nox-sandbox-exec: cannot block SIGTERM: {error}");
+        std::process::exit(70);
+    }
     let mut args = Args::parse();
     let report = match read_command().and_then(|command| {
         // Absolute, so the command's `HOME` and `TMPDIR` are too.
@@ -124,6 +131,12 @@ fn main() {
         eprintln!("nox-sandbox-exec: cannot write the report: {error}");
         std::process::exit(70);
     }
+}
+
+fn sigterm() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set
 }
 
 /// The per-run cgroups (v1 hierarchies), when the machine lets us make them.
@@ -251,14 +264,10 @@ fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
     }
     let namespaced = unshare(namespaces).is_ok();
 
-    // SIGTERM cancels the run: taken from a descriptor in the wait loop
-    // below rather than by a handler, so the launcher still reports and
-    // removes the cgroups. Unblocked again in init.
-    let mut terminate = SigSet::empty();
-    terminate.add(Signal::SIGTERM);
-    terminate
-        .thread_block()
-        .map_err(|e| format!("sigprocmask: {e}"))?;
+    // SIGTERM cancels the run: blocked since `main`, taken from a
+    // descriptor in the wait loop below rather than by a handler, so the
+    // launcher still reports and removes the cgroups. Unblocked in init.
+    let terminate = sigterm();
     let cancel = SignalFd::with_flags(&terminate, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(|e| format!("signalfd: {e}"))?;
 

@@ -101,6 +101,10 @@ impl Alterations {
     }
 }
 
+fn metadata_json_len(metadata: &Map<String, Value>) -> usize {
+    serde_json::to_vec(metadata).map_or(usize::MAX, |json| json.len())
+}
+
 /// SHA-256 of `bytes` in lowercase hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
@@ -199,6 +203,12 @@ impl ActionRecord {
                     );
                 }
             }
+        }
+        // The notes themselves may take metadata past its limit: then only
+        // they are kept (so a second pass changes nothing).
+        if metadata_json_len(metadata) > MAX_JSON_BYTES {
+            metadata.retain(|key, _| key == SANITIZED_KEY || key == ORIGINAL_KEY);
+            mark_sanitized(metadata, "metadata");
         }
     }
 }
@@ -327,6 +337,23 @@ mod tests {
         let once = hostile.clone();
         hostile.make_storable();
         assert_eq!(hostile, once);
+    }
+
+    #[test]
+    fn metadata_near_its_limit_stays_within_it_and_a_second_pass_changes_nothing() {
+        let mut near = record();
+        near.metadata = Some(serde_json::json!({ "k": "m".repeat(MAX_JSON_BYTES - 10) }));
+        near.command_text = Some("c".repeat(MAX_COMMAND_TEXT_CHARS + 1));
+        near.make_storable();
+        let metadata = near.metadata.clone().expect("metadata");
+        assert!(metadata.to_string().len() <= MAX_JSON_BYTES);
+        assert!(
+            metadata[ORIGINAL_KEY]["command_text"].is_object(),
+            "{metadata}"
+        );
+        let once = near.clone();
+        near.make_storable();
+        assert_eq!(near, once);
     }
 
     #[test]

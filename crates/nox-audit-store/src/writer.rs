@@ -392,6 +392,20 @@ impl Task {
             }
             self.write_batch(batch).await;
             if let Some(done) = shutdown {
+                // Records queued after the shutdown request (a dropped
+                // request's, a full queue's late sender) are written too.
+                self.receiver.close();
+                let mut late = Vec::new();
+                while let Some(message) = self.receiver.recv().await {
+                    match message {
+                        Message::Record(record, ack) => late.push((record, ack)),
+                        Message::Shutdown(other) => drop(other.send(())),
+                    }
+                    if late.len() == self.config.max_batch {
+                        self.write_batch(std::mem::take(&mut late)).await;
+                    }
+                }
+                self.write_batch(late).await;
                 self.sessions.end_idle(self.clock.now());
                 self.write_batch(Vec::new()).await;
                 self.replay_spool().await;
@@ -444,7 +458,7 @@ impl Task {
                     .last_write_at
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = Some(OffsetDateTime::now_utc());
-                self.keep_rejected(refused).await
+                self.keep_rejected(refused, false).await
             }
             Err(error) => {
                 nox_audit_metrics::record_write_failure();
@@ -555,7 +569,7 @@ impl Task {
                 .await;
             match written {
                 Ok(refused) => {
-                    if self.keep_rejected(refused).await.is_err() {
+                    if self.keep_rejected(refused, true).await.is_err() {
                         return;
                     }
                     if let Err(error) = self.spool.remove(&path) {
@@ -647,7 +661,9 @@ impl Task {
 
     /// Counts the rows written in minimal form and keeps the rejected ones
     /// in `rejected/`; errors if they could not be kept.
-    async fn keep_rejected(&mut self, refused: Refused) -> Result<(), ()> {
+    /// `replayed`: the rows come from a spool file, which stays (and is
+    /// retried) if they cannot be kept; otherwise they would be lost.
+    async fn keep_rejected(&mut self, refused: Refused, replayed: bool) -> Result<(), ()> {
         if refused.reduced > 0 {
             tracing::warn!(rows = refused.reduced, "audit rows written in minimal form");
             self.status
@@ -674,8 +690,10 @@ impl Task {
                 Ok(())
             }
             Ok(Err(error)) => {
-                tracing::error!(%error, rows, "rejected audit rows could not be kept: they are lost");
-                nox_audit_metrics::record_dropped(rows);
+                tracing::error!(%error, rows, replayed, "rejected audit rows could not be kept");
+                if !replayed {
+                    nox_audit_metrics::record_dropped(rows);
+                }
                 self.status
                     .set_error(Some(format!("rejected rows: {error}")));
                 Err(())

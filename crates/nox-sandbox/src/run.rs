@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicI32, Ordering};
+
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -159,9 +161,10 @@ pub async fn run(
     }
     let mut child = command.spawn().map_err(RunError::Launch)?;
     // Dropped before the launcher exits, the run is cancelled (the launcher
-    // then cleans up on its own; Tokio reaps it).
-    let launcher_pid = child.id().map(|pid| Pid::from_raw(pid as i32));
-    let mut terminate = TerminateOnDrop(launcher_pid);
+    // then cleans up on its own; Tokio reaps it). The pid is forgotten the
+    // moment the launcher is reaped, after which it may name another process.
+    let launcher = AtomicI32::new(child.id().map_or(0, |pid| pid as i32));
+    let _terminate = TerminateOnDrop(&launcher);
 
     let stdin = child.stdin.take();
     // The launcher reads the command from the head of its stdin: the
@@ -180,13 +183,16 @@ pub async fn run(
     // The launcher enforces the timeout; this is a safety net on top.
     let cancel = async {
         cancel.await;
-        if let Some(pid) = launcher_pid {
-            let _ = kill(pid, Signal::SIGTERM);
-        }
+        terminate(&launcher);
         std::future::pending::<()>().await
     };
     let waited = tokio::time::timeout(limits.timeout + Duration::from_secs(10), async {
-        let finished = async { tokio::join!(feed, stdout, stderr, child.wait()) };
+        let wait = async {
+            let status = child.wait().await;
+            launcher.store(0, Ordering::SeqCst);
+            status
+        };
+        let finished = async { tokio::join!(feed, stdout, stderr, wait) };
         tokio::select! {
             biased;
             ((), stdout, stderr, status) = finished => (stdout, stderr, status),
@@ -194,11 +200,11 @@ pub async fn run(
         }
     })
     .await;
-    terminate.0 = None;
     let (stdout, stderr, status) = match waited {
         Ok(result) => result,
         Err(_) => {
             let _ = child.kill().await;
+            launcher.store(0, Ordering::SeqCst);
             return Err(RunError::Launcher(
                 "the launcher did not finish in time".into(),
             ));
@@ -232,16 +238,21 @@ pub async fn run(
     })
 }
 
-/// Sends SIGTERM to the launcher unless disarmed (its pid set to `None`)
-/// once the launcher has exited.
-struct TerminateOnDrop(Option<Pid>);
+/// Sends SIGTERM to the launcher whose pid `launcher` holds (0 once it
+/// has been reaped: then nothing).
+fn terminate(launcher: &AtomicI32) {
+    let pid = launcher.load(Ordering::SeqCst);
+    if pid > 0 {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    }
+}
 
-impl Drop for TerminateOnDrop {
+/// [`terminate`] when dropped.
+struct TerminateOnDrop<'a>(&'a AtomicI32);
+
+impl Drop for TerminateOnDrop<'_> {
     fn drop(&mut self) {
-        if let Some(pid) = self.0 {
-            // Not yet waited for, so the pid is still the launcher's.
-            let _ = kill(pid, Signal::SIGTERM);
-        }
+        terminate(self.0);
     }
 }
 
