@@ -88,14 +88,10 @@ async fn expect_one_client_closed_row(app: &TestApp, request_id: Uuid) -> (Optio
 
 /// PIDs of processes whose command line contains `marker`.
 fn processes_with(marker: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(marker))
-        })
+    crate::run_leaks::command_lines()
+        .into_iter()
+        .filter(|(_, cmdline)| cmdline.contains(marker))
+        .map(|(pid, _)| pid as u32)
         .collect()
 }
 

@@ -36,7 +36,7 @@ pub(crate) async fn run(app: &TestApp, token: &str, body: Value) -> (StatusCode,
 }
 
 /// Every process's argument list, by pid.
-fn command_lines() -> Vec<(i32, String)> {
+pub(crate) fn command_lines() -> Vec<(i32, String)> {
     std::fs::read_dir("/proc")
         .expect("/proc")
         .flatten()
