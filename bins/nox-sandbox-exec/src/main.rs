@@ -5,10 +5,11 @@
 //! process). It:
 //! 1. creates a per-run memory and pids cgroup (v1) when it can;
 //! 2. enters new PID and network namespaces (network: unless allowed);
-//! 3. forks the namespace's init, which sets rlimits, drops to the run user,
-//!    applies Landlock (read-only system directories, read-write workspace),
-//!    forks `bash -c`, reaps everything, and kills every process left when
-//!    bash exits;
+//! 3. forks the namespace's init, which enters mount and IPC namespaces with
+//!    a root of its own (see [`root`]), sets rlimits, drops to the run user,
+//!    applies Landlock (read-only system directories, read-write workspace
+//!    and private `/tmp`), forks `bash -c`, reaps everything, and kills every
+//!    process left when bash exits;
 //! 4. enforces the wall-clock timeout by killing init, which takes the whole
 //!    namespace with it; SIGTERM (the server's client went away) ends the
 //!    run the same way, and the launcher still cleans up and reports;
@@ -23,8 +24,15 @@
 //! other descriptor but 0, 1 and 2 is closed before `exec`.
 //!
 //! Output goes straight to the inherited stdout and stderr.
+//!
+//! It fails closed: unless `--relaxed`, a run that would lack any layer
+//! (the namespaces, a run user other than root, Landlock, the memory and
+//! process cgroups) does not start, and the report names what is missing.
 
 #![allow(unsafe_code)] // fork(2), in a single-threaded process.
+
+mod confinement;
+mod root;
 
 use std::ffi::CString;
 use std::fs;
@@ -79,6 +87,13 @@ struct Args {
     /// A unique name for this run's cgroups.
     #[arg(long)]
     run_id: String,
+    /// A directory the command must not see (Nox's data directory);
+    /// repeatable.
+    #[arg(long)]
+    hide: Vec<PathBuf>,
+    /// Run even when isolation layers are missing (`NOX_RUN_ISOLATION=relaxed`).
+    #[arg(long)]
+    relaxed: bool,
 }
 
 /// The longest command accepted on standard input (`POST /run` allows
@@ -95,18 +110,6 @@ const MAX_COMMAND_BYTES: usize = 1024 * 1024;
 const SHELL: &str =
     "IFS= read -r -d '' -u 3 __nox_command || exit 126; exec 3<&-; eval \"$__nox_command\"";
 
-/// Read-only for the command: what a shell and interpreters need.
-const SYSTEM_DIRS: &[&str] = &[
-    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc", "/opt",
-];
-/// Devices the command may read and write.
-const DEVICES: &[&str] = &[
-    "/dev/null",
-    "/dev/zero",
-    "/dev/urandom",
-    "/dev/random",
-    "/dev/full",
-];
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 fn main() {
@@ -263,6 +266,28 @@ fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
         namespaces |= CloneFlags::CLONE_NEWNET;
     }
     let namespaced = unshare(namespaces).is_ok();
+    let run_as_user = is_root && args.uid.is_some_and(|uid| uid != 0);
+    let landlock = confinement::available();
+
+    // Fail closed: what is missing already is named before anything runs
+    // (the mount and IPC namespaces are entered by init, which refuses on
+    // its own when they fail).
+    let missing: Vec<&str> = [
+        ("pid_namespace", namespaced),
+        ("network_namespace", namespaced || args.allow_network),
+        ("memory_cgroup", cgroups.memory.is_some()),
+        ("pids_cgroup", cgroups.pids.is_some()),
+        ("run_as_user", run_as_user),
+        ("landlock", landlock),
+    ]
+    .into_iter()
+    .filter(|(_, present)| !present)
+    .map(|(name, _)| name)
+    .collect();
+    if !missing.is_empty() && !args.relaxed {
+        cgroups.remove();
+        return Ok(unavailable(&missing));
+    }
 
     // SIGTERM cancels the run: blocked since `main`, taken from a
     // descriptor in the wait loop below rather than by a handler, so the
@@ -284,7 +309,11 @@ fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
             drop(status_read);
             drop(go_write);
             let _ = terminate.thread_unblock();
-            let code = init_process(args, namespaced, go_read, status_write, script);
+            let by_cgroup = CgroupLimits {
+                memory: cgroups.memory.is_some(),
+                processes: cgroups.pids.is_some(),
+            };
+            let code = init_process(args, by_cgroup, namespaced, go_read, status_write, script);
             std::process::exit(code);
         }
         ForkResult::Parent { child } => child,
@@ -323,7 +352,15 @@ fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
 
     let mut status_bytes = Vec::new();
     let _ = fs::File::from(status_read).read_to_end(&mut status_bytes);
-    let (exit_code, signal) = decode_status(&status_bytes);
+    let status = InitStatus::decode(&status_bytes);
+    if let Some(reason) = &status.refused {
+        cgroups.remove();
+        return match reason.as_str() {
+            "" => Ok(unavailable(&["mount_namespace", "ipc_namespace"])),
+            reason => Err(format!("the run's root: {reason}")),
+        };
+    }
+    let (exit_code, signal) = (status.exit_code, status.signal);
 
     let usage = getrusage(UsageWho::RUSAGE_CHILDREN).map_err(|e| format!("getrusage: {e}"))?;
     let cpu_us = |t: nix::sys::time::TimeVal| t.tv_sec() as u64 * 1_000_000 + t.tv_usec() as u64;
@@ -359,10 +396,12 @@ fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
         "layers": {
             "pid_namespace": namespaced,
             "network_namespace": namespaced && !args.allow_network,
+            "mount_namespace": status.own_root,
+            "ipc_namespace": status.own_root,
             "memory_cgroup": cgroups.memory.is_some(),
             "pids_cgroup": cgroups.pids.is_some(),
-            "run_as_user": is_root && args.uid.is_some(),
-            "landlock": landlock_available(),
+            "run_as_user": run_as_user,
+            "landlock": landlock,
             "rlimits": true,
         },
     }))
@@ -436,20 +475,57 @@ fn command_file(command: &str) -> Result<OwnedFd, String> {
     Ok(OwnedFd::from(file))
 }
 
-/// Bash's exit, as init reports it: `e<code>` or `s<signal>`.
-fn decode_status(bytes: &[u8]) -> (Option<i32>, Option<i32>) {
-    let text = String::from_utf8_lossy(bytes);
-    let value = text.get(1..).and_then(|n| n.parse::<i32>().ok());
-    match text.chars().next() {
-        Some('e') => (value, None),
-        Some('s') => (None, value),
-        _ => (None, None),
+/// What init reports on the status pipe: first whether the run got its own
+/// root (`R`), ran without (`N`, relaxed only) or was refused (`X` and the
+/// reason, empty when the namespaces are not available); then bash's exit,
+/// `e<code>` or `s<signal>`.
+#[derive(Debug, Default, PartialEq)]
+struct InitStatus {
+    own_root: bool,
+    refused: Option<String>,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+}
+
+impl InitStatus {
+    fn decode(bytes: &[u8]) -> InitStatus {
+        let text = String::from_utf8_lossy(bytes);
+        let mut status = InitStatus::default();
+        let rest = match text.chars().next() {
+            Some('X') => {
+                status.refused = Some(text[1..].to_owned());
+                return status;
+            }
+            Some('R') => {
+                status.own_root = true;
+                &text[1..]
+            }
+            Some('N') => &text[1..],
+            _ => return status,
+        };
+        let value = rest.get(1..).and_then(|n| n.parse::<i32>().ok());
+        match rest.chars().next() {
+            Some('e') => status.exit_code = value,
+            Some('s') => status.signal = value,
+            _ => {}
+        }
+        status
     }
+}
+
+/// The report of a run that did not start because isolation layers are
+/// missing: the server answers 503 `sandbox_unavailable` naming them.
+fn unavailable(missing: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "error": format!("the sandbox lacks isolation layers: {}", missing.join(", ")),
+        "missing": missing,
+    })
 }
 
 /// PID 1 of the run's namespace. Returns its exit code.
 fn init_process(
     args: &Args,
+    by_cgroup: CgroupLimits,
     namespaced: bool,
     go: OwnedFd,
     status: OwnedFd,
@@ -471,15 +547,29 @@ fn init_process(
         }
     };
 
-    if let Err(error) = contain(args) {
+    let mut status = fs::File::from(status);
+    let plan = root::RootPlan {
+        workspace: &args.workspace,
+        hidden: &args.hide,
+        tmpfs_bytes: args.memory_mb * 1024 * 1024,
+    };
+    let own_root = match root::enter(&plan) {
+        Ok(()) => true,
+        Err(None) if args.relaxed => false,
+        Err(reason) => {
+            let _ = write!(status, "X{}", reason.unwrap_or_default());
+            return 74;
+        }
+    };
+    let _ = status.write_all(if own_root { b"R" } else { b"N" });
+    if let Err(error) = contain(args, &by_cgroup, own_root) {
         eprintln!("nox-sandbox-exec: {error}");
         return 71;
     }
-    let Some(bash) = BashExec::prepare(args) else {
+    let Some(bash) = BashExec::prepare(args, own_root) else {
         eprintln!("nox-sandbox-exec: an argument or variable contains a NUL byte");
         return 71;
     };
-    let mut status = fs::File::from(status);
     // SAFETY: still single-threaded.
     let bash = match unsafe { fork() } {
         Ok(ForkResult::Child) => {
@@ -517,6 +607,12 @@ fn init_process(
     if reported { 0 } else { 72 }
 }
 
+/// Which limits the run's cgroups enforce (else rlimits stand in, relaxed).
+struct CgroupLimits {
+    memory: bool,
+    processes: bool,
+}
+
 /// Kills every process of the run but init: `-1` inside the namespace, or
 /// the run's process group without one.
 fn kill_all(group: Pid) {
@@ -530,7 +626,7 @@ fn kill_all(group: Pid) {
 }
 
 /// Limits, user and Landlock, applied to init and inherited by the command.
-fn contain(args: &Args) -> Result<(), String> {
+fn contain(args: &Args, by_cgroup: &CgroupLimits, own_root: bool) -> Result<(), String> {
     let cpu = args.cpu_secs;
     let limits: &[(Resource, u64, u64)] = &[
         (Resource::RLIMIT_CPU, cpu, cpu + 1),
@@ -549,20 +645,13 @@ fn contain(args: &Args) -> Result<(), String> {
     for (resource, soft, hard) in limits {
         setrlimit(*resource, *soft, *hard).map_err(|e| format!("setrlimit {resource:?}: {e}"))?;
     }
-    if !Path::new(CGROUP_ROOT)
-        .join("memory/nox")
-        .join(&args.run_id)
-        .exists()
-    {
-        // No memory cgroup: bound each process's address space instead.
+    if !by_cgroup.memory {
+        // No memory cgroup (relaxed): bound each process's address space.
         let bytes = args.memory_mb * 1024 * 1024;
         setrlimit(Resource::RLIMIT_AS, bytes, bytes).map_err(|e| format!("setrlimit AS: {e}"))?;
     }
-    if !Path::new(CGROUP_ROOT)
-        .join("pids/nox")
-        .join(&args.run_id)
-        .exists()
-    {
+    if !by_cgroup.processes {
+        // Per user, not per run: with a uid per tenant, per tenant.
         setrlimit(
             Resource::RLIMIT_NPROC,
             args.max_processes,
@@ -579,53 +668,11 @@ fn contain(args: &Args) -> Result<(), String> {
         // Changing credentials cleared the parent-death signal: set it again.
         let _ = nix::sys::prctl::set_pdeathsig(Some(Signal::SIGKILL));
     }
-    landlock(&args.workspace)?;
-    std::env::set_current_dir(&args.workspace).map_err(|e| format!("chdir: {e}"))?;
-    Ok(())
-}
-
-/// Whether the kernel can enforce a Landlock ruleset (creating one
-/// restricts nothing).
-fn landlock_available() -> bool {
-    use landlock::{ABI, Access, AccessFs, Compatible, Ruleset, RulesetAttr};
-    Ruleset::default()
-        .set_compatibility(landlock::CompatLevel::HardRequirement)
-        .handle_access(AccessFs::from_all(ABI::V1))
-        .and_then(|ruleset| ruleset.create())
-        .is_ok()
-}
-
-fn landlock(workspace: &Path) -> Result<(), String> {
-    use landlock::{
-        ABI, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus,
-        path_beneath_rules,
-    };
-    let abi = ABI::V5;
-    let read_only = AccessFs::from_read(abi);
-    let everything = AccessFs::from_all(abi);
-    let existing = |paths: &[&str]| -> Vec<PathBuf> {
-        paths
-            .iter()
-            .map(PathBuf::from)
-            .filter(|p| p.exists())
-            .collect()
-    };
-    let status = Ruleset::default()
-        .handle_access(everything)
-        .and_then(|r| r.create())
-        .and_then(|r| r.add_rules(path_beneath_rules(existing(SYSTEM_DIRS), read_only)))
-        .and_then(|r| {
-            r.add_rules(path_beneath_rules(
-                existing(DEVICES),
-                AccessFs::ReadFile | AccessFs::WriteFile,
-            ))
-        })
-        .and_then(|r| r.add_rules(path_beneath_rules([workspace], everything)))
-        .and_then(|r| r.restrict_self())
-        .map_err(|e| format!("landlock: {e}"))?;
-    if status.ruleset == RulesetStatus::NotEnforced {
-        eprintln!("nox-sandbox-exec: Landlock is not available: the file system is not restricted");
+    let enforced = confinement::restrict(&args.workspace, own_root)?;
+    if !enforced && !args.relaxed {
+        return Err("Landlock is not enforced".into());
     }
+    std::env::set_current_dir(&args.workspace).map_err(|e| format!("chdir: {e}"))?;
     Ok(())
 }
 
@@ -641,19 +688,26 @@ struct BashExec {
 }
 
 impl BashExec {
-    fn prepare(args: &Args) -> Option<BashExec> {
+    fn prepare(args: &Args, own_root: bool) -> Option<BashExec> {
         // Absolute: `main` canonicalized it.
         let workspace = args.workspace.display().to_string();
         let user = args.user_name.clone().unwrap_or_else(|| "nox".into());
         let argv = ["bash".to_owned(), "-c".into(), SHELL.into()];
+        // The run's own `/tmp`; without one (relaxed), a directory in the
+        // workspace rather than the host's shared `/tmp`.
+        let tmp = if own_root {
+            "/tmp".to_owned()
+        } else {
+            let _ = fs::create_dir_all(args.workspace.join(".tmp"));
+            format!("{workspace}/.tmp")
+        };
         let env = [
             "PATH=/usr/local/bin:/usr/bin:/bin".to_owned(),
             format!("HOME={workspace}"),
-            format!("TMPDIR={workspace}/.tmp"),
+            format!("TMPDIR={tmp}"),
             "LANG=C.UTF-8".to_owned(),
             format!("USER={user}"),
         ];
-        let _ = fs::create_dir_all(args.workspace.join(".tmp"));
         let strings = argv
             .iter()
             .chain(&env)

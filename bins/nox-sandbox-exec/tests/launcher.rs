@@ -39,6 +39,17 @@ fn launch(
     if let Some(cwd) = cwd {
         launcher.current_dir(cwd);
     }
+    // Strict isolation needs root (and a run uid); elsewhere, relaxed.
+    if nix::unistd::Uid::effective().is_root() {
+        launcher.args(["--uid", "65534", "--gid", "65534"]);
+        let _ = std::os::unix::fs::chown(
+            cwd.unwrap_or(Path::new("/")).join(workspace),
+            Some(65534),
+            Some(65534),
+        );
+    } else {
+        launcher.arg("--relaxed");
+    }
     let mut child = launcher.spawn().expect("run the launcher");
     let mut stdin = child.stdin.take().expect("stdin");
     let mut head = format!("{}\n", command.len()).into_bytes();
@@ -110,9 +121,15 @@ fn home_is_absolute_when_the_workspace_is_given_relative() {
     );
     assert_eq!(report["exit_code"], 0, "{report} {output:?}");
     let workspace = parent.path().join("ws").canonicalize().expect("canonical");
+    // The run's own /tmp, or (relaxed, without a mount namespace) one in
+    // the workspace.
+    let tmp = match report["layers"]["mount_namespace"].as_bool() {
+        Some(true) => "/tmp".to_owned(),
+        _ => format!("{}/.tmp", workspace.display()),
+    };
     assert_eq!(
         String::from_utf8_lossy(&output.stdout),
-        format!("{0}\n{0}/.tmp\n", workspace.display())
+        format!("{}\n{tmp}\n", workspace.display())
     );
 }
 
