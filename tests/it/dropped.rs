@@ -112,7 +112,7 @@ fn memory_cgroup_of(pid: u32) -> Option<std::path::PathBuf> {
 
 async fn a_run_whose_client_leaves_is_stopped_and_recorded(how: Leave) {
     let app = spawn_app().await;
-    if app.state.runs.layers.is_none() {
+    if app.state.runs.layers().is_none() {
         println!("skipped: the command sandbox is not available here (no nox-sandbox-exec)");
         return;
     }

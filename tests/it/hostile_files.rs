@@ -44,7 +44,7 @@ fn workspace(app: &TestApp, user: &TestUser) -> PathBuf {
 
 /// Whether `/run` works here; if not, says why.
 fn runs_available(app: &TestApp) -> bool {
-    if app.state.runs.layers.is_none() {
+    if app.state.runs.layers().is_none() {
         println!("the command sandbox is not available here (no nox-sandbox-exec)");
         return false;
     }

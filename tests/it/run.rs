@@ -1,7 +1,7 @@
 //! `POST /run`: isolation and accounting, each asserted on the outcome.
 //!
-//! These need root (namespaces, cgroups, switching to `nobody`); as another
-//! user they print why they skip.
+//! These need root (namespaces, cgroups, switching to the user's own uid);
+//! as another user they print why they skip.
 
 use std::time::{Duration, Instant};
 
@@ -94,10 +94,17 @@ async fn a_command_runs_in_the_workspace_with_a_clean_environment() {
     let (_, body) = run(
         &app,
         &token,
-        json!({"command": "id -un; cat", "stdin": "from stdin"}),
+        json!({"command": "id -u; cat", "stdin": "from stdin"}),
     )
     .await;
-    assert_eq!(body["stdout"], "nobody\nfrom stdin");
+    let range = app.state.runs.uid_range().expect("root: a uid per user");
+    let (uid, input) = body["stdout"]
+        .as_str()
+        .and_then(|out| out.split_once('\n'))
+        .expect("two lines");
+    let uid: u32 = uid.parse().expect("a uid");
+    assert!(range.contains(uid), "{uid} outside {range:?}");
+    assert_eq!(input, "from stdin");
 }
 
 #[tokio::test]
@@ -127,11 +134,9 @@ async fn a_command_cannot_read_or_write_outside_its_workspace() {
     let target = outside.path().join("written");
     for command in [
         format!("cat {}", bob_file.display()),
-        format!("ls {data_dir}"),
+        format!("ls {data_dir}/audit-spool"),
         "ls /root".to_owned(),
-        "cat /proc/1/environ".to_owned(),
         format!("echo x > {}", target.display()),
-        "echo x > /tmp/nox-run-escape".to_owned(),
     ] {
         let (status, body) = run(&app, &alice, json!({ "command": command })).await;
         assert_eq!(status, StatusCode::OK);
@@ -144,6 +149,30 @@ async fn a_command_cannot_read_or_write_outside_its_workspace() {
         );
     }
     assert!(!target.exists());
+    // Of the data directory, only the path to the workspace shows.
+    let (_, body) = run(
+        &app,
+        &alice,
+        json!({ "command": format!("ls -A {data_dir} {data_dir}/sandboxes") }),
+    )
+    .await;
+    let shown: Vec<&str> = body["stdout"]
+        .as_str()
+        .expect("stdout")
+        .lines()
+        .filter(|line| !line.is_empty() && !line.ends_with(':'))
+        .collect();
+    assert_eq!(shown.len(), 2, "{body}");
+    assert_eq!(shown[0], "sandboxes", "{body}");
+    assert_ne!(shown[1], bob_id, "{body}");
+    // Its /tmp is its own.
+    let (_, body) = run(
+        &app,
+        &alice,
+        json!({"command": "echo x > /tmp/nox-run-escape"}),
+    )
+    .await;
+    assert_eq!(body["exit_code"], 0, "{body}");
     assert!(!std::path::Path::new("/tmp/nox-run-escape").exists());
 }
 
@@ -317,7 +346,12 @@ async fn runs_are_audited_with_the_commands_facts() {
     let (status, _) = run(&app, &token, json!({"command": "true", "timeout": 301})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let health: Value = app.get("/health").await.json().await.expect("json");
-    assert_eq!(health["sandbox"]["pid_namespace"], true, "{health}");
+    assert_eq!(health["sandbox"]["status"], "ready", "{health}");
+    assert_eq!(
+        health["sandbox"]["layers"]["pid_namespace"], true,
+        "{health}"
+    );
+    assert_eq!(health["sandbox"]["missing"], json!([]), "{health}");
 }
 
 #[tokio::test]

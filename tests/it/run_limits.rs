@@ -17,7 +17,7 @@ async fn app_with_cgroup(
     adjust: impl FnOnce(&mut nox_api::config::Config),
 ) -> Option<TestApp> {
     let app = app_with_runs(adjust).await?;
-    let layers = app.state.runs.layers.as_ref()?;
+    let layers = app.state.runs.layers()?;
     let present = match cgroup {
         "memory" => layers.memory_cgroup,
         _ => layers.pids_cgroup,

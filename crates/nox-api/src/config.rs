@@ -31,6 +31,47 @@ pub enum RunNetwork {
     Allow,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RunIsolation {
+    /// POST /run serves only with every isolation layer in force.
+    Strict,
+    /// Runs with whatever layers this host gives (development only).
+    Relaxed,
+}
+
+/// The uids commands run as, one per user: `first-last`, both included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UidRange {
+    pub first: u32,
+    pub last: u32,
+}
+
+impl UidRange {
+    pub fn contains(&self, uid: u32) -> bool {
+        (self.first..=self.last).contains(&uid)
+    }
+}
+
+impl std::str::FromStr for UidRange {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!("{text:?} is not a uid range: expected first-last, e.g. 1900000000-1900065535")
+        };
+        let (first, last) = text.trim().split_once('-').ok_or_else(bad)?;
+        let (first, last): (u32, u32) = (
+            first.trim().parse().map_err(|_| bad())?,
+            last.trim().parse().map_err(|_| bad())?,
+        );
+        // Not root, and not the invalid uid (u32::MAX is -1 to the kernel).
+        if first == 0 || first > last || last == u32::MAX {
+            return Err(bad());
+        }
+        Ok(UidRange { first, last })
+    }
+}
+
 /// Where the server keeps its state and how it reaches PostgreSQL.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StorageConfig {
@@ -154,9 +195,23 @@ pub struct Config {
     #[arg(long = "run-timeout-secs", env = "NOX_TIMEOUT", default_value_t = 20)]
     pub run_timeout_secs: u64,
 
-    /// The unprivileged user commands run as when the server runs as root.
-    #[arg(long, env = "NOX_RUN_USER", default_value = "nobody")]
-    pub run_user: String,
+    /// The uids commands run as, one per user, recorded in the database
+    /// (`first-last`; each user's gid is its uid). No other user of the
+    /// host may hold one; the server's and the embedded PostgreSQL's uids
+    /// are refused. The default lies in a span systemd leaves unused.
+    #[arg(
+        long,
+        env = "NOX_RUN_UID_RANGE",
+        default_value = "1900000000-1900065535"
+    )]
+    pub run_uid_range: UidRange,
+
+    /// `strict` (default): POST /run serves only while every isolation layer
+    /// is in force (namespaces, a uid of its own, Landlock, memory and
+    /// process cgroups), else 503 `sandbox_unavailable`; `relaxed`: runs
+    /// with what this host gives (development; logged loudly at start).
+    #[arg(long, env = "NOX_RUN_ISOLATION", value_enum, default_value = "strict")]
+    pub run_isolation: RunIsolation,
 
     /// Memory limit of one run, in MiB: the user's tier limit, capped by this.
     #[arg(long, env = "NOX_RUN_MAX_MEMORY_MB", default_value_t = 2048)]

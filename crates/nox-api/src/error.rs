@@ -63,6 +63,9 @@ pub enum ApiError {
     InvalidParameter(String),
     #[error("{0}")]
     ServiceUnavailable(String),
+    /// 503: `POST /run` lacks isolation layers it needs (named in the detail).
+    #[error("{0}")]
+    SandboxUnavailable(String),
     /// The client went away before the answer (nginx's 499); recorded,
     /// though nobody reads the response.
     #[error("{0}")]
@@ -102,6 +105,7 @@ impl ApiError {
             ApiError::QuotaExceeded(_) => "quota_exceeded",
             ApiError::InvalidParameter(_) => "invalid_parameter",
             ApiError::ServiceUnavailable(_) => "service_unavailable",
+            ApiError::SandboxUnavailable(_) => "sandbox_unavailable",
             ApiError::ClientClosed(_) => "client_closed_request",
             ApiError::Internal(_) => "internal",
         }
@@ -125,7 +129,9 @@ impl ResponseError for ApiError {
             }
             ApiError::QuotaExceeded(_) => StatusCode::FORBIDDEN,
             ApiError::InvalidParameter(_) => StatusCode::BAD_REQUEST,
-            ApiError::ServiceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ServiceUnavailable(_) | ApiError::SandboxUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::ClientClosed(_) => {
                 StatusCode::from_u16(nox_audit_actix::CLIENT_CLOSED_REQUEST)
                     .expect("a valid status")

@@ -18,10 +18,10 @@ pub struct HealthResponse {
     pub version: &'static str,
     /// `up` or `down`.
     pub database: &'static str,
-    /// The command sandbox's isolation layers on this machine (`null`:
-    /// `POST /run` is unavailable).
-    #[schema(value_type = Object)]
-    pub sandbox: Option<nox_sandbox::run::Layers>,
+    /// Whether `POST /run` serves: `ready` with the isolation layers a
+    /// probe run got (and, relaxed, those missing), or `unavailable` with
+    /// the layers missing and why.
+    pub sandbox: crate::run::Availability,
 }
 
 #[utoipa::path(
@@ -38,7 +38,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         status: if database_up { "healthy" } else { "degraded" },
         version: crate::VERSION,
         database: if database_up { "up" } else { "down" },
-        sandbox: state.runs.layers.clone(),
+        sandbox: state.runs.availability.clone(),
     };
     if database_up {
         HttpResponse::Ok().json(body)

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix_web::{HttpRequest, HttpResponse, post, web};
-use nox_sandbox::run::{Layers, RunLimits, RunOutcome, RunRequest, RunUser};
+use nox_sandbox::run::{Layers, RunError, RunLimits, RunOutcome, RunRequest, RunUser};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use utoipa::ToSchema;
@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::app::AppState;
 use crate::auth::Authenticated;
-use crate::config::{Config, RunNetwork};
+use crate::config::{Config, RunIsolation, RunNetwork, UidRange};
 use crate::error::{ApiError, ErrorBody, refuse_nul};
 
 /// As long as the audit row stores whole.
@@ -31,20 +31,46 @@ const MAX_PROCESSES: u64 = 256;
 pub struct RunService {
     launcher: Option<PathBuf>,
     report_dir: PathBuf,
-    user: Option<RunUser>,
+    /// The uids runs get, one per user (when the server is root).
+    uid_range: Option<UidRange>,
+    /// Users' uids, once read or allocated (they never change while the
+    /// range stays).
+    uids: Mutex<HashMap<Uuid, u32>>,
+    /// What the command must not see: the data directory.
+    hidden: Vec<PathBuf>,
+    relaxed: bool,
     default_timeout: Duration,
     max_memory_mb: u64,
     output_limit: usize,
     allow_network: bool,
     global: Arc<Semaphore>,
     per_user: Mutex<HashMap<Uuid, usize>>,
-    /// The isolation layers a probe run got at start-up.
-    pub layers: Option<Layers>,
+    /// Whether runs can be served, found by a probe run at start-up.
+    pub availability: Availability,
+}
+
+/// Whether `POST /run` serves on this server.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Availability {
+    /// Every layer strict isolation needs is in force (or, relaxed, the
+    /// launcher works with the layers listed).
+    Ready {
+        #[schema(value_type = Object)]
+        layers: Layers,
+        /// Layers missing and tolerated (`NOX_RUN_ISOLATION=relaxed`).
+        missing: Vec<String>,
+    },
+    /// `POST /run` answers 503 `sandbox_unavailable`.
+    Unavailable {
+        missing: Vec<String>,
+        detail: String,
+    },
 }
 
 impl RunService {
-    /// Finds the launcher and probes which isolation layers this machine
-    /// gives, warning about each one missing.
+    /// Finds the launcher and probes whether runs get every isolation
+    /// layer; strict isolation refuses to serve without them.
     pub async fn start(config: &Config) -> anyhow::Result<RunService> {
         let launcher = config.sandbox_exec.clone().or_else(|| {
             std::env::current_exe()
@@ -52,50 +78,93 @@ impl RunService {
                 .and_then(|exe| exe.parent().map(|dir| dir.join("nox-sandbox-exec")))
         });
         let launcher = launcher.filter(|path| path.is_file());
-        let report_dir = config.storage.data_dir.join("run-reports");
+        let data_dir = std::fs::canonicalize(&config.storage.data_dir)?;
+        let report_dir = data_dir.join("run-reports");
         std::fs::create_dir_all(&report_dir)?;
-        let user = if nix::unistd::Uid::effective().is_root() {
-            match nix::unistd::User::from_name(&config.run_user) {
-                Ok(Some(user)) => Some(RunUser {
-                    name: user.name,
-                    uid: user.uid.as_raw(),
-                    gid: user.gid.as_raw(),
-                }),
-                _ => anyhow::bail!("NOX_RUN_USER {:?} does not exist", config.run_user),
-            }
+        let uid_range = if nix::unistd::Uid::effective().is_root() {
+            Some(checked_uid_range(config.run_uid_range)?)
         } else {
             None
         };
+        let relaxed = config.run_isolation == RunIsolation::Relaxed;
+        if relaxed {
+            tracing::warn!(
+                "NOX_RUN_ISOLATION=relaxed: commands run with whatever isolation this host gives; \
+                 tenants may reach each other, Nox's data and the database. Never use it in production."
+            );
+        }
+        if std::env::var_os("NOX_RUN_USER").is_some() {
+            tracing::warn!(
+                "NOX_RUN_USER is no longer read: each user's commands run as a uid of their own \
+                 from NOX_RUN_UID_RANGE"
+            );
+        }
         let permits = config
             .run_max_concurrent
             .unwrap_or_else(|| 2 * std::thread::available_parallelism().map_or(1, |n| n.get()));
         let mut service = RunService {
             launcher,
             report_dir,
-            user,
+            uid_range,
+            uids: Mutex::new(HashMap::new()),
+            hidden: vec![data_dir],
+            relaxed,
             default_timeout: Duration::from_secs(config.run_timeout_secs),
             max_memory_mb: config.run_max_memory_mb,
             output_limit: config.run_output_limit,
             allow_network: config.run_network == RunNetwork::Allow,
             global: Arc::new(Semaphore::new(permits)),
             per_user: Mutex::new(HashMap::new()),
-            layers: None,
+            availability: Availability::Unavailable {
+                missing: Vec::new(),
+                detail: String::new(),
+            },
         };
-        service.layers = service.probe(config).await;
+        service.availability = service.probe(config).await;
+        match &service.availability {
+            Availability::Ready { missing, .. } if !missing.is_empty() => {
+                tracing::warn!(
+                    ?missing,
+                    "POST /run serves without these isolation layers (relaxed)"
+                );
+            }
+            Availability::Ready { .. } => {}
+            Availability::Unavailable { detail, .. } => {
+                tracing::error!("POST /run is unavailable: {detail}");
+            }
+        }
         start_sweeping_leftovers(service.report_dir.clone());
         Ok(service)
     }
 
-    async fn probe(&self, config: &Config) -> Option<Layers> {
+    /// The uids runs get, one per user (`None`: the server is not root).
+    pub fn uid_range(&self) -> Option<UidRange> {
+        self.uid_range
+    }
+
+    /// The layers of a probe run, when runs are served.
+    pub fn layers(&self) -> Option<&Layers> {
+        match &self.availability {
+            Availability::Ready { layers, .. } => Some(layers),
+            Availability::Unavailable { .. } => None,
+        }
+    }
+
+    async fn probe(&self, config: &Config) -> Availability {
+        let unavailable =
+            |missing: Vec<String>, detail: String| Availability::Unavailable { missing, detail };
         let Some(launcher) = &self.launcher else {
-            tracing::warn!(
-                "nox-sandbox-exec not found: POST /run is unavailable (set NOX_SANDBOX_EXEC)"
+            return unavailable(
+                vec!["launcher".into()],
+                "nox-sandbox-exec was not found (set NOX_SANDBOX_EXEC)".into(),
             );
-            return None;
         };
         let workspace = config.storage.data_dir.join("run-probe");
-        std::fs::create_dir_all(&workspace).ok()?;
-        if let Some(user) = &self.user {
+        if let Err(error) = std::fs::create_dir_all(&workspace) {
+            return unavailable(Vec::new(), format!("the probe's workspace: {error}"));
+        }
+        let user = self.uid_range.map(|range| run_user(range.last));
+        if let Some(user) = &user {
             let _ = nix::unistd::chown(
                 &workspace,
                 Some(nix::unistd::Uid::from_raw(user.uid)),
@@ -107,40 +176,62 @@ impl RunService {
             command: "true".into(),
             stdin: None,
             limits: self.limits(Duration::from_secs(10), 64),
-            user: self.user.clone(),
+            user,
+            hidden: self.hidden.clone(),
+            relaxed: self.relaxed,
         };
         let never = std::future::pending();
         match nox_sandbox::run::run(launcher, &self.report_dir, &request, never).await {
             Ok(outcome) => {
-                let layers = outcome.layers;
-                let missing: Vec<&str> = [
-                    ("pid_namespace", layers.pid_namespace),
-                    (
-                        "network_namespace",
-                        layers.network_namespace || self.allow_network,
-                    ),
-                    ("memory_cgroup", layers.memory_cgroup),
-                    ("pids_cgroup", layers.pids_cgroup),
-                    ("run_as_user", layers.run_as_user),
-                    ("landlock", layers.landlock),
-                ]
-                .into_iter()
-                .filter(|(_, present)| !present)
-                .map(|(name, _)| name)
-                .collect();
-                if !missing.is_empty() {
-                    tracing::warn!(
-                        ?missing,
-                        "the command sandbox lacks isolation layers on this machine"
-                    );
+                let missing = outcome.layers.missing(!self.allow_network);
+                Availability::Ready {
+                    layers: outcome.layers,
+                    missing: missing.into_iter().map(String::from).collect(),
                 }
-                Some(layers)
             }
-            Err(error) => {
-                tracing::warn!(%error, "the command sandbox does not work here: POST /run is unavailable");
-                None
+            Err(RunError::Unavailable(missing)) => {
+                let detail = format!(
+                    "the command sandbox lacks isolation layers: {} (see README, \"Running commands\"; \
+                     NOX_RUN_ISOLATION=relaxed runs without them)",
+                    missing.join(", ")
+                );
+                unavailable(missing, detail)
             }
+            Err(error) => unavailable(
+                Vec::new(),
+                format!("the command sandbox does not work here: {error}"),
+            ),
         }
+    }
+
+    /// The uid `user`'s commands run as, read or allocated once.
+    async fn uid_of(
+        &self,
+        pool: &deadpool_postgres::Pool,
+        user: Uuid,
+    ) -> Result<Option<RunUser>, ApiError> {
+        let Some(range) = self.uid_range else {
+            return Ok(None);
+        };
+        if let Some(uid) = self
+            .uids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&user)
+        {
+            return Ok(Some(run_user(*uid)));
+        }
+        let uid = nox_auth::run_uid::run_uid(pool, user, range.first..=range.last)
+            .await
+            .map_err(|error| match error {
+                nox_auth::StoreError::Conflict(detail) => ApiError::SandboxUnavailable(detail),
+                other => other.into(),
+            })?;
+        self.uids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(user, uid);
+        Ok(Some(run_user(uid)))
     }
 
     fn limits(&self, timeout: Duration, memory_mb: u64) -> RunLimits {
@@ -324,14 +415,16 @@ pub async fn run_command(
             "stdin is limited to 1 MiB".into(),
         ));
     }
-    let Some(launcher) = service
-        .launcher
-        .clone()
-        .filter(|_| service.layers.is_some())
-    else {
-        return Err(ApiError::ServiceUnavailable(
-            "the command sandbox is not available on this server".into(),
-        ));
+    let launcher = match (&service.launcher, &service.availability) {
+        (Some(launcher), Availability::Ready { .. }) => launcher.clone(),
+        (_, Availability::Unavailable { detail, .. }) => {
+            return Err(ApiError::SandboxUnavailable(detail.clone()));
+        }
+        (None, _) => {
+            return Err(ApiError::SandboxUnavailable(
+                "the command sandbox is not available on this server".into(),
+            ));
+        }
     };
     let caller = caller.0;
     let limits = crate::quotas::limits_of(&state, &caller).await;
@@ -342,12 +435,13 @@ pub async fn run_command(
     let _slot = service.admit(caller.user_id)?;
 
     let user = caller.user_id;
-    let run_user = service.user.clone();
+    let run_user = service.uid_of(&state.pool, user).await?;
     let handler_state = state.clone();
+    let owner = run_user.clone();
     let workspace = web::block(move || -> Result<PathBuf, ApiError> {
         let workspace = handler_state.workspaces.open(user)?;
-        if let Some(run_user) = &run_user {
-            workspace.hand_over(run_user.uid, run_user.gid)?;
+        if let Some(owner) = &owner {
+            workspace.hand_over(owner.uid, owner.gid)?;
         }
         Ok(workspace.root_path().to_path_buf())
     })
@@ -361,14 +455,24 @@ pub async fn run_command(
         command: body.command,
         stdin: body.stdin,
         limits: service.limits(timeout, memory_mb),
-        user: service.user.clone(),
+        user: run_user,
+        hidden: service.hidden.clone(),
+        relaxed: service.relaxed,
     };
     // A client that leaves ends its run (within ~100 ms), like a reset
     // connection, which drops this handler and the run with it.
     let gone = crate::connection::client_gone(request.clone());
-    let outcome = nox_sandbox::run::run(&launcher, &service.report_dir, &run, gone)
-        .await
-        .map_err(ApiError::internal)?;
+    let outcome = match nox_sandbox::run::run(&launcher, &service.report_dir, &run, gone).await {
+        Ok(outcome) => outcome,
+        // A layer the probe had is gone (say, no cgroup could be made).
+        Err(RunError::Unavailable(missing)) => {
+            return Err(ApiError::SandboxUnavailable(format!(
+                "the command sandbox lacks isolation layers: {}",
+                missing.join(", ")
+            )));
+        }
+        Err(error) => return Err(ApiError::internal(error)),
+    };
     // The command may have changed anything in the workspace.
     state.workspaces.invalidate(user);
     state
@@ -381,6 +485,45 @@ pub async fn run_command(
         ));
     }
     Ok(respond(outcome, timeout, kind))
+}
+
+/// The run user of uid `uid`: its own group, named after the uid.
+fn run_user(uid: u32) -> RunUser {
+    RunUser {
+        name: format!("nox-{uid}"),
+        uid,
+        gid: uid,
+    }
+}
+
+/// `range`, refused when it holds the server's own uid, and warned about
+/// when a user of this host holds one of its uids.
+fn checked_uid_range(range: UidRange) -> anyhow::Result<UidRange> {
+    let server = nix::unistd::Uid::effective().as_raw();
+    if range.contains(server) {
+        anyhow::bail!(
+            "NOX_RUN_UID_RANGE {}-{} holds the server's own uid {server}",
+            range.first,
+            range.last
+        );
+    }
+    let host_users = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    for line in host_users.lines() {
+        let mut fields = line.split(':');
+        let (Some(name), Some(uid)) = (fields.next(), fields.nth(1)) else {
+            continue;
+        };
+        if let Ok(uid) = uid.parse::<u32>()
+            && range.contains(uid)
+        {
+            tracing::warn!(
+                user = name,
+                uid,
+                "a user of this host holds a uid of NOX_RUN_UID_RANGE: it can read the workspace of the Nox user given that uid"
+            );
+        }
+    }
+    Ok(range)
 }
 
 /// Every minute, removes the cgroups and reports that runs whose launcher

@@ -17,6 +17,12 @@ const QUOTAS: Migration = Migration {
     sql: include_str!("../../../migrations/0004_quotas.sql"),
 };
 
+const RUN_UIDS: Migration = Migration {
+    version: 9,
+    name: "run_uids",
+    sql: include_str!("../../../migrations/0009_run_uids.sql"),
+};
+
 /// Nox's own migrations and the audit crates', in version order. The test
 /// below checks this list against the files.
 pub const MIGRATIONS: &[Migration] = &[
@@ -28,6 +34,7 @@ pub const MIGRATIONS: &[Migration] = &[
     nox_audit_store::schema::AUDIT_SESSION_INDEX,
     nox_audit_store::schema::AUDIT_CHAIN_ADVANCE,
     nox_audit_store::schema::AUDIT_COMMAND_TEXT,
+    RUN_UIDS,
 ];
 
 #[cfg(test)]

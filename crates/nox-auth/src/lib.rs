@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod model;
+pub mod run_uid;
 pub mod secret;
 pub mod store;
 pub mod token;

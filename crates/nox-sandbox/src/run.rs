@@ -48,6 +48,11 @@ pub struct RunRequest {
     pub stdin: Option<String>,
     pub limits: RunLimits,
     pub user: Option<RunUser>,
+    /// Directories the command must not see (the server's data directory).
+    pub hidden: Vec<PathBuf>,
+    /// Run even when isolation layers are missing; otherwise such a run
+    /// does not start ([`RunError::Unavailable`]).
+    pub relaxed: bool,
 }
 
 /// The isolation layers a run got.
@@ -55,19 +60,52 @@ pub struct RunRequest {
 pub struct Layers {
     pub pid_namespace: bool,
     pub network_namespace: bool,
+    /// A root of the run's own: private `/tmp` and `/dev/shm`, its own
+    /// `/proc`, system directories read-only, nothing of Nox's data.
+    #[serde(default)]
+    pub mount_namespace: bool,
+    #[serde(default)]
+    pub ipc_namespace: bool,
     pub memory_cgroup: bool,
     pub pids_cgroup: bool,
+    /// Runs as an unprivileged uid (not root).
     pub run_as_user: bool,
     pub landlock: bool,
     pub rlimits: bool,
 }
 
-#[derive(Debug, Deserialize)]
+impl Layers {
+    /// The layers a strict run needs that these lack (`network_namespace`
+    /// only when the network is denied).
+    pub fn missing(&self, network_denied: bool) -> Vec<&'static str> {
+        [
+            ("pid_namespace", self.pid_namespace),
+            (
+                "network_namespace",
+                self.network_namespace || !network_denied,
+            ),
+            ("mount_namespace", self.mount_namespace),
+            ("ipc_namespace", self.ipc_namespace),
+            ("memory_cgroup", self.memory_cgroup),
+            ("pids_cgroup", self.pids_cgroup),
+            ("run_as_user", self.run_as_user),
+            ("landlock", self.landlock),
+        ]
+        .into_iter()
+        .filter(|(_, present)| !present)
+        .map(|(name, _)| name)
+        .collect()
+    }
+}
+
+/// The launcher's report; one that did not run the command holds only
+/// `error` (and `missing`), hence the defaults.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
 struct Report {
     exit_code: Option<i32>,
     signal: Option<i32>,
     timed_out: bool,
-    #[serde(default)]
     cancelled: bool,
     execution_time_ms: f64,
     cpu_time_ms: f64,
@@ -75,6 +113,8 @@ struct Report {
     limit_hit: Option<String>,
     layers: Layers,
     error: Option<String>,
+    /// Set when the run did not start for want of these layers.
+    missing: Vec<String>,
 }
 
 /// One stream's captured output.
@@ -105,6 +145,9 @@ pub struct RunOutcome {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// The run did not start: these isolation layers are not in force.
+    #[error("the sandbox lacks isolation layers: {}", .0.join(", "))]
+    Unavailable(Vec<String>),
     #[error("the sandbox launcher could not be started: {0}")]
     Launch(std::io::Error),
     #[error("the sandbox launcher failed: {0}")]
@@ -149,6 +192,12 @@ pub async fn run(
         .stderr(Stdio::piped());
     if limits.allow_network {
         command.arg("--allow-network");
+    }
+    if request.relaxed {
+        command.arg("--relaxed");
+    }
+    for hidden in &request.hidden {
+        command.arg("--hide").arg(hidden);
     }
     if let Some(user) = &request.user {
         command
@@ -220,6 +269,9 @@ pub async fn run(
             return Err(RunError::Launcher(format!("no report ({status}): {error}")));
         }
     };
+    if !report.missing.is_empty() {
+        return Err(RunError::Unavailable(report.missing));
+    }
     if let Some(error) = report.error {
         return Err(RunError::Launcher(error));
     }

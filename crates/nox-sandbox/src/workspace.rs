@@ -316,7 +316,7 @@ impl Workspace {
         }
     }
 
-    /// Gives the workspace and everything in it, down to
+    /// Gives the workspace (mode 0700) and everything in it, down to
     /// [`MAX_WALK_DEPTH`] levels, to the user commands run as (root only),
     /// walking by descriptors and never following links, so a link planted
     /// by an earlier command cannot redirect the change.
@@ -327,6 +327,10 @@ impl Workspace {
             nix::unistd::Gid::from_raw(gid),
         );
         nix::unistd::fchown(&root, Some(uid), Some(gid)).map_err(map_errno)?;
+        // Only its owner (and the server) may enter: tenants are apart by
+        // plain permissions too, not by Landlock alone.
+        nix::sys::stat::fchmod(&root, nix::sys::stat::Mode::from_bits_truncate(0o700))
+            .map_err(map_errno)?;
         let walk = chown_tree(root, uid, gid)?;
         debug_assert!(walk.peak_open <= MAX_OPEN_DIRS);
         if walk.truncated {
