@@ -184,6 +184,10 @@ impl Password {
             problem,
         };
         if fs::symlink_metadata(path).is_err() {
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)
+                    .map_err(io_err(format!("creating {}", parent.display())))?;
+            }
             let password = Password::generate()?;
             let temp =
                 path.with_file_name(format!(".{}.tmp-{}", file_name(path), std::process::id()));

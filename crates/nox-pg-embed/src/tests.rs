@@ -243,7 +243,8 @@ fn a_trust_cluster_is_upgraded_and_no_crash_between_the_steps_locks_nox_out() {
 #[test]
 fn a_password_file_others_can_read_is_restricted_and_a_foreign_one_refused() {
     let root = tempfile::tempdir().expect("tempdir");
-    let path = root.path().join("pg.password");
+    // NOX_DATA_DIR itself may not exist yet.
+    let path = root.path().join("data").join("pg.password");
     let created = Password::load_or_create(&path).expect("create");
     assert_private_file(&path);
     assert_eq!(created.0.len(), 64);
