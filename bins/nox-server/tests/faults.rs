@@ -139,10 +139,11 @@ async fn postgres_restarting_under_load_loses_no_record() {
         .expect("join")
         .expect("start a private PostgreSQL");
     let url = format!(
-        "host={} port={} user={} dbname=postgres",
+        "host={} port={} user={} password={} dbname=postgres",
         cluster.socket_dir().display(),
         nox_pg_embed::SOCKET_PORT,
-        nox_pg_embed::SUPERUSER
+        nox_pg_embed::SUPERUSER,
+        cluster.password()
     );
     let data = data_dir(root.path());
     let envs = [

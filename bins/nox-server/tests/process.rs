@@ -70,6 +70,12 @@ fn embedded_postgres_is_created_stopped_and_reused() {
         first.log
     );
     assert_no_postgres_for(&pg);
+    let password = assert_private_password(&data_dir.join("pg.password"));
+    assert!(
+        !first.log.iter().any(|l| l.contains(&password)),
+        "the database password was logged: {:#?}",
+        first.log
+    );
 
     let mut second = Server::start(&[("NOX_DATA_DIR", data_dir_str)]);
     let (code, _) = get(&format!("{}/health", second.base));
@@ -93,6 +99,19 @@ fn embedded_postgres_is_created_stopped_and_reused() {
         second.log
     );
     assert_no_postgres_for(&pg);
+    assert!(!second.log.iter().any(|l| l.contains(&password)));
+}
+
+/// The embedded cluster's password file: ours, mode 0600. Returns the password.
+fn assert_private_password(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::metadata(path).expect("the password file exists");
+    assert_eq!(metadata.mode() & 0o777, 0o600, "{}", path.display());
+    assert_eq!(metadata.uid(), nix::unistd::Uid::effective().as_raw());
+    let password = std::fs::read_to_string(path).expect("read");
+    let password = password.trim();
+    assert!(password.len() >= 32, "a generated password");
+    password.to_owned()
 }
 
 /// No process has the cluster's data directory on its command line.

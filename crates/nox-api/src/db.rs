@@ -41,6 +41,7 @@ impl Database {
             .host_path(cluster.socket_dir())
             .port(nox_pg_embed::SOCKET_PORT)
             .user(nox_pg_embed::SUPERUSER)
+            .password(cluster.password())
             .dbname(EMBEDDED_DATABASE);
         Ok(Database {
             pg_config,

@@ -4,20 +4,32 @@
 //! cluster in `<NOX_DATA_DIR>/pg` ([`Cluster::start`]), and the test harness
 //! runs a throwaway one that dies with the test process
 //! ([`Cluster::start_ephemeral`]). The cluster listens only on a Unix socket
-//! inside its data directory (no TCP port), with `trust` authentication, so
-//! only its owner (and root) can reach it.
+//! inside its data directory (no TCP port), and every connection must give
+//! a password (`scram-sha-256`): whoever can reach the socket, a sandboxed
+//! command running as the cluster's own uid included, still needs it.
+//!
+//! The persistent cluster's password is generated once and kept in
+//! `<data_dir>.password` (`<NOX_DATA_DIR>/pg.password`), mode 0600, owned by
+//! this process's uid: beside the data directory rather than in it, because
+//! the data directory belongs to the cluster's user and `initdb` wants it
+//! empty. It is the source of truth: every start that finds the cluster
+//! stopped sets the role's password from it in single-user mode (no socket
+//! open, no authentication involved) and then rewrites `pg_hba.conf`, so a
+//! cluster created with `trust` by an older Nox is upgraded, a crash between
+//! the steps is repaired by the next start, and a lost file is replaced.
 //!
 //! `initdb` and `postgres` refuse to run as root. When this process is root,
 //! the cluster runs as an unprivileged system user (`postgres` if it exists,
-//! else `nobody`) that owns the data directory.
+//! else `nobody`) that owns the data directory ([`service_uid`]).
 //!
 //! Everything here is synchronous: it runs once at start-up and shutdown.
 
 #![allow(unsafe_code)] // One `pre_exec` hook, see `start_ephemeral`.
 
+use std::fmt;
 use std::fs;
-use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -35,6 +47,16 @@ const MAX_SOCKET_PATH: usize = 107;
 /// cluster and is therefore responsible for stopping it.
 const OWNER_FILE: &str = "nox-owner.pid";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// The only client authentication the cluster accepts. The socket is the
+/// only way in; the host lines keep a password required if TCP is enabled.
+const HBA_CONF: &str = "\
+# Written by Nox, which puts it back whenever it starts the stopped cluster.
+# Every connection must give the password (kept beside the data directory).
+local all all scram-sha-256
+local replication all scram-sha-256
+host all all all scram-sha-256
+host replication all all scram-sha-256
+";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
@@ -62,6 +84,10 @@ pub enum EmbedError {
         "running as root, but neither a 'postgres' nor a 'nobody' user exists to run PostgreSQL: create one or set DATABASE_URL"
     )]
     NoServiceUser,
+    #[error("the PostgreSQL password file {path}: {problem}")]
+    PasswordFile { path: PathBuf, problem: String },
+    #[error("generating the PostgreSQL password: {0}")]
+    Random(#[from] getrandom::Error),
     #[error("{command} failed: {detail}")]
     Command { command: String, detail: String },
     #[error("PostgreSQL did not become ready within {0:?}; see {1}")]
@@ -131,6 +157,126 @@ fn has_tools(dir: &Path) -> bool {
         .all(|tool| dir.join(tool).is_file())
 }
 
+/// The cluster's password. `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+struct Password(String);
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
+}
+
+impl Password {
+    /// 32 random bytes as hex: nothing to quote in SQL or a conninfo.
+    fn generate() -> Result<Password, EmbedError> {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes)?;
+        Ok(Password(hex::encode(bytes)))
+    }
+
+    /// Reads the password file, creating it first if it is missing. Two
+    /// processes starting at once agree: the file is published with a
+    /// hard link, which never replaces one that appeared meanwhile.
+    fn load_or_create(path: &Path) -> Result<Password, EmbedError> {
+        let problem = |problem: String| EmbedError::PasswordFile {
+            path: path.to_path_buf(),
+            problem,
+        };
+        if fs::symlink_metadata(path).is_err() {
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)
+                    .map_err(io_err(format!("creating {}", parent.display())))?;
+            }
+            let password = Password::generate()?;
+            let temp =
+                path.with_file_name(format!(".{}.tmp-{}", file_name(path), std::process::id()));
+            let _ = fs::remove_file(&temp);
+            write_private(&temp, &format!("{}\n", password.0))
+                .map_err(io_err(format!("writing {}", temp.display())))?;
+            let linked = fs::hard_link(&temp, path);
+            let _ = fs::remove_file(&temp);
+            match linked {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "generated the embedded PostgreSQL password");
+                    return Ok(password);
+                }
+                Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(error) => return Err(io_err(format!("creating {}", path.display()))(error)),
+            }
+        }
+        let metadata =
+            fs::symlink_metadata(path).map_err(io_err(format!("reading {}", path.display())))?;
+        if !metadata.is_file() {
+            return Err(problem("is not a regular file".into()));
+        }
+        if metadata.uid() != Uid::effective().as_raw() {
+            return Err(problem(format!(
+                "is owned by uid {}, not by this process's uid {}",
+                metadata.uid(),
+                Uid::effective()
+            )));
+        }
+        if metadata.mode() & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), "the PostgreSQL password file was readable by others: restricting it to mode 0600");
+            fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+                .map_err(io_err(format!("restricting {}", path.display())))?;
+        }
+        let text =
+            fs::read_to_string(path).map_err(io_err(format!("reading {}", path.display())))?;
+        let password = text.trim_end_matches(['\n', '\r']);
+        // Printable ASCII without spaces: it goes on one line of SQL.
+        if password.len() < 16
+            || password.len() > 512
+            || !password.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(problem(
+                "must hold one line of 16 to 512 printable ASCII characters without spaces".into(),
+            ));
+        }
+        Ok(Password(password.to_owned()))
+    }
+
+    /// The password as an SQL string literal.
+    fn sql_literal(&self) -> String {
+        format!("'{}'", self.0.replace('\'', "''"))
+    }
+}
+
+/// Creates `path` (which must not exist) with mode 0600 and `text`, durably.
+fn write_private(path: &Path, text: &str) -> io::Result<()> {
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Where the persistent cluster in `data_dir` keeps its password: beside it,
+/// as `<data_dir>.password` (`<NOX_DATA_DIR>/pg.password`).
+pub fn password_file(data_dir: &Path) -> PathBuf {
+    data_dir.with_file_name(format!("{}.password", file_name(data_dir)))
+}
+
+/// The uid the embedded cluster runs as when this process starts it: the
+/// `postgres` user (else `nobody`) when this process is root, this process's
+/// own uid otherwise. Sandboxed commands must never run as this uid: it owns
+/// the cluster's data files. [`Cluster::uid`] gives the same for a cluster.
+pub fn service_uid() -> Result<u32, EmbedError> {
+    Ok(match RunAs::for_current_process()? {
+        Some(run_as) => run_as.uid.as_raw(),
+        None => Uid::effective().as_raw(),
+    })
+}
+
 /// The OS user the cluster's processes run as.
 #[derive(Debug, Clone)]
 struct RunAs {
@@ -170,6 +316,7 @@ pub struct Cluster {
     binaries: Binaries,
     data_dir: PathBuf,
     run_as: Option<RunAs>,
+    password: Password,
     /// Set when this handle started the cluster and must stop it.
     owned: bool,
     /// For an ephemeral cluster: the postmaster, our direct child.
@@ -183,34 +330,44 @@ impl Cluster {
     /// Starts (creating it on first use) the persistent cluster in `data_dir`
     /// through `pg_ctl`, or attaches to it when another live process already
     /// started it. A cluster left running by a process that died is adopted,
-    /// so whoever holds the returned handle stops it.
+    /// so whoever holds the returned handle stops it; it is restarted first,
+    /// to pass through the same password set-up as a stopped cluster.
+    ///
+    /// The password is read from [`password_file`]`(data_dir)`, which is
+    /// created on first use.
     pub fn start(data_dir: &Path, bin_dir: Option<&Path>) -> Result<Cluster, EmbedError> {
-        let mut cluster = Cluster::prepare(data_dir, bin_dir, "")?;
+        let password = Password::load_or_create(&password_file(data_dir))?;
+        let mut cluster = Cluster::prepare(data_dir, bin_dir, "", password)?;
         if cluster.is_running()? {
             match cluster.owner_pid() {
                 Some(pid) if pid != std::process::id() && process_alive(pid) => {
                     tracing::info!(data_dir = %cluster.data_dir.display(), owner_pid = pid, "using the embedded PostgreSQL another process started");
+                    if !cluster.hba_is_current()? {
+                        tracing::warn!(data_dir = %cluster.data_dir.display(), "the running embedded PostgreSQL still accepts connections without a password: restart the process that started it to upgrade it");
+                    }
                     return Ok(cluster);
                 }
                 _ => {
-                    tracing::warn!(data_dir = %cluster.data_dir.display(), "adopting an embedded PostgreSQL left running by a process that exited");
+                    tracing::warn!(data_dir = %cluster.data_dir.display(), "restarting an embedded PostgreSQL left running by a process that exited");
+                    cluster.owned = true;
+                    cluster.stop()?;
                 }
             }
-        } else {
-            let log = cluster.data_dir.join("server.log");
-            let mut command = Command::new(cluster.binaries.tool("pg_ctl"));
-            command
-                .arg("start")
-                .arg("--wait")
-                .arg("--timeout")
-                .arg(START_TIMEOUT.as_secs().to_string())
-                .arg("--pgdata")
-                .arg(&cluster.data_dir)
-                .arg("--log")
-                .arg(&log)
-                .arg("--silent");
-            cluster.run(command, "pg_ctl start")?;
         }
+        cluster.require_password()?;
+        let log = cluster.data_dir.join("server.log");
+        let mut command = Command::new(cluster.binaries.tool("pg_ctl"));
+        command
+            .arg("start")
+            .arg("--wait")
+            .arg("--timeout")
+            .arg(START_TIMEOUT.as_secs().to_string())
+            .arg("--pgdata")
+            .arg(&cluster.data_dir)
+            .arg("--log")
+            .arg(&log)
+            .arg("--silent");
+        cluster.run(command, "pg_ctl start")?;
         cluster.owned = true;
         cluster.write_owner_pid()?;
         Ok(cluster)
@@ -221,21 +378,16 @@ impl Cluster {
     /// when the thread that started it exits, so call this from a thread that
     /// lives as long as the process (the test harness does). Durability
     /// settings are off: it is for tests.
+    ///
+    /// Its password is generated and kept in memory only: see
+    /// [`Cluster::password`].
     pub fn start_ephemeral(data_dir: &Path) -> Result<Cluster, EmbedError> {
-        let mut cluster = Cluster::prepare(data_dir, None, EPHEMERAL_SETTINGS)?;
+        let mut cluster =
+            Cluster::prepare(data_dir, None, EPHEMERAL_SETTINGS, Password::generate()?)?;
+        cluster.require_password()?;
         let log = fs::File::create(cluster.data_dir.join("server.log"))
             .map_err(io_err("creating the PostgreSQL log file"))?;
-        if let Some(run_as) = &cluster.run_as {
-            nix::unistd::chown(
-                &cluster.data_dir.join("server.log"),
-                Some(run_as.uid),
-                Some(run_as.gid),
-            )
-            .map_err(|errno| EmbedError::Io {
-                context: "handing the log file to the service user".into(),
-                source: errno.into(),
-            })?;
-        }
+        cluster.hand_over(&cluster.data_dir.join("server.log"))?;
         let mut command = Command::new(cluster.binaries.tool("postgres"));
         command
             .arg("-D")
@@ -272,6 +424,7 @@ impl Cluster {
         data_dir: &Path,
         bin_dir: Option<&Path>,
         extra_settings: &str,
+        password: Password,
     ) -> Result<Cluster, EmbedError> {
         let binaries = Binaries::find(bin_dir)?;
         let run_as = RunAs::for_current_process()?;
@@ -287,6 +440,7 @@ impl Cluster {
             binaries,
             data_dir,
             run_as,
+            password,
             owned: false,
             child: None,
         };
@@ -304,17 +458,38 @@ impl Cluster {
         // initdb wants an empty directory it owns with mode 0700.
         fs::set_permissions(&self.data_dir, fs::Permissions::from_mode(0o700))
             .map_err(io_err("restricting the data directory"))?;
+        // initdb reads the password from a file its user can open, and the
+        // data directory must be empty: a short-lived file beside it.
+        let pwfile = self.data_dir.with_file_name(format!(
+            ".{}.initdb-{}",
+            file_name(&self.data_dir),
+            std::process::id()
+        ));
+        let _ = fs::remove_file(&pwfile);
+        write_private(&pwfile, &format!("{}\n", self.password.0))
+            .map_err(io_err("writing initdb's password file"))?;
         let mut command = Command::new(self.binaries.tool("initdb"));
         command
             .arg("--pgdata")
             .arg(&self.data_dir)
             .arg("--username")
             .arg(SUPERUSER)
-            .arg("--auth=trust")
+            .arg("--auth=scram-sha-256")
+            .arg("--pwfile")
+            .arg(&pwfile)
             .arg("--encoding=UTF8")
             .arg("--locale=C")
             .arg("--no-instructions");
-        self.run(command, "initdb")?;
+        let result = self
+            .hand_over(&pwfile)
+            .and_then(|()| self.run(command, "initdb"));
+        let _ = fs::remove_file(&pwfile);
+        result?;
+        self.append_settings(extra_settings)
+    }
+
+    /// Nox's settings, appended to the `postgresql.conf` initdb wrote.
+    fn append_settings(&self, extra_settings: &str) -> Result<(), EmbedError> {
         let settings = format!(
             "\n# Added by Nox: Unix socket only, inside the data directory.\nlisten_addresses = ''\nport = {SOCKET_PORT}\nunix_socket_directories = '{}'\nmax_connections = 200\n{extra_settings}",
             self.data_dir.display().to_string().replace('\'', "''")
@@ -324,6 +499,96 @@ impl Cluster {
         text.push_str(&settings);
         fs::write(&conf, text).map_err(io_err("writing postgresql.conf"))?;
         Ok(())
+    }
+
+    /// Makes the cluster, which must be stopped, require the password: sets
+    /// the role's password in single-user mode (which opens no socket and
+    /// authenticates no one), then replaces `pg_hba.conf`. In this order a
+    /// crash never leaves a password required that was not set, and the
+    /// next start repeats both steps, so it is safe to run at every start.
+    fn require_password(&self) -> Result<(), EmbedError> {
+        self.set_password_offline()?;
+        if self.hba_is_current()? {
+            return Ok(());
+        }
+        let hba = self.data_dir.join("pg_hba.conf");
+        let temp = self.data_dir.join("pg_hba.conf.nox-tmp");
+        let _ = fs::remove_file(&temp);
+        write_private(&temp, HBA_CONF).map_err(io_err("writing pg_hba.conf"))?;
+        self.hand_over(&temp)?;
+        fs::rename(&temp, &hba).map_err(io_err("replacing pg_hba.conf"))?;
+        tracing::info!(data_dir = %self.data_dir.display(), "the embedded PostgreSQL now requires a password for every connection");
+        Ok(())
+    }
+
+    fn hba_is_current(&self) -> Result<bool, EmbedError> {
+        let text = fs::read_to_string(self.data_dir.join("pg_hba.conf"))
+            .map_err(io_err("reading pg_hba.conf"))?;
+        Ok(text == HBA_CONF)
+    }
+
+    /// `ALTER ROLE … PASSWORD` through `postgres --single`, the statement on
+    /// stdin (never argv). Statements are kept out of its log output, and its
+    /// stderr is redacted before it goes into an error.
+    fn set_password_offline(&self) -> Result<(), EmbedError> {
+        let mut command = Command::new(self.binaries.tool("postgres"));
+        command
+            .arg("--single")
+            .arg("-D")
+            .arg(&self.data_dir)
+            .args(["-c", "log_min_error_statement=panic"])
+            .args(["-c", "log_statement=none"])
+            .args(["-c", "password_encryption=scram-sha-256"])
+            .arg("postgres")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(run_as) = &self.run_as {
+            run_as.apply(&mut command);
+        }
+        let mut child = command
+            .spawn()
+            .map_err(io_err("running postgres --single"))?;
+        let statement = format!(
+            "ALTER ROLE {SUPERUSER} PASSWORD {};\n",
+            self.password.sql_literal()
+        );
+        let written = child
+            .stdin
+            .take()
+            .map(|mut stdin| stdin.write_all(statement.as_bytes()));
+        let output = child
+            .wait_with_output()
+            .map_err(io_err("running postgres --single"))?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        // Single-user mode exits 0 even when the statement failed.
+        let failed = ["ERROR:", "FATAL:", "PANIC:"]
+            .iter()
+            .any(|level| stderr.contains(level));
+        if output.status.success() && !failed && matches!(written, Some(Ok(()))) {
+            return Ok(());
+        }
+        Err(EmbedError::Command {
+            command: "setting the PostgreSQL password (postgres --single)".into(),
+            detail: format!(
+                "{}: {}",
+                output.status,
+                stderr.replace(&self.password.0, "<redacted>").trim()
+            ),
+        })
+    }
+
+    /// Gives a file we created to the service user (when there is one).
+    fn hand_over(&self, path: &Path) -> Result<(), EmbedError> {
+        let Some(run_as) = &self.run_as else {
+            return Ok(());
+        };
+        nix::unistd::chown(path, Some(run_as.uid), Some(run_as.gid)).map_err(|errno| {
+            EmbedError::Io {
+                context: format!("handing {} to user {}", path.display(), run_as.name),
+                source: errno.into(),
+            }
+        })
     }
 
     /// Hands the data directory to the service user and checks that it can
@@ -466,6 +731,20 @@ impl Cluster {
         &self.data_dir
     }
 
+    /// The password of [`SUPERUSER`]: put it in the connection config. Keep it
+    /// out of logs and errors (the cluster's `Debug` redacts it).
+    pub fn password(&self) -> &str {
+        &self.password.0
+    }
+
+    /// The uid the cluster's processes run as (see [`service_uid`]).
+    pub fn uid(&self) -> u32 {
+        match &self.run_as {
+            Some(run_as) => run_as.uid.as_raw(),
+            None => Uid::effective().as_raw(),
+        }
+    }
+
     /// Whether this handle started (or adopted) the cluster and will stop it.
     pub fn is_owned(&self) -> bool {
         self.owned
@@ -530,3 +809,6 @@ fn chown_recursive(path: &Path, run_as: &RunAs) -> Result<(), EmbedError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -53,20 +53,22 @@ async fn choose_server() -> anyhow::Result<Config> {
     eprintln!(
         "nox-testkit: no DATABASE_URL and no PostgreSQL on 127.0.0.1:5432; starting a throwaway cluster"
     );
-    let socket_dir = tokio::task::spawn_blocking(start_throwaway_cluster).await??;
+    let (socket_dir, password) = tokio::task::spawn_blocking(start_throwaway_cluster).await??;
     let mut config = Config::new();
     config
         .host_path(&socket_dir)
         .port(nox_pg_embed::SOCKET_PORT)
         .user(nox_pg_embed::SUPERUSER)
+        .password(password)
         .dbname("postgres");
     Ok(config)
 }
 
 /// Starts a cluster in `/tmp/nox-testpg-<pid>` on a thread that lives as
 /// long as the process, so the cluster gets its shutdown signal exactly when
-/// the test process exits (see `Cluster::start_ephemeral`).
-fn start_throwaway_cluster() -> anyhow::Result<PathBuf> {
+/// the test process exits (see `Cluster::start_ephemeral`). Returns its
+/// socket directory and password.
+fn start_throwaway_cluster() -> anyhow::Result<(PathBuf, String)> {
     remove_stale_clusters();
     let dir = std::env::temp_dir().join(format!("nox-testpg-{}", std::process::id()));
     let (sender, receiver) = std::sync::mpsc::channel();
@@ -75,7 +77,10 @@ fn start_throwaway_cluster() -> anyhow::Result<PathBuf> {
         .spawn(move || {
             match nox_pg_embed::Cluster::start_ephemeral(&dir) {
                 Ok(cluster) => {
-                    let _ = sender.send(Ok(cluster.socket_dir().to_path_buf()));
+                    let _ = sender.send(Ok((
+                        cluster.socket_dir().to_path_buf(),
+                        cluster.password().to_owned(),
+                    )));
                     // Keep the cluster (and this thread) alive until exit.
                     loop {
                         std::thread::park();
