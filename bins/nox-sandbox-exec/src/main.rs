@@ -3,7 +3,8 @@
 //! The server spawns this small, single-threaded program instead of doing
 //! the work between `fork` and `exec` itself (unsafe in a multi-threaded
 //! process). It:
-//! 1. creates a per-run memory and pids cgroup (v1) when it can;
+//! 1. creates the run's memory and pids cgroups (v1, or v2 under
+//!    `--cgroup-parent`: see [`cgroups`]) when it can;
 //! 2. enters new PID and network namespaces (network: unless allowed);
 //! 3. forks the namespace's init, which sets rlimits, drops to the run user,
 //!    applies Landlock (read-only system directories, read-write workspace),
@@ -26,6 +27,8 @@
 
 #![allow(unsafe_code)] // fork(2), in a single-threaded process.
 
+mod cgroups;
+
 use std::ffi::CString;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -33,6 +36,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use cgroups::Cgroups;
 use clap::Parser;
 use nix::errno::Errno;
 use nix::sched::{CloneFlags, unshare};
@@ -79,6 +83,10 @@ struct Args {
     /// A unique name for this run's cgroups.
     #[arg(long)]
     run_id: String,
+    /// cgroup v2: the delegated directory the run's cgroup goes in (the
+    /// server prepares it); without it, the v1 hierarchies.
+    #[arg(long)]
+    cgroup_parent: Option<PathBuf>,
 }
 
 /// The longest command accepted on standard input (`POST /run` allows
@@ -107,7 +115,6 @@ const DEVICES: &[&str] = &[
     "/dev/random",
     "/dev/full",
 ];
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 fn main() {
     // SIGTERM cancels a run (see `run`): blocked from the start, so one that
@@ -139,123 +146,18 @@ fn sigterm() -> SigSet {
     set
 }
 
-/// The per-run cgroups (v1 hierarchies), when the machine lets us make them.
-struct Cgroups {
-    memory: Option<PathBuf>,
-    pids: Option<PathBuf>,
-}
-
-impl Cgroups {
-    fn create(run_id: &str, memory_bytes: u64, max_processes: u64) -> Cgroups {
-        let make = |controller: &str, settings: &[(&str, String)]| -> Option<PathBuf> {
-            let dir = Path::new(CGROUP_ROOT)
-                .join(controller)
-                .join("nox")
-                .join(run_id);
-            fs::create_dir_all(&dir).ok()?;
-            for (file, value) in settings {
-                if fs::write(dir.join(file), value).is_err() {
-                    let _ = fs::remove_dir(&dir);
-                    return None;
-                }
-            }
-            Some(dir)
-        };
-        Cgroups {
-            memory: make(
-                "memory",
-                &[
-                    ("memory.limit_in_bytes", memory_bytes.to_string()),
-                    // No swap either, where the kernel accounts it.
-                    ("memory.swappiness", "0".into()),
-                ],
-            ),
-            pids: make("pids", &[("pids.max", max_processes.to_string())]),
-        }
-    }
-
-    fn add(&self, pid: Pid) {
-        for dir in [&self.memory, &self.pids].into_iter().flatten() {
-            let _ = fs::write(dir.join("cgroup.procs"), pid.to_string());
-        }
-    }
-
-    fn memory_peak_kb(&self) -> Option<u64> {
-        let dir = self.memory.as_ref()?;
-        let bytes: u64 = fs::read_to_string(dir.join("memory.max_usage_in_bytes"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        Some(bytes / 1024)
-    }
-
-    /// Whether the run's memory cgroup killed one of its processes, whichever
-    /// (bash itself, or a child bash outlived: then bash usually exits 137).
-    fn memory_limited(&self, exit_code: Option<i32>, signal: Option<i32>) -> bool {
-        let Some(dir) = &self.memory else {
-            return false;
-        };
-        let oom_kills = fs::read_to_string(dir.join("memory.oom_control"))
-            .ok()
-            .and_then(|text| {
-                text.lines()
-                    .find_map(|line| line.strip_prefix("oom_kill "))
-                    .and_then(|n| n.trim().parse::<u64>().ok())
-            });
-        match oom_kills {
-            Some(kills) => kills > 0,
-            // Kernels before 4.13 do not count OOM kills per cgroup: the
-            // limit was reached (which reclaiming the page cache also
-            // counts) and something died of SIGKILL.
-            None => {
-                read_number(&dir.join("memory.failcnt")).unwrap_or(0) > 0
-                    && died_of(Signal::SIGKILL, exit_code, signal)
-            }
-        }
-    }
-
-    fn processes_limited(&self) -> bool {
-        self.pids.as_ref().is_some_and(|dir| {
-            fs::read_to_string(dir.join("pids.events"))
-                .ok()
-                .and_then(|text| {
-                    text.lines()
-                        .find_map(|line| line.strip_prefix("max "))
-                        .and_then(|n| n.trim().parse::<u64>().ok())
-                })
-                .unwrap_or(0)
-                > 0
-        })
-    }
-
-    fn remove(&self) {
-        for dir in [&self.memory, &self.pids].into_iter().flatten() {
-            // Empty by now: every process of the run is dead and reaped.
-            for _ in 0..50 {
-                if fs::remove_dir(dir).is_ok() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-}
-
-fn read_number(path: &Path) -> Option<u64> {
-    fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
 fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
     let is_root = Uid::effective().is_root();
     let memory_bytes = args.memory_mb * 1024 * 1024;
-    let cgroups = if is_root {
-        Cgroups::create(&args.run_id, memory_bytes, args.max_processes)
+    let mut cgroups = if is_root {
+        Cgroups::create(
+            args.cgroup_parent.as_deref(),
+            &args.run_id,
+            memory_bytes,
+            args.max_processes,
+        )
     } else {
-        Cgroups {
-            memory: None,
-            pids: None,
-        }
+        Cgroups::Absent
     };
 
     let mut namespaces = CloneFlags::CLONE_NEWPID;
@@ -284,7 +186,7 @@ fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
             drop(status_read);
             drop(go_write);
             let _ = terminate.thread_unblock();
-            let code = init_process(args, namespaced, go_read, status_write, script);
+            let code = init_process(args, &cgroups, namespaced, go_read, status_write, script);
             std::process::exit(code);
         }
         ForkResult::Parent { child } => child,
@@ -292,7 +194,14 @@ fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
     drop(script);
     drop(status_write);
     drop(go_read);
-    cgroups.add(init);
+    if !cgroups.add(init) {
+        // Init checked its limits before the fork: it would run believing
+        // a cgroup holds it. Stop rather than run it unlimited.
+        let _ = kill(init, Signal::SIGKILL);
+        let _ = waitpid(init, None);
+        cgroups.remove();
+        return Err("cannot move the run into its cgroup".into());
+    }
     let mut go = fs::File::from(go_write);
     let _ = go.write_all(b"g");
     drop(go);
@@ -317,6 +226,7 @@ fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
             cancelled = true;
             end_run();
         }
+        cgroups.sample_memory();
         std::thread::sleep(Duration::from_millis(5));
     }
     let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -333,7 +243,7 @@ fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
     // Time first: the deadline kills everything, whatever else happened.
     let limit_hit = if timed_out {
         Some("time")
-    } else if cgroups.memory_limited(exit_code, signal) {
+    } else if cgroups.memory_limited(died_of(Signal::SIGKILL, exit_code, signal)) {
         Some("memory")
     } else if died_of(Signal::SIGXCPU, exit_code, signal)
         || (died_of(Signal::SIGKILL, exit_code, signal)
@@ -356,11 +266,12 @@ fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
         "cpu_time_ms": cpu_time_ms,
         "memory_peak_kb": memory_peak_kb,
         "limit_hit": limit_hit,
+        "cgroup": cgroups.version(),
         "layers": {
             "pid_namespace": namespaced,
             "network_namespace": namespaced && !args.allow_network,
-            "memory_cgroup": cgroups.memory.is_some(),
-            "pids_cgroup": cgroups.pids.is_some(),
+            "memory_cgroup": cgroups.limits_memory(),
+            "pids_cgroup": cgroups.limits_processes(),
             "run_as_user": is_root && args.uid.is_some(),
             "landlock": landlock_available(),
             "rlimits": true,
@@ -450,6 +361,7 @@ fn decode_status(bytes: &[u8]) -> (Option<i32>, Option<i32>) {
 /// PID 1 of the run's namespace. Returns its exit code.
 fn init_process(
     args: &Args,
+    cgroups: &Cgroups,
     namespaced: bool,
     go: OwnedFd,
     status: OwnedFd,
@@ -471,7 +383,7 @@ fn init_process(
         }
     };
 
-    if let Err(error) = contain(args) {
+    if let Err(error) = contain(args, cgroups) {
         eprintln!("nox-sandbox-exec: {error}");
         return 71;
     }
@@ -530,7 +442,7 @@ fn kill_all(group: Pid) {
 }
 
 /// Limits, user and Landlock, applied to init and inherited by the command.
-fn contain(args: &Args) -> Result<(), String> {
+fn contain(args: &Args, cgroups: &Cgroups) -> Result<(), String> {
     let cpu = args.cpu_secs;
     let limits: &[(Resource, u64, u64)] = &[
         (Resource::RLIMIT_CPU, cpu, cpu + 1),
@@ -549,20 +461,12 @@ fn contain(args: &Args) -> Result<(), String> {
     for (resource, soft, hard) in limits {
         setrlimit(*resource, *soft, *hard).map_err(|e| format!("setrlimit {resource:?}: {e}"))?;
     }
-    if !Path::new(CGROUP_ROOT)
-        .join("memory/nox")
-        .join(&args.run_id)
-        .exists()
-    {
+    if !cgroups.limits_memory() {
         // No memory cgroup: bound each process's address space instead.
         let bytes = args.memory_mb * 1024 * 1024;
         setrlimit(Resource::RLIMIT_AS, bytes, bytes).map_err(|e| format!("setrlimit AS: {e}"))?;
     }
-    if !Path::new(CGROUP_ROOT)
-        .join("pids/nox")
-        .join(&args.run_id)
-        .exists()
-    {
+    if !cgroups.limits_processes() {
         setrlimit(
             Resource::RLIMIT_NPROC,
             args.max_processes,
