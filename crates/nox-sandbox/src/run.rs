@@ -48,6 +48,9 @@ pub struct RunRequest {
     pub stdin: Option<String>,
     pub limits: RunLimits,
     pub user: Option<RunUser>,
+    /// cgroup v2: the directory the run's cgroup goes under (see
+    /// [`crate::cgroup::prepare`]); none: the v1 hierarchies, if any.
+    pub cgroup_parent: Option<PathBuf>,
 }
 
 /// The isolation layers a run got.
@@ -73,6 +76,8 @@ struct Report {
     cpu_time_ms: f64,
     memory_peak_kb: u64,
     limit_hit: Option<String>,
+    #[serde(default)]
+    cgroup: Option<String>,
     layers: Layers,
     error: Option<String>,
 }
@@ -100,6 +105,8 @@ pub struct RunOutcome {
     pub cpu_time_ms: f64,
     pub memory_peak_kb: u64,
     pub limit_hit: Option<String>,
+    /// The cgroup hierarchy the run's limits were in: `v1`, `v2`, or none.
+    pub cgroup: Option<String>,
     pub layers: Layers,
 }
 
@@ -149,6 +156,9 @@ pub async fn run(
         .stderr(Stdio::piped());
     if limits.allow_network {
         command.arg("--allow-network");
+    }
+    if let Some(parent) = &request.cgroup_parent {
+        command.arg("--cgroup-parent").arg(parent);
     }
     if let Some(user) = &request.user {
         command
@@ -234,6 +244,7 @@ pub async fn run(
         cpu_time_ms: report.cpu_time_ms,
         memory_peak_kb: report.memory_peak_kb,
         limit_hit: report.limit_hit,
+        cgroup: report.cgroup,
         layers: report.layers,
     })
 }
