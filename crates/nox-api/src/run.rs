@@ -32,6 +32,8 @@ pub struct RunService {
     launcher: Option<PathBuf>,
     report_dir: PathBuf,
     user: Option<RunUser>,
+    /// cgroup v2: where runs' cgroups go (none: the v1 hierarchies).
+    cgroup_parent: Option<PathBuf>,
     default_timeout: Duration,
     max_memory_mb: u64,
     output_limit: usize,
@@ -66,6 +68,11 @@ impl RunService {
         } else {
             None
         };
+        let cgroup_parent = if user.is_some() {
+            prepare_cgroup_v2(config)
+        } else {
+            None
+        };
         let permits = config
             .run_max_concurrent
             .unwrap_or_else(|| 2 * std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -73,6 +80,7 @@ impl RunService {
             launcher,
             report_dir,
             user,
+            cgroup_parent,
             default_timeout: Duration::from_secs(config.run_timeout_secs),
             max_memory_mb: config.run_max_memory_mb,
             output_limit: config.run_output_limit,
@@ -82,7 +90,7 @@ impl RunService {
             layers: None,
         };
         service.layers = service.probe(config).await;
-        start_sweeping_leftovers(service.report_dir.clone());
+        start_sweeping_leftovers(service.report_dir.clone(), service.cgroup_parent.clone());
         Ok(service)
     }
 
@@ -108,6 +116,7 @@ impl RunService {
             stdin: None,
             limits: self.limits(Duration::from_secs(10), 64),
             user: self.user.clone(),
+            cgroup_parent: self.cgroup_parent.clone(),
         };
         let never = std::future::pending();
         match nox_sandbox::run::run(launcher, &self.report_dir, &request, never).await {
@@ -128,6 +137,7 @@ impl RunService {
                 .filter(|(_, present)| !present)
                 .map(|(name, _)| name)
                 .collect();
+                tracing::info!(cgroup = ?outcome.cgroup, "the command sandbox works");
                 if !missing.is_empty() {
                     tracing::warn!(
                         ?missing,
@@ -362,6 +372,7 @@ pub async fn run_command(
         stdin: body.stdin,
         limits: service.limits(timeout, memory_mb),
         user: service.user.clone(),
+        cgroup_parent: service.cgroup_parent.clone(),
     };
     // A client that leaves ends its run (within ~100 ms), like a reset
     // connection, which drops this handler and the run with it.
@@ -383,20 +394,55 @@ pub async fn run_command(
     Ok(respond(outcome, timeout, kind))
 }
 
+/// On a cgroup v2 machine, prepares `NOX_CGROUP_PARENT` for runs (see
+/// `nox_sandbox::cgroup`) and returns the directory runs' cgroups go under.
+/// None on a v1 machine, or when it cannot be prepared (warned: runs then
+/// have no cgroup limits, and their layers say so).
+fn prepare_cgroup_v2(config: &Config) -> Option<PathBuf> {
+    use nox_sandbox::cgroup;
+    let root = std::path::Path::new(cgroup::CGROUP_ROOT);
+    if !cgroup::is_unified(root) {
+        return None;
+    }
+    let parent = &config.cgroup_parent;
+    match cgroup::prepare(parent, cgroup::own_cgroup(root).as_deref()) {
+        Ok(runs) => {
+            if !(runs.memory && runs.pids) {
+                tracing::warn!(
+                    parent = %parent.display(),
+                    memory = runs.memory,
+                    pids = runs.pids,
+                    "NOX_CGROUP_PARENT does not offer the memory and pids controllers: \
+                     runs lack those cgroup limits (delegate them: Delegate=yes)"
+                );
+            }
+            Some(runs.parent)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot prepare NOX_CGROUP_PARENT: runs get no cgroups");
+            None
+        }
+    }
+}
+
 /// Every minute, removes the cgroups and reports that runs whose launcher
 /// was killed left behind (also those of a previous server process).
-fn start_sweeping_leftovers(report_dir: PathBuf) {
+fn start_sweeping_leftovers(report_dir: PathBuf, cgroup_v2_parent: Option<PathBuf>) {
     use nox_sandbox::leftovers;
     tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(60));
         loop {
             every.tick().await;
             let dir = report_dir.clone();
+            let cgroup_v2_parent = cgroup_v2_parent.clone();
             let swept = tokio::task::spawn_blocking(move || {
-                let cgroups = leftovers::sweep_cgroups(
-                    std::path::Path::new(leftovers::CGROUP_ROOT),
-                    leftovers::MIN_AGE,
-                );
+                let cgroups = match &cgroup_v2_parent {
+                    Some(parent) => leftovers::sweep_v2_cgroups(parent, leftovers::MIN_AGE),
+                    None => leftovers::sweep_cgroups(
+                        std::path::Path::new(leftovers::CGROUP_ROOT),
+                        leftovers::MIN_AGE,
+                    ),
+                };
                 (
                     cgroups,
                     leftovers::sweep_reports(&dir, leftovers::REPORT_MAX_AGE),
