@@ -82,3 +82,104 @@ fn the_alert_rules_use_only_exported_metrics_and_cover_the_essentials() {
         assert!(watched.contains(essential), "no alert on {essential}");
     }
 }
+
+/// `deploy/nox.service`'s `[section]`s and their `Key=value` settings, in
+/// order (values of repeated keys, such as `Environment=`, all kept).
+fn unit_settings(text: &str) -> Vec<(String, String, String)> {
+    let mut section = String::new();
+    let mut settings = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_owned();
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .unwrap_or_else(|| panic!("nox.service:{}: not Key=value: {line}", number + 1));
+        assert!(
+            !section.is_empty(),
+            "nox.service:{}: outside a section",
+            number + 1
+        );
+        settings.push((
+            section.clone(),
+            key.trim().to_owned(),
+            value.trim().to_owned(),
+        ));
+    }
+    settings
+}
+
+#[test]
+fn the_systemd_unit_delegates_its_cgroup_and_spares_the_launcher() {
+    let path = format!("{}/../deploy/nox.service", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let settings = unit_settings(&text);
+    let values = |section: &str, key: &str| -> Vec<&str> {
+        settings
+            .iter()
+            .filter(|(s, k, _)| s == section && k == key)
+            .map(|(_, _, v)| v.as_str())
+            .collect()
+    };
+    let sections: BTreeSet<&str> = settings.iter().map(|(s, _, _)| s.as_str()).collect();
+    assert_eq!(
+        sections,
+        BTreeSet::from(["Install", "Service", "Unit"]),
+        "{path}"
+    );
+    assert_eq!(values("Service", "Delegate"), ["yes"]);
+    assert_eq!(values("Service", "ExecStart").len(), 1);
+    // The parent is this unit's own cgroup: named after the file.
+    assert!(
+        values("Service", "Environment")
+            .contains(&"NOX_CGROUP_PARENT=/sys/fs/cgroup/system.slice/nox.service"),
+        "{path}"
+    );
+    // Settings that would break the launcher's namespaces, mounts, cgroups
+    // or setuid, or confuse the runs' /tmp.
+    for breaking in [
+        "NoNewPrivileges",
+        "PrivateTmp",
+        "ProtectControlGroups",
+        "ProtectKernelTunables",
+        "RestrictNamespaces",
+        "SystemCallFilter",
+        "PrivateDevices",
+        "CapabilityBoundingSet",
+        "User",
+        "DynamicUser",
+    ] {
+        assert!(
+            values("Service", breaking).is_empty(),
+            "{breaking}= in {path}"
+        );
+    }
+
+    // systemd's own parser, where installed: no complaint about a line of
+    // the unit (its output about the host is not the unit's business).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copy = dir.path().join("nox.service");
+    let runnable = text.replace(values("Service", "ExecStart")[0], "/bin/true");
+    std::fs::write(&copy, runnable).expect("copy");
+    match std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+    {
+        Ok(output) => {
+            let said = String::from_utf8_lossy(&output.stderr).into_owned()
+                + &String::from_utf8_lossy(&output.stdout);
+            let about_the_unit = format!("{}:", copy.display());
+            assert!(
+                !said.lines().any(|line| line.starts_with(&about_the_unit)),
+                "systemd-analyze verify: {said}"
+            );
+        }
+        Err(error) => eprintln!("systemd-analyze verify skipped: {error}"),
+    }
+}

@@ -3,7 +3,8 @@
 //! The server spawns this small, single-threaded program instead of doing
 //! the work between `fork` and `exec` itself (unsafe in a multi-threaded
 //! process). It:
-//! 1. creates a per-run memory and pids cgroup (v1) when it can;
+//! 1. creates the run's memory and pids cgroups (v1, or v2 under
+//!    `--cgroup-parent`: see [`cgroups`]) when it can;
 //! 2. enters new PID and network namespaces (network: unless allowed);
 //! 3. forks the namespace's init, which enters mount and IPC namespaces with
 //!    a root of its own (see [`root`]), sets rlimits, drops to the run user,
@@ -31,6 +32,7 @@
 
 #![allow(unsafe_code)] // fork(2), in a single-threaded process.
 
+mod cgroups;
 mod confinement;
 mod root;
 
@@ -38,9 +40,10 @@ use std::ffi::CString;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use cgroups::Cgroups;
 use clap::Parser;
 use nix::errno::Errno;
 use nix::sched::{CloneFlags, unshare};
@@ -94,6 +97,10 @@ struct Args {
     /// Run even when isolation layers are missing (`NOX_RUN_ISOLATION=relaxed`).
     #[arg(long)]
     relaxed: bool,
+    /// cgroup v2: the delegated directory the run's cgroup goes in (the
+    /// server prepares it); without it, the v1 hierarchies.
+    #[arg(long)]
+    cgroup_parent: Option<PathBuf>,
 }
 
 /// The longest command accepted on standard input (`POST /run` allows
@@ -109,8 +116,6 @@ const MAX_COMMAND_BYTES: usize = 1024 * 1024;
 /// bash exit with 128 + N). No process's argument list holds the command.
 const SHELL: &str =
     "IFS= read -r -d '' -u 3 __nox_command || exit 126; exec 3<&-; eval \"$__nox_command\"";
-
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 fn main() {
     // SIGTERM cancels a run (see `run`): blocked from the start, so one that
@@ -142,123 +147,18 @@ fn sigterm() -> SigSet {
     set
 }
 
-/// The per-run cgroups (v1 hierarchies), when the machine lets us make them.
-struct Cgroups {
-    memory: Option<PathBuf>,
-    pids: Option<PathBuf>,
-}
-
-impl Cgroups {
-    fn create(run_id: &str, memory_bytes: u64, max_processes: u64) -> Cgroups {
-        let make = |controller: &str, settings: &[(&str, String)]| -> Option<PathBuf> {
-            let dir = Path::new(CGROUP_ROOT)
-                .join(controller)
-                .join("nox")
-                .join(run_id);
-            fs::create_dir_all(&dir).ok()?;
-            for (file, value) in settings {
-                if fs::write(dir.join(file), value).is_err() {
-                    let _ = fs::remove_dir(&dir);
-                    return None;
-                }
-            }
-            Some(dir)
-        };
-        Cgroups {
-            memory: make(
-                "memory",
-                &[
-                    ("memory.limit_in_bytes", memory_bytes.to_string()),
-                    // No swap either, where the kernel accounts it.
-                    ("memory.swappiness", "0".into()),
-                ],
-            ),
-            pids: make("pids", &[("pids.max", max_processes.to_string())]),
-        }
-    }
-
-    fn add(&self, pid: Pid) {
-        for dir in [&self.memory, &self.pids].into_iter().flatten() {
-            let _ = fs::write(dir.join("cgroup.procs"), pid.to_string());
-        }
-    }
-
-    fn memory_peak_kb(&self) -> Option<u64> {
-        let dir = self.memory.as_ref()?;
-        let bytes: u64 = fs::read_to_string(dir.join("memory.max_usage_in_bytes"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        Some(bytes / 1024)
-    }
-
-    /// Whether the run's memory cgroup killed one of its processes, whichever
-    /// (bash itself, or a child bash outlived: then bash usually exits 137).
-    fn memory_limited(&self, exit_code: Option<i32>, signal: Option<i32>) -> bool {
-        let Some(dir) = &self.memory else {
-            return false;
-        };
-        let oom_kills = fs::read_to_string(dir.join("memory.oom_control"))
-            .ok()
-            .and_then(|text| {
-                text.lines()
-                    .find_map(|line| line.strip_prefix("oom_kill "))
-                    .and_then(|n| n.trim().parse::<u64>().ok())
-            });
-        match oom_kills {
-            Some(kills) => kills > 0,
-            // Kernels before 4.13 do not count OOM kills per cgroup: the
-            // limit was reached (which reclaiming the page cache also
-            // counts) and something died of SIGKILL.
-            None => {
-                read_number(&dir.join("memory.failcnt")).unwrap_or(0) > 0
-                    && died_of(Signal::SIGKILL, exit_code, signal)
-            }
-        }
-    }
-
-    fn processes_limited(&self) -> bool {
-        self.pids.as_ref().is_some_and(|dir| {
-            fs::read_to_string(dir.join("pids.events"))
-                .ok()
-                .and_then(|text| {
-                    text.lines()
-                        .find_map(|line| line.strip_prefix("max "))
-                        .and_then(|n| n.trim().parse::<u64>().ok())
-                })
-                .unwrap_or(0)
-                > 0
-        })
-    }
-
-    fn remove(&self) {
-        for dir in [&self.memory, &self.pids].into_iter().flatten() {
-            // Empty by now: every process of the run is dead and reaped.
-            for _ in 0..50 {
-                if fs::remove_dir(dir).is_ok() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-}
-
-fn read_number(path: &Path) -> Option<u64> {
-    fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
 fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
     let is_root = Uid::effective().is_root();
     let memory_bytes = args.memory_mb * 1024 * 1024;
-    let cgroups = if is_root {
-        Cgroups::create(&args.run_id, memory_bytes, args.max_processes)
+    let mut cgroups = if is_root {
+        Cgroups::create(
+            args.cgroup_parent.as_deref(),
+            &args.run_id,
+            memory_bytes,
+            args.max_processes,
+        )
     } else {
-        Cgroups {
-            memory: None,
-            pids: None,
-        }
+        Cgroups::Absent
     };
 
     let mut namespaces = CloneFlags::CLONE_NEWPID;
@@ -275,8 +175,8 @@ fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
     let missing: Vec<&str> = [
         ("pid_namespace", namespaced),
         ("network_namespace", namespaced || args.allow_network),
-        ("memory_cgroup", cgroups.memory.is_some()),
-        ("pids_cgroup", cgroups.pids.is_some()),
+        ("memory_cgroup", cgroups.limits_memory()),
+        ("pids_cgroup", cgroups.limits_processes()),
         ("run_as_user", run_as_user),
         ("landlock", landlock),
     ]
@@ -309,11 +209,7 @@ fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
             drop(status_read);
             drop(go_write);
             let _ = terminate.thread_unblock();
-            let by_cgroup = CgroupLimits {
-                memory: cgroups.memory.is_some(),
-                processes: cgroups.pids.is_some(),
-            };
-            let code = init_process(args, by_cgroup, namespaced, go_read, status_write, script);
+            let code = init_process(args, &cgroups, namespaced, go_read, status_write, script);
             std::process::exit(code);
         }
         ForkResult::Parent { child } => child,
@@ -321,7 +217,14 @@ fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
     drop(script);
     drop(status_write);
     drop(go_read);
-    cgroups.add(init);
+    if !cgroups.add(init) {
+        // Init checked its limits before the fork: it would run believing
+        // a cgroup holds it. Stop rather than run it unlimited.
+        let _ = kill(init, Signal::SIGKILL);
+        let _ = waitpid(init, None);
+        cgroups.remove();
+        return Err("cannot move the run into its cgroup".into());
+    }
     let mut go = fs::File::from(go_write);
     let _ = go.write_all(b"g");
     drop(go);
@@ -346,6 +249,7 @@ fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
             cancelled = true;
             end_run();
         }
+        cgroups.sample_memory();
         std::thread::sleep(Duration::from_millis(5));
     }
     let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -370,7 +274,7 @@ fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
     // Time first: the deadline kills everything, whatever else happened.
     let limit_hit = if timed_out {
         Some("time")
-    } else if cgroups.memory_limited(exit_code, signal) {
+    } else if cgroups.memory_limited(died_of(Signal::SIGKILL, exit_code, signal)) {
         Some("memory")
     } else if died_of(Signal::SIGXCPU, exit_code, signal)
         || (died_of(Signal::SIGKILL, exit_code, signal)
@@ -393,13 +297,14 @@ fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
         "cpu_time_ms": cpu_time_ms,
         "memory_peak_kb": memory_peak_kb,
         "limit_hit": limit_hit,
+        "cgroup": cgroups.version(),
         "layers": {
             "pid_namespace": namespaced,
             "network_namespace": namespaced && !args.allow_network,
             "mount_namespace": status.own_root,
             "ipc_namespace": status.own_root,
-            "memory_cgroup": cgroups.memory.is_some(),
-            "pids_cgroup": cgroups.pids.is_some(),
+            "memory_cgroup": cgroups.limits_memory(),
+            "pids_cgroup": cgroups.limits_processes(),
             "run_as_user": run_as_user,
             "landlock": landlock,
             "rlimits": true,
@@ -525,7 +430,7 @@ fn unavailable(missing: &[&str]) -> serde_json::Value {
 /// PID 1 of the run's namespace. Returns its exit code.
 fn init_process(
     args: &Args,
-    by_cgroup: CgroupLimits,
+    cgroups: &Cgroups,
     namespaced: bool,
     go: OwnedFd,
     status: OwnedFd,
@@ -562,7 +467,7 @@ fn init_process(
         }
     };
     let _ = status.write_all(if own_root { b"R" } else { b"N" });
-    if let Err(error) = contain(args, &by_cgroup, own_root) {
+    if let Err(error) = contain(args, cgroups, own_root) {
         eprintln!("nox-sandbox-exec: {error}");
         return 71;
     }
@@ -607,12 +512,6 @@ fn init_process(
     if reported { 0 } else { 72 }
 }
 
-/// Which limits the run's cgroups enforce (else rlimits stand in, relaxed).
-struct CgroupLimits {
-    memory: bool,
-    processes: bool,
-}
-
 /// Kills every process of the run but init: `-1` inside the namespace, or
 /// the run's process group without one.
 fn kill_all(group: Pid) {
@@ -626,7 +525,7 @@ fn kill_all(group: Pid) {
 }
 
 /// Limits, user and Landlock, applied to init and inherited by the command.
-fn contain(args: &Args, by_cgroup: &CgroupLimits, own_root: bool) -> Result<(), String> {
+fn contain(args: &Args, cgroups: &Cgroups, own_root: bool) -> Result<(), String> {
     let cpu = args.cpu_secs;
     let limits: &[(Resource, u64, u64)] = &[
         (Resource::RLIMIT_CPU, cpu, cpu + 1),
@@ -645,12 +544,12 @@ fn contain(args: &Args, by_cgroup: &CgroupLimits, own_root: bool) -> Result<(), 
     for (resource, soft, hard) in limits {
         setrlimit(*resource, *soft, *hard).map_err(|e| format!("setrlimit {resource:?}: {e}"))?;
     }
-    if !by_cgroup.memory {
+    if !cgroups.limits_memory() {
         // No memory cgroup (relaxed): bound each process's address space.
         let bytes = args.memory_mb * 1024 * 1024;
         setrlimit(Resource::RLIMIT_AS, bytes, bytes).map_err(|e| format!("setrlimit AS: {e}"))?;
     }
-    if !by_cgroup.processes {
+    if !cgroups.limits_processes() {
         // Per user, not per run: with a uid per tenant, per tenant.
         setrlimit(
             Resource::RLIMIT_NPROC,

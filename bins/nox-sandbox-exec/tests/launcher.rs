@@ -15,6 +15,17 @@ fn launch(
     command: &str,
     input: &[u8],
 ) -> (Output, serde_json::Value) {
+    launch_with(workspace, cwd, command, input, &[])
+}
+
+/// [`launch`], with more arguments for the launcher.
+fn launch_with(
+    workspace: &Path,
+    cwd: Option<&Path>,
+    command: &str,
+    input: &[u8],
+    extra: &[&std::ffi::OsStr],
+) -> (Output, serde_json::Value) {
     let reports = tempfile::tempdir().expect("reports");
     let report = reports.path().join("report.json");
     let mut launcher = Command::new(env!("CARGO_BIN_EXE_nox-sandbox-exec"));
@@ -32,6 +43,7 @@ fn launch(
             "128",
         ])
         .args(["--run-id", &uuid::Uuid::new_v4().simple().to_string()])
+        .args(extra)
         .env_clear()
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -167,4 +179,110 @@ fn missing_arguments_are_refused() {
         .output()
         .expect("run");
     assert!(!output.status.success());
+}
+
+/// A cgroup2 mount to try the v2 path on: `/sys/fs/cgroup` on a unified
+/// system, or the controller-less `/sys/fs/cgroup/unified` of a hybrid one.
+fn cgroup2_mount() -> Option<&'static Path> {
+    use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .map(Path::new)
+        .find(|path| statfs(*path).is_ok_and(|fs| fs.filesystem_type() == CGROUP2_SUPER_MAGIC))
+}
+
+/// The v2 path against the kernel's cgroup2: the run's cgroup is made under
+/// `--cgroup-parent`, holds the run while it lives, and is gone afterwards;
+/// the parent hands down no controller here, so no cgroup limit is claimed
+/// and, unless relaxed, the run does not start.
+#[test]
+fn a_v2_run_lives_in_its_own_cgroup_under_the_given_parent() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: making cgroups needs root");
+        return;
+    }
+    let Some(mount) = cgroup2_mount() else {
+        eprintln!("skipped: no cgroup2 mount here");
+        return;
+    };
+    let parent = mount.join(format!("nox-test-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir(&parent).expect("parent cgroup");
+    let handed_down =
+        std::fs::read_to_string(parent.join("cgroup.subtree_control")).expect("subtree");
+    let workspace = tempfile::tempdir().expect("workspace");
+    // While the command sleeps, its cgroup is the one child of the parent.
+    let watcher = {
+        let parent = parent.clone();
+        std::thread::spawn(move || {
+            for _ in 0..300 {
+                let runs: Vec<_> = std::fs::read_dir(&parent)
+                    .expect("parent")
+                    .flatten()
+                    .filter(|entry| entry.path().is_dir())
+                    .collect();
+                if let [run] = &runs[..]
+                    && let Ok(procs) = std::fs::read_to_string(run.path().join("cgroup.procs"))
+                    && !procs.trim().is_empty()
+                {
+                    return procs.lines().count();
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            0
+        })
+    };
+    let limits_handed_down = handed_down.contains("memory") && handed_down.contains("pids");
+    if !limits_handed_down {
+        // Strict: a run without its cgroup limits does not start.
+        let (output, report) = launch_with(
+            workspace.path(),
+            None,
+            "echo ran",
+            b"",
+            &["--cgroup-parent".as_ref(), parent.as_os_str()],
+        );
+        assert_eq!(String::from_utf8_lossy(&output.stdout), "", "{report}");
+        assert_eq!(
+            report["missing"],
+            serde_json::json!(["memory_cgroup", "pids_cgroup"]),
+            "{report}"
+        );
+    }
+    let (output, report) = launch_with(
+        workspace.path(),
+        None,
+        "sleep 1; echo done",
+        b"",
+        &[
+            "--cgroup-parent".as_ref(),
+            parent.as_os_str(),
+            "--relaxed".as_ref(),
+        ],
+    );
+    let processes_seen = watcher.join().expect("watcher");
+    let leftovers = std::fs::read_dir(&parent)
+        .expect("parent")
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .count();
+    std::fs::remove_dir(&parent).expect("remove the parent: the run's cgroup is gone");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "done\n",
+        "{report} {output:?}"
+    );
+    assert_eq!(report["cgroup"], "v2", "{report}");
+    assert!(processes_seen >= 1, "the run was in its cgroup: {report}");
+    assert_eq!(leftovers, 0, "the run's cgroup was removed");
+    let layers = &report["layers"];
+    assert_eq!(
+        layers["memory_cgroup"],
+        handed_down.contains("memory"),
+        "{report}"
+    );
+    assert_eq!(
+        layers["pids_cgroup"],
+        handed_down.contains("pids"),
+        "{report}"
+    );
 }

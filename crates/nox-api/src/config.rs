@@ -235,6 +235,16 @@ pub struct Config {
     #[arg(long, env = "NOX_SANDBOX_EXEC")]
     pub sandbox_exec: Option<PathBuf>,
 
+    /// cgroup v2 only (`/sys/fs/cgroup` is the unified hierarchy): the
+    /// cgroup directory runs' cgroups go under, made if missing. From a
+    /// systemd unit with `Delegate=yes`, the unit's own cgroup, e.g.
+    /// /sys/fs/cgroup/system.slice/nox.service (deploy/nox.service): the
+    /// server then moves itself into <dir>/server and runs go to
+    /// <dir>/runs/<run id>. The `memory` and `pids` controllers must be
+    /// available there, or runs lack those limits.
+    #[arg(long, env = "NOX_CGROUP_PARENT", default_value = nox_sandbox::cgroup::DEFAULT_PARENT)]
+    pub cgroup_parent: PathBuf,
+
     /// Requests per minute per user (authenticated requests); 0: no limit.
     #[arg(long, env = "NOX_RATE_LIMIT_PER_USER", default_value_t = 600)]
     pub rate_limit_per_user: u32,
@@ -378,6 +388,7 @@ mod tests {
         assert_eq!(config.storage.data_dir, PathBuf::from("./nox-data"));
         assert_eq!(config.log_format, LogFormat::Text);
         assert!(!config.no_migrate);
+        assert_eq!(config.cgroup_parent, PathBuf::from("/sys/fs/cgroup/nox"));
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub struct RunService {
     /// What the command must not see: the data directory.
     hidden: Vec<PathBuf>,
     relaxed: bool,
+    /// cgroup v2: where runs' cgroups go (none: the v1 hierarchies).
+    cgroup_parent: Option<PathBuf>,
     default_timeout: Duration,
     max_memory_mb: u64,
     output_limit: usize,
@@ -99,6 +101,11 @@ impl RunService {
                  from NOX_RUN_UID_RANGE"
             );
         }
+        let cgroup_parent = if uid_range.is_some() {
+            prepare_cgroup_v2(config)
+        } else {
+            None
+        };
         let permits = config
             .run_max_concurrent
             .unwrap_or_else(|| 2 * std::thread::available_parallelism().map_or(1, |n| n.get()));
@@ -109,6 +116,7 @@ impl RunService {
             uids: Mutex::new(HashMap::new()),
             hidden: vec![data_dir],
             relaxed,
+            cgroup_parent,
             default_timeout: Duration::from_secs(config.run_timeout_secs),
             max_memory_mb: config.run_max_memory_mb,
             output_limit: config.run_output_limit,
@@ -133,7 +141,7 @@ impl RunService {
                 tracing::error!("POST /run is unavailable: {detail}");
             }
         }
-        start_sweeping_leftovers(service.report_dir.clone());
+        start_sweeping_leftovers(service.report_dir.clone(), service.cgroup_parent.clone());
         Ok(service)
     }
 
@@ -179,10 +187,12 @@ impl RunService {
             user,
             hidden: self.hidden.clone(),
             relaxed: self.relaxed,
+            cgroup_parent: self.cgroup_parent.clone(),
         };
         let never = std::future::pending();
         match nox_sandbox::run::run(launcher, &self.report_dir, &request, never).await {
             Ok(outcome) => {
+                tracing::info!(cgroup = ?outcome.cgroup, "the command sandbox works");
                 let missing = outcome.layers.missing(!self.allow_network);
                 Availability::Ready {
                     layers: outcome.layers,
@@ -458,6 +468,7 @@ pub async fn run_command(
         user: run_user,
         hidden: service.hidden.clone(),
         relaxed: service.relaxed,
+        cgroup_parent: service.cgroup_parent.clone(),
     };
     // A client that leaves ends its run (within ~100 ms), like a reset
     // connection, which drops this handler and the run with it.
@@ -526,20 +537,55 @@ fn checked_uid_range(range: UidRange) -> anyhow::Result<UidRange> {
     Ok(range)
 }
 
+/// On a cgroup v2 machine, prepares `NOX_CGROUP_PARENT` for runs (see
+/// `nox_sandbox::cgroup`) and returns the directory runs' cgroups go under.
+/// None on a v1 machine, or when it cannot be prepared (warned: runs then
+/// have no cgroup limits, and their layers say so).
+fn prepare_cgroup_v2(config: &Config) -> Option<PathBuf> {
+    use nox_sandbox::cgroup;
+    let root = std::path::Path::new(cgroup::CGROUP_ROOT);
+    if !cgroup::is_unified(root) {
+        return None;
+    }
+    let parent = &config.cgroup_parent;
+    match cgroup::prepare(parent, cgroup::own_cgroup(root).as_deref()) {
+        Ok(runs) => {
+            if !(runs.memory && runs.pids) {
+                tracing::warn!(
+                    parent = %parent.display(),
+                    memory = runs.memory,
+                    pids = runs.pids,
+                    "NOX_CGROUP_PARENT does not offer the memory and pids controllers: \
+                     runs lack those cgroup limits (delegate them: Delegate=yes)"
+                );
+            }
+            Some(runs.parent)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot prepare NOX_CGROUP_PARENT: runs get no cgroups");
+            None
+        }
+    }
+}
+
 /// Every minute, removes the cgroups and reports that runs whose launcher
 /// was killed left behind (also those of a previous server process).
-fn start_sweeping_leftovers(report_dir: PathBuf) {
+fn start_sweeping_leftovers(report_dir: PathBuf, cgroup_v2_parent: Option<PathBuf>) {
     use nox_sandbox::leftovers;
     tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(60));
         loop {
             every.tick().await;
             let dir = report_dir.clone();
+            let cgroup_v2_parent = cgroup_v2_parent.clone();
             let swept = tokio::task::spawn_blocking(move || {
-                let cgroups = leftovers::sweep_cgroups(
-                    std::path::Path::new(leftovers::CGROUP_ROOT),
-                    leftovers::MIN_AGE,
-                );
+                let cgroups = match &cgroup_v2_parent {
+                    Some(parent) => leftovers::sweep_v2_cgroups(parent, leftovers::MIN_AGE),
+                    None => leftovers::sweep_cgroups(
+                        std::path::Path::new(leftovers::CGROUP_ROOT),
+                        leftovers::MIN_AGE,
+                    ),
+                };
                 (
                     cgroups,
                     leftovers::sweep_reports(&dir, leftovers::REPORT_MAX_AGE),

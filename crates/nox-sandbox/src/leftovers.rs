@@ -3,8 +3,9 @@
 //! file. The server sweeps both at start and then periodically.
 //!
 //! A run's cgroups are `<CGROUP_ROOT>/<controller>/nox/<run id>` in the v1
-//! `memory` and `pids` hierarchies, as `nox-sandbox-exec` makes them (its
-//! integration tests and `tests/it/run.rs` check the layout). A live run's
+//! `memory` and `pids` hierarchies, or `<runs parent>/<run id>` in v2 (see
+//! [`crate::cgroup`]), as `nox-sandbox-exec` makes them (its integration
+//! tests and `tests/it/run.rs` check the layout). A live run's
 //! cgroup always holds its init, except in the moment between the
 //! launcher's `mkdir` and its moving init in; so a sweep removes only
 //! cgroups that are empty (the kernel refuses to remove any other) and
@@ -38,6 +39,31 @@ pub fn sweep_cgroups(cgroup_root: &Path, min_age: Duration) -> usize {
             )
         })
         .sum()
+}
+
+/// Removes empty run cgroups older than `min_age` from the cgroup v2
+/// directory `runs_parent`; returns how many were removed. Only directories
+/// named like a run id: the parent may be shared (the server's own cgroup
+/// holds its `server` leaf, an operator's parent may hold other cgroups).
+pub fn sweep_v2_cgroups(runs_parent: &Path, min_age: Duration) -> usize {
+    let Ok(entries) = fs::read_dir(runs_parent) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|entry| entry.file_name().to_str().is_some_and(is_run_id))
+        .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+        .filter(|entry| is_older_than(&entry.path(), min_age))
+        .filter(|entry| fs::remove_dir(entry.path()).is_ok())
+        .count()
+}
+
+/// A run id as `run::run` makes it: a UUID's 32 lowercase hex digits.
+pub fn is_run_id(name: &str) -> bool {
+    name.len() == 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Removes report files older than `max_age` from `report_dir`.
@@ -102,6 +128,35 @@ mod tests {
         assert!(!nox.join("left-behind").exists());
         assert!(nox.join("busy").exists(), "not empty: the kernel keeps it");
         assert!(nox.join("memory.limit_in_bytes").exists());
+    }
+
+    #[test]
+    fn only_old_empty_run_cgroups_are_removed_in_v2() {
+        let runs = tempfile::tempdir().expect("tempdir");
+        let run_id = uuid::Uuid::new_v4().simple().to_string();
+        let busy = uuid::Uuid::new_v4().simple().to_string();
+        fs::create_dir(runs.path().join(&run_id)).expect("dir");
+        fs::create_dir_all(runs.path().join(&busy).join("child")).expect("dir");
+        // Not runs: the server's leaf, an operator's cgroup, a look-alike.
+        for other in ["server", "runs", "system.slice", &run_id.to_uppercase()] {
+            fs::create_dir(runs.path().join(other)).expect("dir");
+        }
+        fs::write(runs.path().join("cgroup.procs"), "").expect("file");
+        assert_eq!(
+            sweep_v2_cgroups(runs.path(), Duration::from_secs(3600)),
+            0,
+            "too young"
+        );
+        assert_eq!(sweep_v2_cgroups(runs.path(), Duration::ZERO), 1);
+        assert!(!runs.path().join(&run_id).exists());
+        assert!(runs.path().join(&busy).exists(), "not empty");
+        for other in ["server", "runs", "system.slice", &run_id.to_uppercase()] {
+            assert!(runs.path().join(other).exists(), "{other}");
+        }
+        assert_eq!(
+            sweep_v2_cgroups(&runs.path().join("missing"), Duration::ZERO),
+            0
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! call (see [`path`]), and storage accounting kept current without walking
 //! the tree on every request ([`Workspaces`]).
 
+pub mod cgroup;
 pub mod leftovers;
 pub mod path;
 pub mod run;

@@ -53,6 +53,9 @@ pub struct RunRequest {
     /// Run even when isolation layers are missing; otherwise such a run
     /// does not start ([`RunError::Unavailable`]).
     pub relaxed: bool,
+    /// cgroup v2: the directory the run's cgroup goes under (see
+    /// [`crate::cgroup::prepare`]); none: the v1 hierarchies, if any.
+    pub cgroup_parent: Option<PathBuf>,
 }
 
 /// The isolation layers a run got.
@@ -111,6 +114,8 @@ struct Report {
     cpu_time_ms: f64,
     memory_peak_kb: u64,
     limit_hit: Option<String>,
+    #[serde(default)]
+    cgroup: Option<String>,
     layers: Layers,
     error: Option<String>,
     /// Set when the run did not start for want of these layers.
@@ -140,6 +145,8 @@ pub struct RunOutcome {
     pub cpu_time_ms: f64,
     pub memory_peak_kb: u64,
     pub limit_hit: Option<String>,
+    /// The cgroup hierarchy the run's limits were in: `v1`, `v2`, or none.
+    pub cgroup: Option<String>,
     pub layers: Layers,
 }
 
@@ -198,6 +205,9 @@ pub async fn run(
     }
     for hidden in &request.hidden {
         command.arg("--hide").arg(hidden);
+    }
+    if let Some(parent) = &request.cgroup_parent {
+        command.arg("--cgroup-parent").arg(parent);
     }
     if let Some(user) = &request.user {
         command
@@ -286,6 +296,7 @@ pub async fn run(
         cpu_time_ms: report.cpu_time_ms,
         memory_peak_kb: report.memory_peak_kb,
         limit_hit: report.limit_hit,
+        cgroup: report.cgroup,
         layers: report.layers,
     })
 }
