@@ -17,6 +17,7 @@ mod migrations;
 mod quotas;
 mod rollups;
 mod run;
+mod run_isolation;
 mod run_leaks;
 mod run_limits;
 mod writer;

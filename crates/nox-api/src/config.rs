@@ -392,6 +392,30 @@ mod tests {
     }
 
     #[test]
+    fn uid_ranges_exclude_root_and_the_invalid_uid() {
+        let parse = |value: &str| {
+            Config::try_parse_from(["nox-server", "--run-uid-range", value])
+                .map(|config| config.run_uid_range)
+        };
+        assert_eq!(
+            parse(" 5000 - 5009 ").expect("a range"),
+            UidRange {
+                first: 5000,
+                last: 5009
+            }
+        );
+        assert_eq!(
+            Config::try_parse_from(["nox-server"])
+                .expect("defaults")
+                .run_isolation,
+            RunIsolation::Strict
+        );
+        for bad in ["0-10", "10-5", "5", "a-b", "1-4294967295", "-1-5", ""] {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
     fn blocking_threads_must_be_at_least_one() {
         let parse = |value: &str| {
             Config::try_parse_from(["nox-server", "--blocking-threads", value])

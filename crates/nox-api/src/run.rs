@@ -84,7 +84,7 @@ impl RunService {
         let report_dir = data_dir.join("run-reports");
         std::fs::create_dir_all(&report_dir)?;
         let uid_range = if nix::unistd::Uid::effective().is_root() {
-            Some(checked_uid_range(config.run_uid_range)?)
+            Some(checked_uid_range(config)?)
         } else {
             None
         };
@@ -507,16 +507,24 @@ fn run_user(uid: u32) -> RunUser {
     }
 }
 
-/// `range`, refused when it holds the server's own uid, and warned about
-/// when a user of this host holds one of its uids.
-fn checked_uid_range(range: UidRange) -> anyhow::Result<UidRange> {
+/// `NOX_RUN_UID_RANGE`, refused when it holds the server's uid or the
+/// embedded PostgreSQL's (a run as either could reach what they own), and
+/// warned about when another user of this host holds one of its uids.
+fn checked_uid_range(config: &Config) -> anyhow::Result<UidRange> {
+    let range = config.run_uid_range;
     let server = nix::unistd::Uid::effective().as_raw();
-    if range.contains(server) {
-        anyhow::bail!(
-            "NOX_RUN_UID_RANGE {}-{} holds the server's own uid {server}",
-            range.first,
-            range.last
-        );
+    let mut reserved = vec![("the server's", server)];
+    if config.storage.database_url.is_none() {
+        reserved.push(("the embedded PostgreSQL's", nox_pg_embed::service_uid()?));
+    }
+    for (whose, uid) in reserved {
+        if range.contains(uid) {
+            anyhow::bail!(
+                "NOX_RUN_UID_RANGE {}-{} holds {whose} uid {uid}: choose a range no service uses",
+                range.first,
+                range.last
+            );
+        }
     }
     let host_users = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     for line in host_users.lines() {
@@ -662,7 +670,34 @@ fn respond(outcome: RunOutcome, timeout: Duration, kind: &'static str) -> HttpRe
 
 #[cfg(test)]
 mod tests {
-    use super::command_type;
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn a_range_holding_the_embedded_postgresqls_uid_is_refused() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: as another user, the cluster runs as the server's own uid");
+            return;
+        }
+        let Ok(cluster) = nox_pg_embed::service_uid() else {
+            eprintln!("skipped: no user for an embedded cluster here");
+            return;
+        };
+        let mut config = Config::parse_from(["nox-server"]);
+        config.storage.database_url = None;
+        config.run_uid_range = UidRange {
+            first: cluster,
+            last: cluster + 10,
+        };
+        let error = checked_uid_range(&config).expect_err("overlaps the cluster");
+        assert!(error.to_string().contains("embedded PostgreSQL"), "{error}");
+        config.run_uid_range = UidRange {
+            first: cluster + 1,
+            last: cluster + 10,
+        };
+        assert!(checked_uid_range(&config).is_ok());
+    }
 
     #[test]
     fn command_types_follow_the_first_word() {

@@ -23,6 +23,12 @@ pub struct Server {
 
 impl Server {
     pub fn start(envs: &[(&str, &str)]) -> Server {
+        Server::start_with(envs, |_| {})
+    }
+
+    /// [`Server::start`], with `adjust` applied to the command last (to run
+    /// it as another user, say).
+    pub fn start_with(envs: &[(&str, &str)], adjust: impl FnOnce(&mut Command)) -> Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_nox-server"));
         let default_data_dir = tempfile::tempdir().expect("tempdir");
         command
@@ -37,6 +43,7 @@ impl Server {
         for (key, value) in envs {
             command.env(key, value);
         }
+        adjust(&mut command);
         let mut child = command.spawn().expect("spawn nox-server");
         let mut stdout = child.stdout.take().expect("stdout");
         let stdout = std::thread::spawn(move || {
@@ -156,6 +163,17 @@ pub fn get(url: &str) -> (u16, serde_json::Value) {
 }
 
 pub fn post_json(url: &str, token: &str, body: serde_json::Value) -> serde_json::Value {
+    let (status, body) = post_json_status(url, token, body);
+    assert!((200..300).contains(&status), "{status}: {body}");
+    body
+}
+
+/// POST with a JSON body and a token: the status and the JSON answer.
+pub fn post_json_status(
+    url: &str,
+    token: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -168,7 +186,7 @@ pub fn post_json(url: &str, token: &str, body: serde_json::Value) -> serde_json:
             .send()
             .await
             .expect("request");
-        assert!(response.status().is_success(), "{}", response.status());
-        response.json().await.expect("json")
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("json"))
     })
 }
