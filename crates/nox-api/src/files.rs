@@ -315,6 +315,7 @@ pub struct WriteResponse {
     responses(
         (status = 200, body = WriteResponse),
         (status = 400, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 507, description = "`insufficient_storage`: the server's disk is below `NOX_MIN_FREE_MB` free", body = ErrorBody),
     ),
     security(("bearer" = [])),
     tag = "files"
@@ -328,6 +329,7 @@ pub async fn write(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let path = query.parse(&request, None)?;
+    state.free_space.check()?;
     let max = state.max_upload_bytes;
     let declared = request
         .headers()

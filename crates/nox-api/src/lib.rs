@@ -12,6 +12,7 @@ pub mod db;
 pub mod error;
 pub mod export;
 pub mod files;
+pub mod free_space;
 pub mod health;
 pub mod limits;
 pub mod metrics;

@@ -269,6 +269,7 @@ pub fn command_type(command: &str) -> &'static str {
         (status = 400, body = ErrorBody),
         (status = 429, description = "Too many runs at once; see Retry-After", body = ErrorBody),
         (status = 503, description = "The command sandbox is not available on this server", body = ErrorBody),
+        (status = 507, description = "`insufficient_storage`: the server's disk is below `NOX_MIN_FREE_MB` free", body = ErrorBody),
     ),
     security(("bearer" = [])),
     tag = "run"
@@ -333,6 +334,7 @@ pub async fn run_command(
             "the command sandbox is not available on this server".into(),
         ));
     };
+    state.free_space.check()?;
     let caller = caller.0;
     let limits = crate::quotas::limits_of(&state, &caller).await;
     if let Err(violation) = state.quotas.check_cpu(caller.user_id, &limits) {
