@@ -20,6 +20,7 @@ pub mod openapi;
 pub mod quotas;
 pub mod run;
 pub mod schema;
+pub mod storage_quota;
 pub mod telemetry;
 pub mod users;
 

@@ -268,6 +268,7 @@ pub fn command_type(command: &str) -> &'static str {
         (status = 408, description = "Timed out: the same fields, with `detail` and `code: timeout`"),
         (status = 400, body = ErrorBody),
         (status = 429, description = "Too many runs at once; see Retry-After", body = ErrorBody),
+        (status = 403, description = "`quota_exceeded`: the workspace is over its storage or files quota (an earlier run left it there); delete files first", body = ErrorBody),
         (status = 503, description = "The command sandbox is not available on this server", body = ErrorBody),
         (status = 507, description = "`insufficient_storage`: the server's disk is below `NOX_MIN_FREE_MB` free", body = ErrorBody),
     ),
@@ -341,6 +342,8 @@ pub async fn run_command(
         crate::quotas::record_violation(&request, &violation);
         return Err(ApiError::QuotaExceeded(violation));
     }
+    crate::storage_quota::refuse_run_over_storage(&request, &state, caller.user_id, &limits)
+        .await?;
     let _slot = service.admit(caller.user_id)?;
 
     let user = caller.user_id;
@@ -368,11 +371,12 @@ pub async fn run_command(
     // A client that leaves ends its run (within ~100 ms), like a reset
     // connection, which drops this handler and the run with it.
     let gone = crate::connection::client_gone(request.clone());
+    let storage = crate::storage_quota::RunStorage::begin(&state, user);
     let outcome = nox_sandbox::run::run(&launcher, &service.report_dir, &run, gone)
         .await
         .map_err(ApiError::internal)?;
     // The command may have changed anything in the workspace.
-    state.workspaces.invalidate(user);
+    storage.settle(&request, &limits).await;
     state
         .quotas
         .charge_cpu(user, outcome.cpu_time_ms.round() as u64);
