@@ -292,7 +292,7 @@ const CHAIN_DEPTH: usize = 200_000;
 /// Should the test fail with the chain still there, removes it before the
 /// data directory is removed (`std::fs::remove_dir_all` recurses, so it
 /// would overflow the test's stack); GNU `rm` walks any depth.
-struct RemoveChain(PathBuf);
+pub(crate) struct RemoveChain(pub(crate) PathBuf);
 
 impl Drop for RemoveChain {
     fn drop(&mut self) {
@@ -345,7 +345,8 @@ async fn a_200_000_deep_directory_chain_is_listed_handed_over_measured_and_delet
     // minutes on a loaded machine with a slow disk.
     let walk = Duration::from_secs(1800);
 
-    // The run made the usage unknown: this listing walks the workspace.
+    // The run measured the workspace after it ended: too deep to measure
+    // whole, it counts as over quota (alice has none), and is listed.
     let (status, listing) = call_within(walk, &app, &alice, Method::GET, "/ls?path=.").await;
     assert_eq!(status, StatusCode::OK, "{listing}");
     assert!(names(&listing).contains(&"d/".to_owned()), "{listing}");

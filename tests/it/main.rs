@@ -5,6 +5,7 @@ mod audit;
 mod audit_logs;
 mod chain;
 mod deploy;
+mod disk;
 mod dropped;
 mod export;
 mod files;

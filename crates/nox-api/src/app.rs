@@ -28,6 +28,7 @@ use crate::auth::resolve_identity;
 use crate::config::Config;
 use crate::db::Database;
 use crate::error::{configure_extractors, json_error_handlers, not_found};
+use crate::free_space::FreeSpaceFloor;
 use crate::limits::{InFlight, rate_limit, shed_overload};
 use crate::metrics::{MetricsEndpoint, record_http_metrics};
 use crate::quotas::enforce_request_quota;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub audit_config: AuditConfig,
     /// Every user's workspace, under `<NOX_DATA_DIR>/sandboxes`.
     pub workspaces: Workspaces,
+    /// `NOX_MIN_FREE_MB` on the data directory's filesystem.
+    pub free_space: FreeSpaceFloor,
     pub max_upload_bytes: u64,
     /// Running commands (`POST /run`).
     pub runs: Arc<RunService>,
@@ -215,6 +218,7 @@ impl AppState {
             audit: audit_writer.sink(),
             audit_config,
             workspaces: Workspaces::new(config.storage.data_dir.join("sandboxes")),
+            free_space: FreeSpaceFloor::new(&config.storage.data_dir, config.min_free_mb),
             max_upload_bytes: config.max_upload_mb * 1024 * 1024,
             runs: Arc::new(RunService::start(config).await?),
             rate_limits: start_rate_limits(config),

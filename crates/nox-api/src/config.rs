@@ -190,6 +190,13 @@ pub struct Config {
     #[arg(long, env = "NOX_MAX_UPLOAD_MB", default_value_t = 50)]
     pub max_upload_mb: u64,
 
+    /// Free space, in MiB, kept on the data directory's filesystem (which
+    /// also holds the embedded PostgreSQL and the audit spool): with less
+    /// available, PUT /write and POST /run answer 507
+    /// `insufficient_storage`; 0 turns the check off.
+    #[arg(long, env = "NOX_MIN_FREE_MB", default_value_t = 1024)]
+    pub min_free_mb: u64,
+
     /// Default time limit of POST /run, in seconds (a request may ask for
     /// 1 to 300).
     #[arg(long = "run-timeout-secs", env = "NOX_TIMEOUT", default_value_t = 20)]

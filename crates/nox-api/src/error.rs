@@ -66,6 +66,9 @@ pub enum ApiError {
     /// 503: `POST /run` lacks isolation layers it needs (named in the detail).
     #[error("{0}")]
     SandboxUnavailable(String),
+    /// 507: the data directory's filesystem is below `NOX_MIN_FREE_MB`.
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// The client went away before the answer (nginx's 499); recorded,
     /// though nobody reads the response.
     #[error("{0}")]
@@ -106,6 +109,7 @@ impl ApiError {
             ApiError::InvalidParameter(_) => "invalid_parameter",
             ApiError::ServiceUnavailable(_) => "service_unavailable",
             ApiError::SandboxUnavailable(_) => "sandbox_unavailable",
+            ApiError::InsufficientStorage(_) => "insufficient_storage",
             ApiError::ClientClosed(_) => "client_closed_request",
             ApiError::Internal(_) => "internal",
         }
@@ -132,6 +136,7 @@ impl ResponseError for ApiError {
             ApiError::ServiceUnavailable(_) | ApiError::SandboxUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::ClientClosed(_) => {
                 StatusCode::from_u16(nox_audit_actix::CLIENT_CLOSED_REQUEST)
                     .expect("a valid status")
@@ -247,6 +252,7 @@ fn code_for_status(status: StatusCode) -> &'static str {
         415 => "unsupported_media_type",
         429 => "rate_limited",
         503 => "service_unavailable",
+        507 => "insufficient_storage",
         _ if status.is_client_error() => "bad_request",
         _ => "internal",
     }

@@ -315,6 +315,8 @@ pub struct WriteResponse {
     responses(
         (status = 200, body = WriteResponse),
         (status = 400, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 403, description = "`quota_exceeded`: the write would take the workspace over its storage or files quota, or it is over one already", body = ErrorBody),
+        (status = 507, description = "`insufficient_storage`: the server's disk is below `NOX_MIN_FREE_MB` free", body = ErrorBody),
     ),
     security(("bearer" = [])),
     tag = "files"
@@ -328,6 +330,7 @@ pub async fn write(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let path = query.parse(&request, None)?;
+    state.free_space.check()?;
     let max = state.max_upload_bytes;
     let declared = request
         .headers()
@@ -355,7 +358,7 @@ pub async fn write(
         .await?;
     // Storage and file quotas: refused before reading when the declared
     // size cannot fit, and again as the file is kept (below).
-    let declared_fits = crate::quotas::check_storage(
+    let declared_fits = crate::storage_quota::check_storage(
         &limits,
         usage,
         declared
@@ -411,7 +414,7 @@ pub async fn write(
     let kept = in_workspace(&request, &state, user, move |workspace| {
         let fits = |usage, replacing: Option<u64>| {
             let added = written.saturating_sub(replacing.unwrap_or(0));
-            crate::quotas::check_storage(&limits, usage, added, replacing.is_none())
+            crate::storage_quota::check_storage(&limits, usage, added, replacing.is_none())
         };
         Ok(accounting
             .workspaces

@@ -12,6 +12,7 @@ pub mod db;
 pub mod error;
 pub mod export;
 pub mod files;
+pub mod free_space;
 pub mod health;
 pub mod limits;
 pub mod metrics;
@@ -19,6 +20,7 @@ pub mod openapi;
 pub mod quotas;
 pub mod run;
 pub mod schema;
+pub mod storage_quota;
 pub mod telemetry;
 pub mod users;
 

@@ -15,11 +15,11 @@ use uuid::Uuid;
 use crate::app::AppState;
 use crate::auth::{Authenticated, Identity};
 use crate::error::{ApiError, ErrorBody};
+use crate::storage_quota::MIB;
 
 /// Endpoints a user over quota can still reach, and that do not count.
 const OWN_QUOTA_PREFIX: &str = "/quotas/my/";
 const ADMIN_QUOTA_PREFIX: &str = "/quotas/admin/";
-const MIB: u64 = 1024 * 1024;
 
 /// The caller's effective limits: their tier's, overridden per field.
 pub async fn limits_of(state: &AppState, caller: &Caller) -> Limits {
@@ -70,38 +70,6 @@ pub async fn enforce_request_quota(
         }
     }
     Ok(next.call(request).await?.map_into_left_body())
-}
-
-/// Refuses a write that would take the caller past the storage or file
-/// quota. `new_file` is whether the write adds a file.
-pub fn check_storage(
-    limits: &Limits,
-    usage: nox_sandbox::Usage,
-    adding_bytes: u64,
-    new_file: bool,
-) -> Result<(), Violation> {
-    if let Some(limit_mb) = limits.storage_mb
-        && usage.bytes + adding_bytes > limit_mb * MIB
-    {
-        return Err(Violation {
-            quota_type: "storage_mb",
-            current_usage: usage.bytes.div_ceil(MIB),
-            limit: limit_mb,
-            retry_after_secs: None,
-        });
-    }
-    if let Some(limit) = limits.files_max
-        && new_file
-        && usage.files + 1 > limit
-    {
-        return Err(Violation {
-            quota_type: "files_max",
-            current_usage: usage.files,
-            limit,
-            retry_after_secs: None,
-        });
-    }
-    Ok(())
 }
 
 pub fn routes(config: &mut web::ServiceConfig) {
@@ -169,6 +137,9 @@ async fn usage_json(
             "cpu_seconds": cpu_seconds,
             "storage_mb": (storage_mb * 1000.0).round() / 1000.0,
             "files_count": storage.files,
+            // False when the workspace was too deep or too large to measure
+            // whole: it then counts as over its storage and files quotas.
+            "storage_complete": !storage.incomplete,
         },
         "quotas": quotas_json(caller.tier, &limits),
         "percentages": {

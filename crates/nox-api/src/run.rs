@@ -369,7 +369,9 @@ pub fn command_type(command: &str) -> &'static str {
         (status = 408, description = "Timed out: the same fields, with `detail` and `code: timeout`"),
         (status = 400, body = ErrorBody),
         (status = 429, description = "Too many runs at once; see Retry-After", body = ErrorBody),
+        (status = 403, description = "`quota_exceeded`: the workspace is over its storage or files quota (an earlier run left it there); delete files first", body = ErrorBody),
         (status = 503, description = "The command sandbox is not available on this server", body = ErrorBody),
+        (status = 507, description = "`insufficient_storage`: the server's disk is below `NOX_MIN_FREE_MB` free", body = ErrorBody),
     ),
     security(("bearer" = [])),
     tag = "run"
@@ -436,12 +438,15 @@ pub async fn run_command(
             ));
         }
     };
+    state.free_space.check()?;
     let caller = caller.0;
     let limits = crate::quotas::limits_of(&state, &caller).await;
     if let Err(violation) = state.quotas.check_cpu(caller.user_id, &limits) {
         crate::quotas::record_violation(&request, &violation);
         return Err(ApiError::QuotaExceeded(violation));
     }
+    crate::storage_quota::refuse_run_over_storage(&request, &state, caller.user_id, &limits)
+        .await?;
     let _slot = service.admit(caller.user_id)?;
 
     let user = caller.user_id;
@@ -473,6 +478,7 @@ pub async fn run_command(
     // A client that leaves ends its run (within ~100 ms), like a reset
     // connection, which drops this handler and the run with it.
     let gone = crate::connection::client_gone(request.clone());
+    let storage = crate::storage_quota::RunStorage::begin(&state, user);
     let outcome = match nox_sandbox::run::run(&launcher, &service.report_dir, &run, gone).await {
         Ok(outcome) => outcome,
         // A layer the probe had is gone (say, no cgroup could be made).
@@ -485,7 +491,7 @@ pub async fn run_command(
         Err(error) => return Err(ApiError::internal(error)),
     };
     // The command may have changed anything in the workspace.
-    state.workspaces.invalidate(user);
+    storage.settle(&request, &limits).await;
     state
         .quotas
         .charge_cpu(user, outcome.cpu_time_ms.round() as u64);

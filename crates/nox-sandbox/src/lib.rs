@@ -17,7 +17,8 @@ use uuid::Uuid;
 
 pub use path::SandboxPath;
 pub use workspace::{
-    DELETE_PREFIX, Entry, EntryKind, MAX_OPEN_DIRS, MAX_WALK_DEPTH, Replaced, Upload, Workspace,
+    DELETE_PREFIX, Entry, EntryKind, MAX_OPEN_DIRS, MAX_USAGE_ENTRIES, MAX_WALK_DEPTH, Replaced,
+    Upload, Workspace,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +44,10 @@ pub enum SandboxError {
 pub struct Usage {
     pub bytes: u64,
     pub files: u64,
+    /// The walk could not see the whole workspace (too deep or too many
+    /// entries, see [`Workspace::usage`]): `bytes` and `files` are lower
+    /// bounds, and quotas count such a workspace as over its limits.
+    pub incomplete: bool,
 }
 
 /// Every user's workspace under one base directory, with their usage.
@@ -74,9 +79,16 @@ impl Workspaces {
         if let Some(usage) = self.lock().get(&user) {
             return Ok(*usage);
         }
-        let (bytes, files) = workspace.usage()?;
-        let usage = Usage { bytes, files };
+        let usage = workspace.usage()?;
         Ok(*self.lock().entry(user).or_insert(usage))
+    }
+
+    /// Walks the workspace again and keeps what it finds: after a command,
+    /// which may have changed anything in it. Blocking.
+    pub fn remeasure(&self, user: Uuid, workspace: &Workspace) -> Result<Usage, SandboxError> {
+        let usage = workspace.usage()?;
+        self.lock().insert(user, usage);
+        Ok(usage)
     }
 
     /// Keeps `upload` (of `size` bytes) if `fits` accepts the user's usage
@@ -120,9 +132,17 @@ impl Workspaces {
 
     /// `files` files holding `bytes` bytes were deleted.
     pub fn record_delete(&self, user: Uuid, files: u64, bytes: u64) {
-        if let Some(usage) = self.lock().get_mut(&user) {
-            usage.files = usage.files.saturating_sub(files);
-            usage.bytes = usage.bytes.saturating_sub(bytes);
+        let mut usages = self.lock();
+        match usages.get_mut(&user) {
+            // What was not counted may be what was deleted: walk again.
+            Some(usage) if usage.incomplete => {
+                usages.remove(&user);
+            }
+            Some(usage) => {
+                usage.files = usage.files.saturating_sub(files);
+                usage.bytes = usage.bytes.saturating_sub(bytes);
+            }
+            None => {}
         }
     }
 
@@ -139,6 +159,7 @@ impl Workspaces {
             .fold(Usage::default(), |total, usage| Usage {
                 bytes: total.bytes + usage.bytes,
                 files: total.files + usage.files,
+                incomplete: total.incomplete || usage.incomplete,
             })
     }
 }
@@ -148,6 +169,14 @@ mod tests {
     use std::io::Write;
 
     use super::*;
+
+    fn usage(bytes: u64, files: u64) -> Usage {
+        Usage {
+            bytes,
+            files,
+            incomplete: false,
+        }
+    }
 
     fn upload(workspace: &Workspace, path: &str, body: &[u8]) -> Upload {
         let mut upload = workspace
@@ -182,7 +211,7 @@ mod tests {
             .expect("commit");
         assert_eq!(
             workspaces.usage(user, &workspace).expect("scan"),
-            Usage { bytes: 5, files: 1 }
+            usage(5, 1)
         );
 
         write(&workspaces, user, "a/b/new.txt", b"123");
@@ -194,9 +223,8 @@ mod tests {
         workspaces.record_delete(user, files, bytes);
 
         let kept = workspaces.usage(user, &workspace).expect("usage");
-        let (bytes, files) = workspace.usage().expect("rescan");
-        assert_eq!(kept, Usage { bytes, files });
-        assert_eq!(kept, Usage { bytes: 1, files: 1 });
+        assert_eq!(kept, workspace.usage().expect("rescan"));
+        assert_eq!(kept, usage(1, 1));
         assert_eq!(workspaces.totals(), kept);
     }
 
@@ -227,19 +255,47 @@ mod tests {
                 )
                 .expect("no file system error");
             assert_eq!(refused, Err("over quota"));
-            assert_eq!(
-                seen,
-                vec![(Usage { bytes: 5, files: 1 }, Some(5)); refused_at_call]
-            );
+            assert_eq!(seen, vec![(usage(5, 1), Some(5)); refused_at_call]);
             assert_eq!(
                 workspace.usage().expect("rescan"),
-                (5, 1),
+                usage(5, 1),
                 "the old file is intact and no temporary file is left"
             );
             assert_eq!(
                 workspaces.usage(user, &workspace).expect("usage"),
-                Usage { bytes: 5, files: 1 }
+                usage(5, 1)
             );
         }
+    }
+
+    #[test]
+    fn a_workspace_deeper_than_a_walk_goes_is_incomplete_until_a_delete() {
+        use nix::fcntl::{OFlag, open, openat};
+        use nix::sys::stat::{Mode, mkdirat};
+        let base = tempfile::tempdir().expect("tempdir");
+        let workspaces = Workspaces::new(base.path());
+        let user = Uuid::new_v4();
+        let workspace = workspaces.open(user).expect("open");
+        write(&workspaces, user, "kept.txt", b"123");
+        // As a command makes it: `mkdir d && cd d`, one level too many.
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        let mut dir = open(workspace.root_path(), flags, Mode::empty()).expect("root");
+        for _ in 0..MAX_WALK_DEPTH {
+            mkdirat(&dir, "d", Mode::from_bits_truncate(0o755)).expect("mkdir");
+            dir = openat(&dir, "d", flags, Mode::empty()).expect("cd");
+        }
+        drop(dir);
+
+        let measured = workspaces.remeasure(user, &workspace).expect("walk");
+        assert!(measured.incomplete, "{measured:?}");
+        assert_eq!(workspaces.usage(user, &workspace).expect("kept"), measured);
+        let (files, bytes) = workspace
+            .delete(&SandboxPath::parse("d").expect("path"))
+            .expect("delete");
+        workspaces.record_delete(user, files, bytes);
+        assert_eq!(
+            workspaces.usage(user, &workspace).expect("walked again"),
+            usage(3, 1)
+        );
     }
 }

@@ -24,8 +24,8 @@ use nix::unistd::{UnlinkatFlags, unlinkat};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::SandboxError;
 use crate::path::SandboxPath;
+use crate::{SandboxError, Usage};
 
 /// Prefix of in-progress uploads; such names are refused from clients.
 pub const UPLOAD_PREFIX: &str = ".nox-upload-";
@@ -40,12 +40,21 @@ const RESOLVE: ResolveFlag = ResolveFlag::RESOLVE_BENEATH.union(ResolveFlag::RES
 pub const MAX_OPEN_DIRS: usize = 32;
 
 /// How many levels below the workspace root [`Workspace::usage`] and
-/// [`Workspace::hand_over`] go: entries down to this depth are counted and
-/// handed over, deeper ones are not (a warning is logged). Nothing the
-/// server makes is that deep (a client path has at most 4096 bytes, so
-/// 2048 levels); only a command can go deeper, and what it made is its run
-/// user's already. [`Workspace::delete`] has no depth limit.
+/// [`Workspace::hand_over`] go. Nothing the server makes is that deep (a
+/// client path has at most 4096 bytes, so 2048 levels); only a command can
+/// go deeper. Deeper entries are not handed over (what a command made is
+/// its run user's already), and a workspace that goes deeper is measured
+/// as incomplete, which the quotas count as over every limit (fail
+/// closed): a walk holds a frame per level, so stopping here keeps its
+/// memory small whatever a command builds. [`Workspace::delete`] has no
+/// depth limit.
 pub const MAX_WALK_DEPTH: usize = 4096;
+
+/// The most entries (files, directories, anything) [`Workspace::usage`]
+/// looks at before it gives up and measures the workspace as incomplete:
+/// it bounds the time a walk takes (about a second here) whatever a
+/// command made. Far beyond any storage or files quota of a tier.
+pub const MAX_USAGE_ENTRIES: u64 = 1_000_000;
 
 /// A delete does not descend below this many levels under the directory it
 /// deletes: it moves a deeper subtree up to that directory's top level
@@ -343,21 +352,29 @@ impl Workspace {
         Ok(())
     }
 
-    /// Bytes and number of regular files in the workspace, down to
-    /// [`MAX_WALK_DEPTH`] levels (a full walk: used once per workspace,
-    /// then kept current incrementally).
-    pub fn usage(&self) -> Result<(u64, u64), SandboxError> {
+    /// Bytes and number of regular files in the workspace: a full walk,
+    /// done when a workspace is first used and after each run (and kept
+    /// current incrementally in between). A workspace deeper than
+    /// [`MAX_WALK_DEPTH`] or with more than [`MAX_USAGE_ENTRIES`] entries
+    /// is not walked to the end: its usage is [`Usage::incomplete`].
+    pub fn usage(&self) -> Result<Usage, SandboxError> {
         let root = self.open_dir(&SandboxPath::root())?;
-        let walk = usage_of(root)?;
+        let walk = usage_of(root, MAX_USAGE_ENTRIES)?;
         debug_assert!(walk.peak_open <= MAX_OPEN_DIRS);
         if walk.truncated {
             tracing::warn!(
                 workspace = %self.root_path.display(),
                 max_depth = MAX_WALK_DEPTH,
-                "the workspace is deeper than a walk goes: deeper entries were not counted"
+                max_entries = MAX_USAGE_ENTRIES,
+                "the workspace is deeper or larger than a walk goes: its usage counts as over quota"
             );
         }
-        Ok(walk.counts)
+        let (bytes, files) = walk.counts;
+        Ok(Usage {
+            bytes,
+            files,
+            incomplete: walk.truncated,
+        })
     }
 }
 
@@ -410,7 +427,8 @@ fn child_names(dir: OwnedFd) -> Result<Vec<CString>, SandboxError> {
 struct Walked {
     /// Usage: (bytes, regular files); delete: (regular files, bytes).
     counts: (u64, u64),
-    /// Directories at the depth limit were not entered.
+    /// The walk did not see everything: a directory at the depth limit
+    /// was not entered, or (usage) the entry budget ran out.
     truncated: bool,
     /// The most descriptors the walk held at once.
     peak_open: usize,
@@ -643,10 +661,13 @@ fn chown_tree(
     })
 }
 
-/// (bytes, regular files) below `root`, down to [`MAX_WALK_DEPTH`] levels.
-fn usage_of(root: OwnedFd) -> Result<Walked, SandboxError> {
+/// (bytes, regular files) below `root`. Stops, truncated, at a directory
+/// deeper than [`MAX_WALK_DEPTH`] levels or once `max_entries` entries
+/// were looked at: the counts are then lower bounds.
+fn usage_of(root: OwnedFd, max_entries: u64) -> Result<Walked, SandboxError> {
     let mut stack = DirStack::new(root, CString::default())?;
     let (mut bytes, mut files) = (0, 0);
+    let mut entries = 0;
     let mut truncated = false;
     while !stack.is_empty() {
         let Some(child) = stack.next_child() else {
@@ -657,12 +678,21 @@ fn usage_of(root: OwnedFd) -> Result<Walked, SandboxError> {
         if child.to_bytes().starts_with(UPLOAD_PREFIX.as_bytes()) {
             continue;
         }
+        if entries == max_entries {
+            truncated = true;
+            break;
+        }
+        entries += 1;
         let dir = stack.top();
         let Ok(stat) = fstatat(dir, child.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else {
             continue;
         };
         match kind_of(&stat) {
-            EntryKind::Directory if stack.depth() >= MAX_WALK_DEPTH => truncated = true,
+            // Nothing below is counted: the whole walk is incomplete.
+            EntryKind::Directory if stack.depth() >= MAX_WALK_DEPTH => {
+                truncated = true;
+                break;
+            }
             EntryKind::Directory => {
                 if let Ok(sub) = open_child_dir(dir, &child) {
                     stack.push(child, sub)?;
@@ -856,31 +886,61 @@ mod tests {
     }
 
     #[test]
-    fn usage_walks_a_deep_tree_to_the_depth_limit_with_few_descriptors() {
-        let scratch = Scratch::new();
-        let root = scratch.root();
-        // Files at levels 2, 101 and 4096 are within the limit; the one at
-        // 4097 (in the 4096th directory) is not, nor any deeper.
+    fn usage_counts_a_tree_to_the_depth_limit_and_fails_closed_below() {
+        // Directories down to level 4095 are entered: files at levels 2,
+        // 101 and 4096 (in the 4095th directory) are counted.
+        let within = Scratch::new();
+        let root = within.root();
         let limit = MAX_WALK_DEPTH;
-        chain(&root, DEEP, &[1, 100, limit - 1, limit, limit + 1, DEEP]);
+        chain(&root, limit - 1, &[1, 100, limit - 1]);
         write_at(&root, c"top", b"1234");
-
-        let walked = usage_of(root.try_clone().expect("dup")).expect("usage");
+        let walked = usage_of(root.try_clone().expect("dup"), u64::MAX).expect("usage");
         let counted = [1, 100, limit - 1].iter().sum::<usize>() as u64 + 4;
-        assert_eq!(walked.counts, (counted, 4));
+        assert_eq!((walked.counts, walked.truncated), ((counted, 4), false));
+        assert!(
+            walked.peak_open <= MAX_OPEN_DIRS,
+            "{} descriptors",
+            walked.peak_open
+        );
+        let usage = within.workspace.usage().expect("usage");
+        assert_eq!(
+            (usage.bytes, usage.files, usage.incomplete),
+            (counted, 4, false)
+        );
+
+        // One level more, and what is below is not walked: the whole usage
+        // is incomplete, whatever the counts so far.
+        let deeper = Scratch::new();
+        chain(&deeper.root(), DEEP, &[1, limit, DEEP]);
+        let walked = usage_of(deeper.root(), u64::MAX).expect("usage");
         assert!(walked.truncated);
         assert!(
             walked.peak_open <= MAX_OPEN_DIRS,
             "{} descriptors",
             walked.peak_open
         );
-        assert_eq!(scratch.workspace.usage().expect("usage"), (counted, 4));
+        assert!(deeper.workspace.usage().expect("usage").incomplete);
 
         // A shallow tree is walked whole, without reopening anything.
         let shallow = Scratch::new();
         chain(&shallow.root(), 5, &[5]);
-        let walked = usage_of(shallow.root()).expect("usage");
+        let walked = usage_of(shallow.root(), u64::MAX).expect("usage");
         assert_eq!((walked.counts, walked.truncated), ((5, 1), false));
+    }
+
+    #[test]
+    fn usage_stops_at_its_entry_budget() {
+        let scratch = Scratch::new();
+        let root = scratch.root();
+        // Ten entries: the directory `d` (the chain), `d/f` and eight files.
+        chain(&root, 1, &[1]);
+        for name in [c"1", c"2", c"3", c"4", c"5", c"6", c"7", c"8"] {
+            write_at(&root, name, b"x");
+        }
+        let whole = usage_of(scratch.root(), 10).expect("usage");
+        assert_eq!((whole.counts, whole.truncated), ((9, 9), false));
+        let cut = usage_of(scratch.root(), 9).expect("usage");
+        assert!(cut.truncated, "{cut:?}");
     }
 
     #[test]
