@@ -34,6 +34,7 @@
 
 mod cgroups;
 mod confinement;
+mod disk;
 mod root;
 
 use std::ffi::CString;
@@ -94,6 +95,10 @@ struct Args {
     /// repeatable.
     #[arg(long)]
     hide: Vec<PathBuf>,
+    /// Stop the run when the workspace's filesystem has less free than
+    /// this, in MiB (`NOX_MIN_FREE_MB`; 0: never).
+    #[arg(long, default_value_t = 0)]
+    min_free_mb: u64,
     /// Run even when isolation layers are missing (`NOX_RUN_ISOLATION=relaxed`).
     #[arg(long)]
     relaxed: bool,
@@ -233,6 +238,8 @@ fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
     let deadline = started + Duration::from_millis(args.timeout_ms);
     let mut timed_out = false;
     let mut cancelled = false;
+    let mut out_of_disk = false;
+    let mut free_space = disk::FreeSpaceWatch::new(&args.workspace, args.min_free_mb);
     let end_run = || {
         let _ = kill(init, Signal::SIGKILL);
         if !namespaced {
@@ -247,6 +254,10 @@ fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
         }
         if !cancelled && !timed_out && matches!(cancel.read_signal(), Ok(Some(_))) {
             cancelled = true;
+            end_run();
+        }
+        if !cancelled && !timed_out && !out_of_disk && free_space.below_floor() {
+            out_of_disk = true;
             end_run();
         }
         cgroups.sample_memory();
@@ -274,6 +285,8 @@ fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
     // Time first: the deadline kills everything, whatever else happened.
     let limit_hit = if timed_out {
         Some("time")
+    } else if out_of_disk {
+        Some("disk")
     } else if cgroups.memory_limited(died_of(Signal::SIGKILL, exit_code, signal)) {
         Some("memory")
     } else if died_of(Signal::SIGXCPU, exit_code, signal)

@@ -286,3 +286,30 @@ fn a_v2_run_lives_in_its_own_cgroup_under_the_given_parent() {
         "{report}"
     );
 }
+
+/// A run that takes its filesystem's free space below `--min-free-mb` is
+/// stopped, so PostgreSQL and the spool beside it keep room.
+#[test]
+fn a_run_that_eats_the_free_space_floor_is_stopped() {
+    let workspace = tempfile::tempdir().expect("workspace");
+    let stat = nix::sys::statvfs::statvfs(workspace.path()).expect("statvfs");
+    let free_mb = stat.blocks_available() * stat.fragment_size() / (1024 * 1024);
+    if free_mb < 512 {
+        eprintln!("skipped: {free_mb} MiB free here, too little to write past a floor");
+        return;
+    }
+    // The floor 64 MiB below what is free now; the run writes 192 MiB.
+    let floor = (free_mb - 64).to_string();
+    let (output, report) = launch_with(
+        workspace.path(),
+        None,
+        "head -c 201326592 /dev/zero > big && sync big; sleep 20; echo not stopped",
+        b"",
+        &["--min-free-mb".as_ref(), floor.as_ref()],
+    );
+    assert_eq!(report["limit_hit"], "disk", "{report} {output:?}");
+    assert!(
+        !String::from_utf8_lossy(&output.stdout).contains("not stopped"),
+        "{report}"
+    );
+}

@@ -39,6 +39,8 @@ pub struct RunService {
     /// What the command must not see: the data directory.
     hidden: Vec<PathBuf>,
     relaxed: bool,
+    /// `NOX_MIN_FREE_MB`: a run that takes free space below it is stopped.
+    min_free_mb: u64,
     /// cgroup v2: where runs' cgroups go (none: the v1 hierarchies).
     cgroup_parent: Option<PathBuf>,
     default_timeout: Duration,
@@ -116,6 +118,7 @@ impl RunService {
             uids: Mutex::new(HashMap::new()),
             hidden: vec![data_dir],
             relaxed,
+            min_free_mb: config.min_free_mb,
             cgroup_parent,
             default_timeout: Duration::from_secs(config.run_timeout_secs),
             max_memory_mb: config.run_max_memory_mb,
@@ -251,6 +254,7 @@ impl RunService {
             output_limit: self.output_limit,
             max_processes: MAX_PROCESSES,
             allow_network: self.allow_network,
+            min_free_mb: self.min_free_mb,
         }
     }
 
@@ -343,6 +347,7 @@ pub struct RunResponse {
     pub timed_out: bool,
     pub truncated: Truncated,
     /// The first limit the run hit, of: `time` (the deadline ended it),
+    /// `disk` (it took free space below `NOX_MIN_FREE_MB`: stopped),
     /// `memory` (the memory limit killed any of its processes), `cpu`,
     /// `processes` (a fork was refused); else null.
     pub limit_hit: Option<String>,

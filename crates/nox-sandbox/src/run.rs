@@ -31,6 +31,9 @@ pub struct RunLimits {
     pub output_limit: usize,
     pub max_processes: u64,
     pub allow_network: bool,
+    /// Stop the run when the workspace's filesystem has less free than
+    /// this, in MiB (0: never).
+    pub min_free_mb: u64,
 }
 
 /// Who the command runs as when the server is root.
@@ -192,6 +195,8 @@ pub async fn run(
         .arg(limits.memory_mb.to_string())
         .arg("--max-processes")
         .arg(limits.max_processes.to_string())
+        .arg("--min-free-mb")
+        .arg(limits.min_free_mb.to_string())
         .arg("--run-id")
         .arg(&run_id)
         .stdin(Stdio::piped())
