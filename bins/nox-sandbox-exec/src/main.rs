@@ -78,10 +78,10 @@ struct Args {
     max_file_mb: u64,
     #[arg(long, default_value_t = 256)]
     max_open_files: u64,
-    /// Run as this user (when started as root).
-    #[arg(long)]
+    /// Run as this user (when started as root); with `--gid`.
+    #[arg(long, requires = "gid")]
     uid: Option<u32>,
-    #[arg(long)]
+    #[arg(long, requires = "uid")]
     gid: Option<u32>,
     #[arg(long)]
     user_name: Option<String>,
@@ -537,6 +537,21 @@ fn kill_all(group: Pid) {
     }
 }
 
+/// `keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL)`: a new, empty, anonymous
+/// session keyring for this process and what it starts.
+fn join_own_session_keyring() -> bool {
+    const KEYCTL_JOIN_SESSION_KEYRING: nix::libc::c_long = 1;
+    // SAFETY: a plain system call; a NULL name asks for an anonymous keyring.
+    let keyring = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_keyctl,
+            KEYCTL_JOIN_SESSION_KEYRING,
+            std::ptr::null::<nix::libc::c_char>(),
+        )
+    };
+    keyring >= 0
+}
+
 /// Limits, user and Landlock, applied to init and inherited by the command.
 fn contain(args: &Args, cgroups: &Cgroups, own_root: bool) -> Result<(), String> {
     let cpu = args.cpu_secs;
@@ -579,6 +594,11 @@ fn contain(args: &Args, cgroups: &Cgroups, own_root: bool) -> Result<(), String>
         setuid(Uid::from_raw(uid)).map_err(|e| format!("setuid: {e}"))?;
         // Changing credentials cleared the parent-death signal: set it again.
         let _ = nix::sys::prctl::set_pdeathsig(Some(Signal::SIGKILL));
+    }
+    // Keys are not namespaced: without a session keyring of its own the run
+    // would share (and possess) the server's, and every other run's.
+    if !join_own_session_keyring() && !args.relaxed {
+        return Err("cannot make the run a session keyring of its own".into());
     }
     let enforced = confinement::restrict(&args.workspace, own_root)?;
     if !enforced && !args.relaxed {

@@ -1,3 +1,5 @@
+#![allow(unsafe_code)] // keyctl(2) and add_key(2) in the keyring test: no wrapper in nix.
+
 //! The launcher on its own: a report for every run, the command read from
 //! standard input, and refusal of bad arguments. (The HTTP-level isolation
 //! tests live in `tests/it/run.rs` and its neighbours.)
@@ -311,5 +313,88 @@ fn a_run_that_eats_the_free_space_floor_is_stopped() {
     assert!(
         !String::from_utf8_lossy(&output.stdout).contains("not stopped"),
         "{report}"
+    );
+}
+
+/// `--uid` alone would leave the command root while the report claimed a
+/// run user: refused before anything runs.
+#[test]
+fn a_uid_without_a_gid_is_refused() {
+    let workspace = tempfile::tempdir().expect("workspace");
+    let reports = tempfile::tempdir().expect("reports");
+    let report = reports.path().join("report.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_nox-sandbox-exec"))
+        .arg("--workspace")
+        .arg(workspace.path())
+        .arg("--report")
+        .arg(&report)
+        .args([
+            "--timeout-ms",
+            "1000",
+            "--cpu-secs",
+            "2",
+            "--memory-mb",
+            "64",
+        ])
+        .args(["--run-id", "uid-alone", "--uid", "65534"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    assert!(!output.status.success(), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("--gid"),
+        "{output:?}"
+    );
+    assert!(!report.exists(), "nothing ran");
+}
+
+/// Keys are not namespaced: a run must not share (possess) the session
+/// keyring of whoever started the launcher, nor another run's.
+#[test]
+fn a_run_does_not_possess_the_launchers_session_keyring() {
+    // This test thread gets a session keyring of its own (so nothing else
+    // is touched) holding a key; the launcher it starts inherits it.
+    const KEYCTL_JOIN_SESSION_KEYRING: nix::libc::c_long = 1;
+    const KEY_SPEC_SESSION_KEYRING: nix::libc::c_long = -3;
+    let description = format!("nox-test-{}", uuid::Uuid::new_v4().simple());
+    let name = std::ffi::CString::new(description.clone()).expect("name");
+    let payload = b"server secret";
+    // SAFETY: plain system calls with NUL-terminated strings and a buffer
+    // alive for the call.
+    let key = unsafe {
+        if nix::libc::syscall(
+            nix::libc::SYS_keyctl,
+            KEYCTL_JOIN_SESSION_KEYRING,
+            std::ptr::null::<nix::libc::c_char>(),
+        ) < 0
+        {
+            eprintln!("skipped: no keyrings here");
+            return;
+        }
+        nix::libc::syscall(
+            nix::libc::SYS_add_key,
+            c"user".as_ptr(),
+            name.as_ptr(),
+            payload.as_ptr(),
+            payload.len(),
+            KEY_SPEC_SESSION_KEYRING,
+        )
+    };
+    assert!(key >= 0, "add_key failed");
+    let keys = std::fs::read_to_string("/proc/keys").expect("/proc/keys");
+    assert!(keys.contains(&description), "the test sees its own key");
+
+    let workspace = tempfile::tempdir().expect("workspace");
+    let (output, report) = launch(
+        workspace.path(),
+        None,
+        "cat /proc/keys; keyctl show @s 2>&1; true",
+        b"",
+    );
+    assert_eq!(report["exit_code"], 0, "{report} {output:?}");
+    let seen = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        !seen.contains(&description),
+        "the run possesses the launcher's key: {seen}"
     );
 }

@@ -518,40 +518,39 @@ fn run_user(uid: u32) -> RunUser {
     }
 }
 
-/// `NOX_RUN_UID_RANGE`, refused when it holds the server's uid or the
-/// embedded PostgreSQL's (a run as either could reach what they own), and
-/// warned about when another user of this host holds one of its uids.
+/// `NOX_RUN_UID_RANGE`, refused when it holds the server's uid, the
+/// embedded PostgreSQL's, or any uid or gid this host has named (in
+/// `/etc/passwd`, `/etc/group`): a run as one of them could read what that
+/// user or group may (say, gid 42 `shadow`), since runs use the uid as gid.
 fn checked_uid_range(config: &Config) -> anyhow::Result<UidRange> {
     let range = config.run_uid_range;
-    let server = nix::unistd::Uid::effective().as_raw();
-    let mut reserved = vec![("the server's", server)];
+    let mut taken = vec![(
+        "the server's uid".to_owned(),
+        nix::unistd::Uid::effective().as_raw(),
+    )];
     if config.storage.database_url.is_none() {
-        reserved.push(("the embedded PostgreSQL's", nox_pg_embed::service_uid()?));
+        taken.push((
+            "the embedded PostgreSQL's uid".to_owned(),
+            nox_pg_embed::service_uid()?,
+        ));
     }
-    for (whose, uid) in reserved {
-        if range.contains(uid) {
-            anyhow::bail!(
-                "NOX_RUN_UID_RANGE {}-{} holds {whose} uid {uid}: choose a range no service uses",
-                range.first,
-                range.last
-            );
+    for (file, what) in [("/etc/passwd", "user"), ("/etc/group", "group")] {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        for line in text.lines() {
+            let fields: Vec<&str> = line.split(':').collect();
+            if let (Some(name), Some(Ok(id))) =
+                (fields.first(), fields.get(2).map(|id| id.parse::<u32>()))
+            {
+                taken.push((format!("the id of the host {what} {name}"), id));
+            }
         }
     }
-    let host_users = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    for line in host_users.lines() {
-        let mut fields = line.split(':');
-        let (Some(name), Some(uid)) = (fields.next(), fields.nth(1)) else {
-            continue;
-        };
-        if let Ok(uid) = uid.parse::<u32>()
-            && range.contains(uid)
-        {
-            tracing::warn!(
-                user = name,
-                uid,
-                "a user of this host holds a uid of NOX_RUN_UID_RANGE: it can read the workspace of the Nox user given that uid"
-            );
-        }
+    if let Some((whose, id)) = taken.iter().find(|(_, id)| range.contains(*id)) {
+        anyhow::bail!(
+            "NOX_RUN_UID_RANGE {}-{} holds {whose} ({id}): choose a range no user, group or service of this host uses",
+            range.first,
+            range.last
+        );
     }
     Ok(range)
 }
@@ -703,11 +702,12 @@ mod tests {
         };
         let error = checked_uid_range(&config).expect_err("overlaps the cluster");
         assert!(error.to_string().contains("embedded PostgreSQL"), "{error}");
-        config.run_uid_range = UidRange {
-            first: cluster + 1,
-            last: cluster + 10,
-        };
-        assert!(checked_uid_range(&config).is_ok());
+        // Any id a host user or group holds (daemon and its group are 1).
+        config.run_uid_range = UidRange { first: 1, last: 1 };
+        let error = checked_uid_range(&config).expect_err("holds uid 1");
+        assert!(error.to_string().contains("host"), "{error}");
+        let config = Config::parse_from(["nox-server"]);
+        assert!(checked_uid_range(&config).is_ok(), "the default range");
     }
 
     #[test]

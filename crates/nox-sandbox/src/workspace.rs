@@ -51,10 +51,11 @@ pub const MAX_OPEN_DIRS: usize = 32;
 pub const MAX_WALK_DEPTH: usize = 4096;
 
 /// The most entries (files, directories, anything) [`Workspace::usage`]
-/// looks at before it gives up and measures the workspace as incomplete:
-/// it bounds the time a walk takes (about a second here) whatever a
-/// command made. Far beyond any storage or files quota of a tier.
-pub const MAX_USAGE_ENTRIES: u64 = 1_000_000;
+/// and the hand-over read before they give up (usage then measures the
+/// workspace as incomplete): it bounds the time and the memory a walk takes
+/// (a name is held until visited: some 60 MB at most) whatever a command
+/// made. Far beyond any files quota of a tier.
+pub const MAX_USAGE_ENTRIES: u64 = 200_000;
 
 /// A delete does not descend below this many levels under the directory it
 /// deletes: it moves a deeper subtree up to that directory's top level
@@ -399,6 +400,22 @@ fn regular_size(stat: &FileStat) -> u64 {
     }
 }
 
+/// What a regular file costs the storage quota: its size, or the blocks it
+/// holds beyond its size rounded up to whole blocks, when more (space kept
+/// by `fallocate --keep-size` shows in no size; a sparse file counts at its
+/// size).
+fn charged_bytes(stat: &FileStat) -> u64 {
+    const BLOCK: u64 = 4096;
+    let size = stat.st_size as u64;
+    let allocated = (stat.st_blocks as u64).saturating_mul(512);
+    let rounded = size.div_ceil(BLOCK).saturating_mul(BLOCK);
+    if allocated > rounded {
+        size + (allocated - rounded)
+    } else {
+        size
+    }
+}
+
 fn open_child_dir(parent: &impl AsFd, name: &CStr) -> Result<OwnedFd, SandboxError> {
     nix::fcntl::openat(
         parent,
@@ -409,17 +426,23 @@ fn open_child_dir(parent: &impl AsFd, name: &CStr) -> Result<OwnedFd, SandboxErr
     .map_err(map_errno)
 }
 
-fn child_names(dir: OwnedFd) -> Result<Vec<CString>, SandboxError> {
+/// The names in `dir`, at most `limit` of them; true when there were more
+/// (so a directory of millions of entries costs no more memory than the
+/// walk's budget).
+fn child_names(dir: OwnedFd, limit: u64) -> Result<(Vec<CString>, bool), SandboxError> {
     let mut dir = Dir::from_fd(dir).map_err(map_errno)?;
     let mut names = Vec::new();
     for item in dir.iter() {
         let item = item.map_err(map_errno)?;
         let name = item.file_name();
         if name.to_bytes() != b"." && name.to_bytes() != b".." {
+            if names.len() as u64 == limit {
+                return Ok((names, true));
+            }
             names.push(name.to_owned());
         }
     }
-    Ok(names)
+    Ok((names, false))
 }
 
 /// What a walk found, and how it went.
@@ -459,15 +482,23 @@ struct DirStack {
     oldest_open: usize,
     open: usize,
     peak_open: usize,
+    /// Names the walk may still read, over all its directories.
+    names_left: u64,
+    /// A directory held more names than were left to read.
+    exhausted: bool,
 }
 
 impl DirStack {
-    fn new(start: OwnedFd, name: CString) -> Result<DirStack, SandboxError> {
+    /// A walk from `start` that reads no more than `max_names` names in all
+    /// (`u64::MAX`: no bound).
+    fn new(start: OwnedFd, name: CString, max_names: u64) -> Result<DirStack, SandboxError> {
         let mut stack = DirStack {
             frames: Vec::new(),
             oldest_open: 1,
             open: 0,
             peak_open: 0,
+            names_left: max_names,
+            exhausted: false,
         };
         stack.push(name, start)?;
         Ok(stack)
@@ -523,7 +554,9 @@ impl DirStack {
         let stat = fstat(&fd).map_err(map_errno)?;
         let names = fd.try_clone()?;
         self.note_open(1);
-        let pending = child_names(names)?;
+        let (pending, more) = child_names(names, self.names_left)?;
+        self.names_left -= pending.len() as u64;
+        self.exhausted |= more;
         self.frames.push(Frame {
             fd: Some(fd),
             dev: stat.st_dev,
@@ -565,7 +598,7 @@ impl DirStack {
 /// followed. Counts (regular files, bytes).
 fn remove_tree(parent: &OwnedFd, name: &CStr) -> Result<Walked, SandboxError> {
     let dir = open_child_dir(parent, name)?;
-    let mut stack = DirStack::new(dir, name.to_owned())?;
+    let mut stack = DirStack::new(dir, name.to_owned(), u64::MAX)?;
     let (mut files, mut bytes) = (0, 0);
     while !stack.is_empty() {
         let Some(child) = stack.next_child() else {
@@ -623,7 +656,7 @@ fn chown_tree(
     uid: nix::unistd::Uid,
     gid: nix::unistd::Gid,
 ) -> Result<Walked, SandboxError> {
-    let mut stack = DirStack::new(root, CString::default())?;
+    let mut stack = DirStack::new(root, CString::default(), MAX_USAGE_ENTRIES)?;
     let mut truncated = false;
     while !stack.is_empty() {
         let Some(child) = stack.next_child() else {
@@ -656,7 +689,7 @@ fn chown_tree(
     }
     Ok(Walked {
         counts: (0, 0),
-        truncated,
+        truncated: truncated || stack.exhausted,
         peak_open: stack.peak_open,
     })
 }
@@ -665,7 +698,7 @@ fn chown_tree(
 /// deeper than [`MAX_WALK_DEPTH`] levels or once `max_entries` entries
 /// were looked at: the counts are then lower bounds.
 fn usage_of(root: OwnedFd, max_entries: u64) -> Result<Walked, SandboxError> {
-    let mut stack = DirStack::new(root, CString::default())?;
+    let mut stack = DirStack::new(root, CString::default(), max_entries)?;
     let (mut bytes, mut files) = (0, 0);
     let mut entries = 0;
     let mut truncated = false;
@@ -699,7 +732,7 @@ fn usage_of(root: OwnedFd, max_entries: u64) -> Result<Walked, SandboxError> {
                 }
             }
             EntryKind::File => {
-                bytes += stat.st_size as u64;
+                bytes += charged_bytes(&stat);
                 files += 1;
             }
             _ => {}
@@ -707,7 +740,7 @@ fn usage_of(root: OwnedFd, max_entries: u64) -> Result<Walked, SandboxError> {
     }
     Ok(Walked {
         counts: (bytes, files),
-        truncated,
+        truncated: truncated || stack.exhausted,
         peak_open: stack.peak_open,
     })
 }
@@ -839,7 +872,8 @@ mod tests {
     impl Drop for Scratch {
         fn drop(&mut self) {
             let root = self.root();
-            for name in child_names(root.try_clone().expect("dup")).expect("names") {
+            let (names, _) = child_names(root.try_clone().expect("dup"), u64::MAX).expect("names");
+            for name in names {
                 let _ = remove_tree(&root, &name);
             }
         }
@@ -944,6 +978,54 @@ mod tests {
     }
 
     #[test]
+    fn a_huge_directory_is_read_no_further_than_the_budget() {
+        let scratch = Scratch::new();
+        let root = scratch.root();
+        for index in 0..50 {
+            write_at(
+                &root,
+                &CString::new(format!("f{index}")).expect("name"),
+                b"x",
+            );
+        }
+        let stack = DirStack::new(scratch.root(), CString::default(), 10).expect("stack");
+        assert!(stack.exhausted);
+        assert_eq!(stack.frames[0].pending.len(), 10, "names held");
+        let cut = usage_of(scratch.root(), 10).expect("usage");
+        assert!(cut.truncated, "{cut:?}");
+        let whole = usage_of(scratch.root(), 50).expect("usage");
+        assert_eq!((whole.counts, whole.truncated), ((50, 50), false));
+    }
+
+    #[test]
+    fn space_kept_beyond_a_files_size_counts() {
+        let scratch = Scratch::new();
+        let root = scratch.root();
+        write_at(&root, c"small", b"12345");
+        write_at(&root, c"kept", b"");
+        let kept =
+            nix::fcntl::openat(&root, c"kept", OFlag::O_WRONLY, Mode::empty()).expect("open");
+        // `fallocate --keep-size`: blocks held, size still 0.
+        let held = nix::fcntl::fallocate(
+            &kept,
+            nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            0,
+            8 * 1024 * 1024,
+        );
+        if held.is_err() {
+            eprintln!("skipped: this filesystem cannot keep space beyond a file's size");
+            return;
+        }
+        let walked = usage_of(scratch.root(), u64::MAX).expect("usage");
+        let (bytes, files) = walked.counts;
+        assert_eq!(files, 2);
+        assert!(
+            (8 * 1024 * 1024 + 5..=8 * 1024 * 1024 + 4096 + 5).contains(&bytes),
+            "{bytes}: the 8 MiB held count, the small file at its size"
+        );
+    }
+
+    #[test]
     fn hand_over_walks_a_deep_tree_to_the_depth_limit_never_following_links() {
         if !Uid::effective().is_root() {
             eprintln!("skipped: changing owners needs root");
@@ -1016,8 +1098,8 @@ mod tests {
             walked.peak_open
         );
         assert_eq!(
-            child_names(root.try_clone().expect("dup")).expect("names"),
-            vec![CString::from(c"kept")],
+            child_names(root.try_clone().expect("dup"), u64::MAX).expect("names"),
+            (vec![CString::from(c"kept")], false),
             "the chain is gone, and nothing it was moved through is left"
         );
         assert_eq!(std::fs::read(&outside).expect("outside"), b"kept");
@@ -1038,8 +1120,8 @@ mod tests {
         let root = scratch.root();
         let depth = MAX_OPEN_DIRS + 8;
         chain(&root, depth, &[]);
-        let mut stack =
-            DirStack::new(root.try_clone().expect("dup"), CString::default()).expect("stack");
+        let mut stack = DirStack::new(root.try_clone().expect("dup"), CString::default(), u64::MAX)
+            .expect("stack");
         while stack.depth() <= depth {
             let sub = open_child_dir(stack.top(), c"d").expect("down");
             stack.push(CString::from(c"d"), sub).expect("push");
