@@ -268,7 +268,19 @@ async fn a_data_directory_under_a_system_directory_stays_hidden() {
         return;
     };
     let data_dir = opt.path().to_path_buf();
-    let Some(app) = app_with_runs(|config| config.storage.data_dir = data_dir).await else {
+    // The signing key and the checkpoints kept apart from it, under /opt too.
+    let keys = tempfile::Builder::new()
+        .prefix("nox-keys-")
+        .tempdir_in("/opt")
+        .expect("a key directory");
+    let key_dir = keys.path().to_path_buf();
+    let Some(app) = app_with_runs(|config| {
+        config.storage.data_dir = data_dir;
+        config.storage.audit_signing_key_file = Some(key_dir.join("signing.key"));
+        config.storage.audit_checkpoint_dir = Some(key_dir.join("checkpoints"));
+    })
+    .await
+    else {
         return;
     };
     let alice = app.new_user("alice").await;
@@ -290,6 +302,13 @@ async fn a_data_directory_under_a_system_directory_stays_hidden() {
     );
     assert!(
         opt.path().join("audit-spool").exists(),
+        "the host still has it"
+    );
+    let keys_shown = keys.path().display();
+    let body = run_ok(&app, &alice, &format!("ls -A {keys_shown} | wc -l")).await;
+    assert_eq!(stdout(&body), "0\n", "the key directory shows: {body}");
+    assert!(
+        keys.path().join("signing.key").exists(),
         "the host still has it"
     );
 }

@@ -116,7 +116,7 @@ impl RunService {
             report_dir,
             uid_range,
             uids: Mutex::new(HashMap::new()),
-            hidden: vec![data_dir],
+            hidden: hidden_from_runs(&config.storage, data_dir),
             relaxed,
             min_free_mb: config.min_free_mb,
             cgroup_parent,
@@ -507,6 +507,34 @@ pub async fn run_command(
         ));
     }
     Ok(respond(outcome, timeout, kind))
+}
+
+/// What runs must not see: the data directory, and the checkpoint and
+/// signing-key directories wherever they are configured. A system
+/// directory itself (`/etc`, say) cannot be covered without breaking runs:
+/// a key kept directly there rests on its file permissions, as warned.
+fn hidden_from_runs(storage: &crate::config::StorageConfig, data_dir: PathBuf) -> Vec<PathBuf> {
+    let key_dir = storage.signing_key_file().parent().map(PathBuf::from);
+    let mut hidden = vec![data_dir];
+    for dir in [Some(storage.checkpoint_dir()), key_dir]
+        .into_iter()
+        .flatten()
+    {
+        let Ok(dir) = std::fs::canonicalize(&dir) else {
+            continue;
+        };
+        let depth = dir.components().count();
+        if depth <= 2 {
+            tracing::warn!(
+                dir = %dir.display(),
+                "a checkpoint or signing-key directory directly under / cannot be hidden from runs: \
+                 only its files' permissions protect them"
+            );
+        } else if !hidden.iter().any(|shown| dir.starts_with(shown)) {
+            hidden.push(dir);
+        }
+    }
+    hidden
 }
 
 /// The run user of uid `uid`: its own group, named after the uid.
