@@ -410,7 +410,7 @@ impl Drop for Unfinished {
             record
                 .error_details
                 .get_or_insert_with(|| CLIENT_CLOSED_DETAIL.to_owned());
-            spawn_submit(self.sink.clone(), record);
+            queue_detached(self.sink.clone(), record);
         }
     }
 }
@@ -561,7 +561,7 @@ impl MessageBody for AuditBody {
                             this.committing =
                                 Some(Box::pin(async move { sink.submit(record, true).await }));
                         } else {
-                            spawn_submit(this.sink.clone(), record);
+                            queue_detached(this.sink.clone(), record);
                         }
                     }
                 }
@@ -582,7 +582,7 @@ impl AuditBody {
                 record.success = false;
             }
             record.error_details.get_or_insert_with(|| error.to_owned());
-            spawn_submit(self.sink.clone(), record);
+            queue_detached(self.sink.clone(), record);
         }
     }
 }
@@ -594,15 +594,8 @@ impl Drop for AuditBody {
     }
 }
 
-fn spawn_submit(sink: AuditSink, record: ActionRecord) {
-    match tokio::runtime::Handle::try_current() {
-        Ok(runtime) => {
-            runtime.spawn(async move {
-                if let Err(error) = sink.submit(record, false).await {
-                    tracing::error!(%error, "an audit record could not be queued");
-                }
-            });
-        }
-        Err(_) => tracing::error!("an audit record was completed outside a runtime and is lost"),
+fn queue_detached(sink: AuditSink, record: ActionRecord) {
+    if let Err(error) = sink.submit_detached(record) {
+        tracing::error!(%error, "an audit record could not be queued");
     }
 }

@@ -221,6 +221,33 @@ impl AuditSink {
         }
     }
 
+    /// Queues `record` from code that cannot wait (a drop): at once when the
+    /// queue has room, so it is in the writer's hands even if the runtime
+    /// stops next (shutdown drains the queue); else from a task that waits
+    /// for room.
+    pub fn submit_detached(&self, mut record: ActionRecord) -> Result<(), SinkError> {
+        record.make_storable();
+        record_metrics(&record, &self.metrics);
+        match self
+            .sender
+            .try_send(Message::Record(Box::new(record), None))
+        {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SinkError::Stopped),
+            Err(mpsc::error::TrySendError::Full(message)) => {
+                let runtime =
+                    tokio::runtime::Handle::try_current().map_err(|_| SinkError::Stopped)?;
+                let sender = self.sender.clone();
+                runtime.spawn(async move {
+                    if sender.send(message).await.is_err() {
+                        tracing::error!("an audit record could not be queued: the writer stopped");
+                    }
+                });
+                Ok(())
+            }
+        }
+    }
+
     /// Queues a message at once, or when the queue is full, from a task of
     /// its own that waits for room and outlives the caller.
     async fn enqueue(&self, message: Message) -> Result<(), SinkError> {
