@@ -375,7 +375,7 @@ pub fn command_type(command: &str) -> &'static str {
         (status = 400, body = ErrorBody),
         (status = 429, description = "Too many runs at once; see Retry-After", body = ErrorBody),
         (status = 403, description = "`quota_exceeded`: the workspace is over its storage or files quota (an earlier run left it there); delete files first", body = ErrorBody),
-        (status = 503, description = "The command sandbox is not available on this server", body = ErrorBody),
+        (status = 503, description = "`sandbox_unavailable`: an isolation layer runs need is missing on this server (named in `detail`; `GET /health` shows which)", body = ErrorBody),
         (status = 507, description = "`insufficient_storage`: the server's disk is below `NOX_MIN_FREE_MB` free", body = ErrorBody),
     ),
     security(("bearer" = [])),
