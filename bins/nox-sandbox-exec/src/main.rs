@@ -272,7 +272,7 @@ fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
         cgroups.remove();
         return match reason.as_str() {
             "" => Ok(unavailable(&["mount_namespace", "ipc_namespace"])),
-            reason => Err(format!("the run's root: {reason}")),
+            reason => Err(format!("the run could not be contained: {reason}")),
         };
     }
     let (exit_code, signal) = (status.exit_code, status.signal);
@@ -289,10 +289,12 @@ fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
         Some("disk")
     } else if cgroups.memory_limited(died_of(Signal::SIGKILL, exit_code, signal)) {
         Some("memory")
-    } else if died_of(Signal::SIGXCPU, exit_code, signal)
-        || (died_of(Signal::SIGKILL, exit_code, signal)
-            && cpu_time_ms >= (args.cpu_secs * 1000) as f64)
+    } else if (died_of(Signal::SIGXCPU, exit_code, signal)
+        || died_of(Signal::SIGKILL, exit_code, signal))
+        && cpu_time_ms >= (args.cpu_secs * 1000) as f64 * 0.99
     {
+        // The CPU limit signals a process that used it up (`exit 152`
+        // alone, 128 + SIGXCPU, is not that).
         Some("cpu")
     } else if cgroups.processes_limited() {
         Some("processes")
@@ -479,15 +481,17 @@ fn init_process(
             return 74;
         }
     };
-    let _ = status.write_all(if own_root { b"R" } else { b"N" });
+    // A layer that cannot be applied means no run, reported as such (not
+    // as a command that printed an error).
     if let Err(error) = contain(args, cgroups, own_root) {
-        eprintln!("nox-sandbox-exec: {error}");
+        let _ = write!(status, "X{error}");
         return 71;
     }
     let Some(bash) = BashExec::prepare(args, own_root) else {
-        eprintln!("nox-sandbox-exec: an argument or variable contains a NUL byte");
+        let _ = write!(status, "Xan argument or variable contains a NUL byte");
         return 71;
     };
+    let _ = status.write_all(if own_root { b"R" } else { b"N" });
     // SAFETY: still single-threaded.
     let bash = match unsafe { fork() } {
         Ok(ForkResult::Child) => {

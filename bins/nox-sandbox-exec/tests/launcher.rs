@@ -398,3 +398,13 @@ fn a_run_does_not_possess_the_launchers_session_keyring() {
         "the run possesses the launcher's key: {seen}"
     );
 }
+
+/// An exit status that merely looks like a CPU-limit death (128 + SIGXCPU)
+/// is not reported as one.
+#[test]
+fn exiting_152_is_not_a_cpu_limit() {
+    let workspace = tempfile::tempdir().expect("workspace");
+    let (output, report) = launch(workspace.path(), None, "exit 152", b"");
+    assert_eq!(report["exit_code"], 152, "{report} {output:?}");
+    assert_eq!(report["limit_hit"], serde_json::Value::Null, "{report}");
+}
