@@ -32,7 +32,7 @@ use crate::free_space::FreeSpaceFloor;
 use crate::limits::{InFlight, rate_limit, shed_overload};
 use crate::metrics::{MetricsEndpoint, record_http_metrics};
 use crate::quotas::enforce_request_quota;
-use crate::run::RunService;
+use crate::run_service::RunService;
 use crate::{files, health, openapi, users};
 
 /// State shared by every worker.

@@ -21,7 +21,7 @@ pub struct HealthResponse {
     /// Whether `POST /run` serves: `ready` with the isolation layers a
     /// probe run got (and, relaxed, those missing), or `unavailable` with
     /// the layers missing and why.
-    pub sandbox: crate::run::Availability,
+    pub sandbox: crate::run_service::Availability,
 }
 
 #[utoipa::path(

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod quotas;
 pub mod run;
+pub mod run_service;
 pub mod schema;
 pub mod storage_quota;
 pub mod telemetry;
