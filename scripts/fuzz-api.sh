@@ -214,7 +214,9 @@ step "one audit row per fuzzed request"
 as_cluster_owner "$(pg_tool pg_ctl)" start --pgdata "$DATA/pg" --log "$DATA/pg/fuzz-check.log" \
     --wait --silent
 CLUSTER_UP=1
-"$(pg_tool psql)" --host "$DATA/pg" --username nox --dbname nox --no-psqlrc --quiet --csv \
+# The embedded cluster wants its password (kept beside it, never printed).
+PGPASSWORD=$(<"$DATA/pg.password") "$(pg_tool psql)" --host "$DATA/pg" --username nox \
+    --dbname nox --no-psqlrc --quiet --csv \
     --command "SELECT request_id, http_method, coalesce(metadata->>'raw_endpoint', endpoint) AS endpoint,
                       user_agent FROM audit_actions" \
     >"$WORK/audit-rows.csv"
