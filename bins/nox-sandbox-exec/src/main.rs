@@ -36,6 +36,7 @@ mod cgroups;
 mod confinement;
 mod disk;
 mod root;
+mod syscalls;
 
 use std::ffi::CString;
 use std::fs;
@@ -318,6 +319,7 @@ fn run(args: &Args, command: &str) -> Result<serde_json::Value, String> {
             "network_namespace": namespaced && !args.allow_network,
             "mount_namespace": status.own_root,
             "ipc_namespace": status.own_root,
+            "seccomp": status.filtered,
             "memory_cgroup": cgroups.limits_memory(),
             "pids_cgroup": cgroups.limits_processes(),
             "run_as_user": run_as_user,
@@ -397,11 +399,13 @@ fn command_file(command: &str) -> Result<OwnedFd, String> {
 
 /// What init reports on the status pipe: first whether the run got its own
 /// root (`R`), ran without (`N`, relaxed only) or was refused (`X` and the
-/// reason, empty when the namespaces are not available); then bash's exit,
-/// `e<code>` or `s<signal>`.
+/// reason, empty when the namespaces are not available); `F` when the
+/// seccomp filter is in force; then bash's exit, `e<code>` or `s<signal>`.
 #[derive(Debug, Default, PartialEq)]
 struct InitStatus {
     own_root: bool,
+    /// The seccomp filter is in force.
+    filtered: bool,
     refused: Option<String>,
     exit_code: Option<i32>,
     signal: Option<i32>,
@@ -422,6 +426,13 @@ impl InitStatus {
             }
             Some('N') => &text[1..],
             _ => return status,
+        };
+        let rest = match rest.strip_prefix('F') {
+            Some(rest) => {
+                status.filtered = true;
+                rest
+            }
+            None => rest,
         };
         let value = rest.get(1..).and_then(|n| n.parse::<i32>().ok());
         match rest.chars().next() {
@@ -483,15 +494,21 @@ fn init_process(
     };
     // A layer that cannot be applied means no run, reported as such (not
     // as a command that printed an error).
-    if let Err(error) = contain(args, cgroups, own_root) {
-        let _ = write!(status, "X{error}");
-        return 71;
-    }
+    let filtered = match contain(args, cgroups, own_root) {
+        Ok(filtered) => filtered,
+        Err(error) => {
+            let _ = write!(status, "X{error}");
+            return 71;
+        }
+    };
     let Some(bash) = BashExec::prepare(args, own_root) else {
         let _ = write!(status, "Xan argument or variable contains a NUL byte");
         return 71;
     };
     let _ = status.write_all(if own_root { b"R" } else { b"N" });
+    if filtered {
+        let _ = status.write_all(b"F");
+    }
     // SAFETY: still single-threaded.
     let bash = match unsafe { fork() } {
         Ok(ForkResult::Child) => {
@@ -557,7 +574,9 @@ fn join_own_session_keyring() -> bool {
 }
 
 /// Limits, user and Landlock, applied to init and inherited by the command.
-fn contain(args: &Args, cgroups: &Cgroups, own_root: bool) -> Result<(), String> {
+/// Returns whether the seccomp filter is in force (relaxed runs go on
+/// without one).
+fn contain(args: &Args, cgroups: &Cgroups, own_root: bool) -> Result<bool, String> {
     let cpu = args.cpu_secs;
     let limits: &[(Resource, u64, u64)] = &[
         (Resource::RLIMIT_CPU, cpu, cpu + 1),
@@ -609,7 +628,12 @@ fn contain(args: &Args, cgroups: &Cgroups, own_root: bool) -> Result<(), String>
         return Err("Landlock is not enforced".into());
     }
     std::env::set_current_dir(&args.workspace).map_err(|e| format!("chdir: {e}"))?;
-    Ok(())
+    // Last: init needs none of what it refuses.
+    match syscalls::restrict() {
+        Ok(()) => Ok(true),
+        Err(_) if args.relaxed => Ok(false),
+        Err(error) => Err(error),
+    }
 }
 
 /// Bash's `execve` arguments, made before the fork so that the child only

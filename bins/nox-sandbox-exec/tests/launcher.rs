@@ -408,3 +408,36 @@ fn exiting_152_is_not_a_cpu_limit() {
     assert_eq!(report["exit_code"], 152, "{report} {output:?}");
     assert_eq!(report["limit_hit"], serde_json::Value::Null, "{report}");
 }
+
+/// The seccomp filter: no new namespaces (a user namespace would give the
+/// command capabilities over netfilter and the rest), no keyrings, no
+/// io_uring; `clone3` says ENOSYS so that libc falls back to `clone`.
+/// Ordinary work (processes, pipes, an interpreter) is untouched.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn the_kernels_rarely_needed_doors_are_shut() {
+    let workspace = tempfile::tempdir().expect("workspace");
+    // x86_64 numbers: keyctl 250, io_uring_setup 425, clone3 435, and the
+    // x32 variant of keyctl (250 | 0x40000000).
+    let probe = "import ctypes\n\
+                 libc = ctypes.CDLL(None, use_errno=True)\n\
+                 for nr in (250, 425, 435, 250 | 0x40000000):\n\
+                 \x20   ctypes.set_errno(0)\n\
+                 \x20   r = libc.syscall(nr, 0, 0, 0, 0, 0)\n\
+                 \x20   print(nr, r, ctypes.get_errno())\n";
+    let command = format!(
+        "unshare -U true 2>/dev/null; echo \"unshare $?\"; python3 -c '{probe}'; \
+         (echo piped | tr a-z A-Z) & wait"
+    );
+    let (output, report) = launch(workspace.path(), None, &command, b"");
+    assert_eq!(report["layers"]["seccomp"], true, "{report}");
+    let (eperm, enosys) = (nix::libc::EPERM, nix::libc::ENOSYS);
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        format!(
+            "unshare 1\n250 -1 {eperm}\n425 -1 {eperm}\n435 -1 {enosys}\n{} -1 {eperm}\nPIPED\n",
+            250 | 0x4000_0000
+        ),
+        "{report} {output:?}"
+    );
+}

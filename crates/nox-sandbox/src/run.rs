@@ -72,6 +72,10 @@ pub struct Layers {
     pub mount_namespace: bool,
     #[serde(default)]
     pub ipc_namespace: bool,
+    /// A seccomp filter refuses namespaces, keyrings, BPF, `io_uring`,
+    /// mounting and the like.
+    #[serde(default)]
+    pub seccomp: bool,
     pub memory_cgroup: bool,
     pub pids_cgroup: bool,
     /// Runs as an unprivileged uid (not root).
@@ -92,6 +96,7 @@ impl Layers {
             ),
             ("mount_namespace", self.mount_namespace),
             ("ipc_namespace", self.ipc_namespace),
+            ("seccomp", self.seccomp),
             ("memory_cgroup", self.memory_cgroup),
             ("pids_cgroup", self.pids_cgroup),
             ("run_as_user", self.run_as_user),
