@@ -1,7 +1,7 @@
 //! The migration runner against a real PostgreSQL. These use their own
 //! migrations table and tables so they never touch Nox's schema.
 
-use nox_api::schema::MIGRATIONS;
+use nox_api::migrations::MIGRATIONS;
 use nox_audit_store::{MigrateError, Migration, MigrationState, Migrator};
 use nox_testkit::TestDb;
 

@@ -37,13 +37,13 @@ async fn up_twice_applies_once_then_nothing() {
     );
     assert_eq!(
         db.scalar("SELECT count(*) FROM schema_migrations").await,
-        nox_api::schema::MIGRATIONS.len() as i64
+        nox_api::migrations::MIGRATIONS.len() as i64
     );
 
     let status = nox_migrate(&db, &["status"]);
     assert!(status.status.success(), "{status:?}");
     let text = stdout(&status);
-    for migration in nox_api::schema::MIGRATIONS {
+    for migration in nox_api::migrations::MIGRATIONS {
         let line = text
             .lines()
             .find(|l| l.starts_with(&format!("{:04} ", migration.version)))
@@ -83,10 +83,10 @@ async fn two_processes_migrating_at_once_both_succeed_and_apply_once() {
         .chain(stdout(&b).lines())
         .filter(|l| l.starts_with("applied "))
         .count();
-    assert_eq!(applied_lines, nox_api::schema::MIGRATIONS.len());
+    assert_eq!(applied_lines, nox_api::migrations::MIGRATIONS.len());
     assert_eq!(
         db.scalar("SELECT count(*) FROM schema_migrations").await,
-        nox_api::schema::MIGRATIONS.len() as i64
+        nox_api::migrations::MIGRATIONS.len() as i64
     );
 }
 

@@ -17,7 +17,7 @@ async fn main() -> ExitCode {
             None
         }
     };
-    match nox_api::run(config, metrics).await {
+    match nox_api::run_server(config, metrics).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("nox-server: {error:#}");

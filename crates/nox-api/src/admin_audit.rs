@@ -11,9 +11,9 @@ use time::OffsetDateTime;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use crate::app::AppState;
 use crate::auth::Authenticated;
 use crate::error::{ApiError, ErrorBody, refuse_nul};
+use crate::state::AppState;
 use crate::timestamp_json;
 
 pub fn routes(config: &mut web::ServiceConfig) {

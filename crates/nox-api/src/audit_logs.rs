@@ -17,9 +17,9 @@ use time::{Date, OffsetDateTime};
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use crate::app::AppState;
 use crate::auth::Authenticated;
 use crate::error::{ApiError, ErrorBody, refuse_nul};
+use crate::state::AppState;
 
 /// The filters `/logs` and `/export` share.
 const FILTERS: &[&str] = &[

@@ -8,7 +8,7 @@
 //! cause: first memory (a token this instance accepted within
 //! `NOX_AUTH_CACHE_TTL_MS`, or refused, or one that is not well-formed at
 //! all); then, for every request memory does not resolve to a caller, the
-//! per-address rate limit (`crate::limits::check_address`), which may refuse
+//! per-address rate limit (`crate::admission::check_address`), which may refuse
 //! it with 429; only then the database lookup of a token this instance has
 //! never accepted. A token it accepted before whose periodic re-check is
 //! due is looked up without a per-address charge: that costs at most one
@@ -27,9 +27,9 @@ use actix_web::{FromRequest, HttpMessage, HttpRequest, web};
 use nox_auth::token::{self, parse_bearer};
 use nox_auth::{AuthFailure, Caller, Lookup, Role};
 
-use crate::app::AppState;
+use crate::admission;
 use crate::error::ApiError;
-use crate::limits;
+use crate::state::AppState;
 
 #[derive(Debug, Clone)]
 pub enum Identity {
@@ -81,7 +81,7 @@ pub async fn resolve_identity(
         Some(Some(token)) => match state.authenticator.cached(token) {
             Lookup::Known(caller) => (Identity::Caller(caller), None),
             Lookup::Refused => (Identity::Invalid, None),
-            Lookup::Check(check) if !check.is_known_token() && limits::is_exempt(&request) => {
+            Lookup::Check(check) if !check.is_known_token() && admission::is_exempt(&request) => {
                 (Identity::Unchecked, None)
             }
             Lookup::Check(check) => (Identity::Unchecked, Some(check)),
@@ -89,9 +89,9 @@ pub async fn resolve_identity(
     };
     // 2. The per-address limit, for all but callers known from memory.
     let known = identity.caller().is_some() || check.as_ref().is_some_and(|c| c.is_known_token());
-    if !known && let Err(limited) = limits::check_address(&request, &state) {
+    if !known && let Err(limited) = admission::check_address(&request, &state) {
         request.extensions_mut().insert(identity);
-        return Ok(limits::refusal(request, &limited).map_into_right_body());
+        return Ok(admission::refusal(request, &limited).map_into_right_body());
     }
     // 3. The database.
     let identity = match check {

@@ -9,7 +9,7 @@ use nox_audit_store::{MigrationState, Migrator, PoolOptions, build_pool};
 use nox_pg_embed::Cluster;
 
 use crate::config::StorageConfig;
-use crate::schema;
+use crate::migrations;
 
 /// The database name Nox uses inside its embedded cluster.
 const EMBEDDED_DATABASE: &str = "nox";
@@ -96,13 +96,17 @@ impl Database {
     /// Applies every pending migration; returns the versions applied.
     pub async fn migrate(&self) -> anyhow::Result<Vec<i64>> {
         let mut client = connect(&self.pg_config).await?;
-        Ok(Migrator::new(schema::MIGRATIONS).up(&mut client).await?)
+        Ok(Migrator::new(migrations::MIGRATIONS)
+            .up(&mut client)
+            .await?)
     }
 
     /// How many migrations are not applied as this binary knows them.
     pub async fn pending_migrations(&self) -> anyhow::Result<usize> {
         let client = connect(&self.pg_config).await?;
-        let statuses = Migrator::new(schema::MIGRATIONS).status(&client).await?;
+        let statuses = Migrator::new(migrations::MIGRATIONS)
+            .status(&client)
+            .await?;
         Ok(statuses
             .iter()
             .filter(|s| s.state != MigrationState::Applied && s.state != MigrationState::Unknown)

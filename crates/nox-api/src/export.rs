@@ -27,10 +27,10 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use crate::app::AppState;
 use crate::audit_logs::{build_filters, invalid, parse_bool};
 use crate::auth::Authenticated;
 use crate::error::{ApiError, ErrorBody};
+use crate::state::AppState;
 
 /// `/export`'s own parameters, besides `/logs`'s filters.
 const OWN: &[&str] = &["format", "compress", "limit"];
@@ -101,7 +101,7 @@ pub async fn export(
                 .ok_or_else(|| invalid("limit", "expected 1 or more"))
         })
         .transpose()?;
-    let justification = crate::users::justification(&request)?;
+    let justification = crate::routes::users::justification(&request)?;
     let permit = Arc::clone(&state.exports)
         .try_acquire_owned()
         .map_err(|_| ApiError::ServiceUnavailable("too many exports are running; retry".into()))?;

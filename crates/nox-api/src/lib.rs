@@ -1,8 +1,9 @@
 //! The Nox HTTP API as a library: the server binary is a thin wrapper around
-//! [`run`], and the integration tests build the same app through [`app`].
+//! [`run_server`], and the integration tests build the same app through [`AppState`] and
+//! [`serve`].
 
 pub mod admin_audit;
-pub mod app;
+pub mod admission;
 pub mod audit_logs;
 pub mod auth;
 mod blocking;
@@ -11,23 +12,21 @@ mod connection;
 pub mod db;
 pub mod error;
 pub mod export;
-pub mod files;
 pub mod free_space;
-pub mod health;
-pub mod limits;
 pub mod metrics;
+pub mod migrations;
 pub mod openapi;
-pub mod quotas;
-pub mod run;
+pub mod routes;
 pub mod run_service;
-pub mod schema;
+pub mod server;
+pub mod state;
 pub mod storage_quota;
 pub mod telemetry;
-pub mod users;
 
-pub use app::{AppState, run, serve};
 pub use config::Config;
 pub use error::ApiError;
+pub use server::{run_server, serve};
+pub use state::AppState;
 
 /// The version reported by `/health` and the OpenAPI document.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -8,9 +8,9 @@ use actix_web::{HttpRequest, web};
 use nox_quota::{Limits, Violation};
 use uuid::Uuid;
 
-use crate::app::AppState;
+use crate::admission::record_violation;
 use crate::error::ApiError;
-use crate::quotas::record_violation;
+use crate::state::AppState;
 
 pub(crate) const MIB: u64 = 1024 * 1024;
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use actix_web::dev::ServerHandle;
 use actix_web::web;
-use nox_api::app::Background;
+use nox_api::server::Background;
 use nox_api::{AppState, Config};
 use nox_audit_model::ManualClock;
 use nox_auth::Secret;

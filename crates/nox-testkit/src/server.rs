@@ -5,7 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
-use nox_api::schema::MIGRATIONS;
+use nox_api::migrations::MIGRATIONS;
 use nox_audit_store::{AuditWriter, Migrator, PoolOptions, Spool, WriterConfig, build_pool};
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;

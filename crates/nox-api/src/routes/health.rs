@@ -6,7 +6,7 @@ use actix_web::{HttpResponse, get, web};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::app::AppState;
+use crate::state::AppState;
 
 /// How long the database probe may take before the database counts as down.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);

@@ -1,76 +1,19 @@
-//! Quotas: the enforcing middleware, the helpers the file and run endpoints
-//! use, and the `/quotas/*` endpoints.
+//! The `/quotas/*` endpoints. Enforcement (the request-quota middleware and
+//! the helpers the file and run endpoints use) is in [`crate::admission`].
 
-use actix_web::body::{EitherBody, MessageBody};
-use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::middleware::Next;
-use actix_web::{HttpMessage, HttpRequest, HttpResponse, ResponseError, get, post, put, web};
+use actix_web::{HttpRequest, HttpResponse, get, post, put, web};
 use nox_audit_model::{AdminAction, AdminActionType};
 use nox_auth::{Caller, Role, Tier};
-use nox_quota::{Limits, Violation, tier_limits};
+use nox_quota::{Limits, tier_limits};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::app::AppState;
-use crate::auth::{Authenticated, Identity};
+use crate::admission::limits_of;
+use crate::auth::Authenticated;
 use crate::error::{ApiError, ErrorBody};
+use crate::state::AppState;
 use crate::storage_quota::MIB;
-
-/// Endpoints a user over quota can still reach, and that do not count.
-const OWN_QUOTA_PREFIX: &str = "/quotas/my/";
-const ADMIN_QUOTA_PREFIX: &str = "/quotas/admin/";
-
-/// The caller's effective limits: their tier's, overridden per field.
-pub async fn limits_of(state: &AppState, caller: &Caller) -> Limits {
-    state.quotas.load(caller.user_id).await;
-    tier_limits(caller.tier.as_str()).with_overrides(&state.quotas.overrides(caller.user_id))
-}
-
-/// Records a refusal in the request's audit row.
-pub fn record_violation<M: HttpMessage>(message: &M, violation: &Violation) {
-    nox_audit_metrics::record_quota_violation(violation.quota_type);
-    nox_audit_actix::record(message, |details| {
-        details.quota_violation = true;
-        details.quota_consumed = Some(json!({
-            "quota_type": violation.quota_type,
-            "current_usage": violation.current_usage,
-        }));
-        details.quota_remaining = Some(json!({
-            "quota_type": violation.quota_type,
-            "limit": violation.limit,
-            "remaining": violation.limit.saturating_sub(violation.current_usage),
-        }));
-    });
-}
-
-/// Counts each authenticated request against the hour and day quotas.
-pub async fn enforce_request_quota(
-    request: ServiceRequest,
-    next: Next<impl MessageBody>,
-) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
-    let caller = request
-        .extensions()
-        .get::<Identity>()
-        .and_then(|identity| identity.caller().cloned());
-    let state = request.app_data::<web::Data<AppState>>().cloned();
-    if let (Some(caller), Some(state)) = (caller, state)
-        && !request.path().starts_with(OWN_QUOTA_PREFIX)
-        // An admin can always reach the quota admin API, so one who set
-        // their own request quota to 0 can undo it.
-        && !(caller.role == Role::Admin && request.path().starts_with(ADMIN_QUOTA_PREFIX))
-        // Health checks and scrapes are never limited, nor counted.
-        && !crate::limits::is_exempt(&request)
-    {
-        let limits = limits_of(&state, &caller).await;
-        if let Err(violation) = state.quotas.try_count_request(caller.user_id, &limits) {
-            record_violation(&request, &violation);
-            let response = ApiError::QuotaExceeded(violation).error_response();
-            return Ok(request.into_response(response).map_into_right_body());
-        }
-    }
-    Ok(next.call(request).await?.map_into_left_body())
-}
 
 pub fn routes(config: &mut web::ServiceConfig) {
     config
@@ -283,22 +226,22 @@ pub const MAX_LIMIT: u64 = 1_000_000_000_000;
 pub struct QuotaUpdate {
     pub tier: Option<Tier>,
     // Each limit: a number up to MAX_LIMIT, or `null` for the tier's.
-    #[serde(default, deserialize_with = "crate::users::present")]
+    #[serde(default, deserialize_with = "crate::routes::users::present")]
     #[schema(value_type = Option<u64>, maximum = 1_000_000_000_000_u64)]
     pub req_hour: Option<Option<u64>>,
-    #[serde(default, deserialize_with = "crate::users::present")]
+    #[serde(default, deserialize_with = "crate::routes::users::present")]
     #[schema(value_type = Option<u64>, maximum = 1_000_000_000_000_u64)]
     pub req_day: Option<Option<u64>>,
-    #[serde(default, deserialize_with = "crate::users::present")]
+    #[serde(default, deserialize_with = "crate::routes::users::present")]
     #[schema(value_type = Option<u64>, maximum = 1_000_000_000_000_u64)]
     pub cpu_seconds: Option<Option<u64>>,
-    #[serde(default, deserialize_with = "crate::users::present")]
+    #[serde(default, deserialize_with = "crate::routes::users::present")]
     #[schema(value_type = Option<u64>, maximum = 1_000_000_000_000_u64)]
     pub mem_mb: Option<Option<u64>>,
-    #[serde(default, deserialize_with = "crate::users::present")]
+    #[serde(default, deserialize_with = "crate::routes::users::present")]
     #[schema(value_type = Option<u64>, maximum = 1_000_000_000_000_u64)]
     pub storage_mb: Option<Option<u64>>,
-    #[serde(default, deserialize_with = "crate::users::present")]
+    #[serde(default, deserialize_with = "crate::routes::users::present")]
     #[schema(value_type = Option<u64>, maximum = 1_000_000_000_000_u64)]
     pub files_max: Option<Option<u64>>,
 }
@@ -344,7 +287,7 @@ pub async fn admin_put_quotas(
         .target(user)
         .old_values(values(old_tier, &old))
         .new_values(values(new_tier, &new))
-        .justification(crate::users::justification(&request)?);
+        .justification(crate::routes::users::justification(&request)?);
     let as_i64 = |v: Option<u64>| v.map(|v| v.min(i64::MAX as u64) as i64);
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await.map_err(ApiError::internal)?;
@@ -400,7 +343,7 @@ pub async fn admin_reset(
         .target(user)
         .old_values(json!({ "req_hour": before.req_hour, "req_day": before.req_day, "cpu_ms_day": before.cpu_ms_day }))
         .new_values(json!({ "req_hour": 0, "req_day": 0, "cpu_ms_day": 0 }))
-        .justification(crate::users::justification(&request)?);
+        .justification(crate::routes::users::justification(&request)?);
     let mut client = state.pool.get().await?;
     nox_audit_store::admin_actions::record_alone(&mut client, &action)
         .await

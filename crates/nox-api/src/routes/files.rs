@@ -16,9 +16,9 @@ use tokio::io::AsyncWriteExt;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use crate::app::AppState;
 use crate::auth::Authenticated;
 use crate::error::{ApiError, ErrorBody};
+use crate::state::AppState;
 
 /// Larger files are refused by `/cat`: fetch them with `/download`.
 const MAX_CAT_BYTES: u64 = 1024 * 1024;
@@ -342,7 +342,7 @@ pub async fn write(
         return Err(too_large(max));
     }
     let user = caller.0.user_id;
-    let limits = crate::quotas::limits_of(&state, &caller.0).await;
+    let limits = crate::admission::limits_of(&state, &caller.0).await;
     let target = path.clone();
     let handler_state = state.clone();
     let (mut upload, usage, replaced_size) =
@@ -367,7 +367,7 @@ pub async fn write(
         replaced_size.is_none(),
     );
     if let Err(violation) = declared_fits {
-        crate::quotas::record_violation(&request, &violation);
+        crate::admission::record_violation(&request, &violation);
         return Err(ApiError::QuotaExceeded(violation));
     }
     let file = upload
@@ -422,7 +422,7 @@ pub async fn write(
     })
     .await?;
     if let Err(violation) = kept {
-        crate::quotas::record_violation(&request, &violation);
+        crate::admission::record_violation(&request, &violation);
         return Err(ApiError::QuotaExceeded(violation));
     }
     audit_file(&request, &path, Some(written), 1);

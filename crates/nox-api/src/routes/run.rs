@@ -10,10 +10,10 @@ use nox_sandbox::run::{RunError, RunOutcome, RunRequest};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::app::AppState;
 use crate::auth::Authenticated;
 use crate::error::{ApiError, ErrorBody, refuse_nul};
 use crate::run_service::Availability;
+use crate::state::AppState;
 
 /// As long as the audit row stores whole.
 const MAX_COMMAND_CHARS: usize = nox_audit_model::storable::MAX_COMMAND_TEXT_CHARS;
@@ -158,9 +158,9 @@ pub async fn run_command(
     };
     state.free_space.check()?;
     let caller = caller.0;
-    let limits = crate::quotas::limits_of(&state, &caller).await;
+    let limits = crate::admission::limits_of(&state, &caller).await;
     if let Err(violation) = state.quotas.check_cpu(caller.user_id, &limits) {
-        crate::quotas::record_violation(&request, &violation);
+        crate::admission::record_violation(&request, &violation);
         return Err(ApiError::QuotaExceeded(violation));
     }
     crate::storage_quota::refuse_run_over_storage(&request, &state, caller.user_id, &limits)

@@ -1,4 +1,5 @@
-//! Abuse and overload: the in-flight cap and the rate limits.
+//! Admission: the in-flight cap, the rate limits and the request quotas,
+//! and the quota helpers the file and run endpoints use.
 //!
 //! Outermost first, a request meets:
 //! 1. [`shed_overload`], just inside the audit layer: beyond
@@ -11,6 +12,8 @@
 //!    client address's limit ([`check_address`]) *before* any lookup, and
 //!    refused with [`refusal`] when over it.
 //! 3. [`rate_limit`]: the per-user limit, for requests with a valid token.
+//! 4. [`enforce_request_quota`]: the hour and day request quotas (not
+//!    `/quotas/my/*`, nor an admin's `/quotas/admin/*`).
 //!
 //! Every refusal is an audit record attributed to whoever was refused (the
 //! caller, or nobody when the token was never looked up).
@@ -27,12 +30,13 @@ use actix_web::http::header::{HeaderValue, RETRY_AFTER};
 use actix_web::middleware::Next;
 use actix_web::web::Bytes;
 use actix_web::{HttpMessage, ResponseError, web};
-use nox_quota::Limited;
+use nox_auth::{Caller, Role};
+use nox_quota::{Limited, Limits, Violation, tier_limits};
 use serde_json::json;
 
-use crate::app::AppState;
 use crate::auth::Identity;
 use crate::error::ApiError;
+use crate::state::AppState;
 
 /// Never limited nor shed, and never the cause of a token lookup: health
 /// checks and scrapes.
@@ -250,6 +254,61 @@ impl MessageBody for InFlightBody {
         body.try_into_bytes()
             .map_err(|body| InFlightBody { body, _slot })
     }
+}
+
+/// Endpoints a user over quota can still reach, and that do not count.
+const OWN_QUOTA_PREFIX: &str = "/quotas/my/";
+const ADMIN_QUOTA_PREFIX: &str = "/quotas/admin/";
+
+/// The caller's effective limits: their tier's, overridden per field.
+pub async fn limits_of(state: &AppState, caller: &Caller) -> Limits {
+    state.quotas.load(caller.user_id).await;
+    tier_limits(caller.tier.as_str()).with_overrides(&state.quotas.overrides(caller.user_id))
+}
+
+/// Records a refusal in the request's audit row.
+pub fn record_violation<M: HttpMessage>(message: &M, violation: &Violation) {
+    nox_audit_metrics::record_quota_violation(violation.quota_type);
+    nox_audit_actix::record(message, |details| {
+        details.quota_violation = true;
+        details.quota_consumed = Some(json!({
+            "quota_type": violation.quota_type,
+            "current_usage": violation.current_usage,
+        }));
+        details.quota_remaining = Some(json!({
+            "quota_type": violation.quota_type,
+            "limit": violation.limit,
+            "remaining": violation.limit.saturating_sub(violation.current_usage),
+        }));
+    });
+}
+
+/// Counts each authenticated request against the hour and day quotas.
+pub async fn enforce_request_quota(
+    request: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let caller = request
+        .extensions()
+        .get::<Identity>()
+        .and_then(|identity| identity.caller().cloned());
+    let state = request.app_data::<web::Data<AppState>>().cloned();
+    if let (Some(caller), Some(state)) = (caller, state)
+        && !request.path().starts_with(OWN_QUOTA_PREFIX)
+        // An admin can always reach the quota admin API, so one who set
+        // their own request quota to 0 can undo it.
+        && !(caller.role == Role::Admin && request.path().starts_with(ADMIN_QUOTA_PREFIX))
+        // Health checks and scrapes are never limited, nor counted.
+        && !is_exempt(&request)
+    {
+        let limits = limits_of(&state, &caller).await;
+        if let Err(violation) = state.quotas.try_count_request(caller.user_id, &limits) {
+            record_violation(&request, &violation);
+            let response = ApiError::QuotaExceeded(violation).error_response();
+            return Ok(request.into_response(response).map_into_right_body());
+        }
+    }
+    Ok(next.call(request).await?.map_into_left_body())
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! `/me` and the admin API for users and tokens.
+//! The admin API for users and tokens (`/admin/users/*`, `/admin/tokens/*`).
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, delete, get, patch, post, web};
@@ -9,9 +9,9 @@ use time::{Duration, OffsetDateTime};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::app::AppState;
 use crate::auth::Authenticated;
 use crate::error::{ApiError, ErrorBody, refuse_nul};
+use crate::state::AppState;
 
 /// Why an admin made a change, recorded with it.
 pub const JUSTIFICATION_HEADER: &str = "x-nox-justification";
@@ -22,7 +22,6 @@ const MAX_TOKEN_DAYS: u32 = 3650;
 
 pub fn routes(config: &mut web::ServiceConfig) {
     config
-        .service(me)
         .service(create_user)
         .service(list_users)
         .service(get_user)
@@ -92,23 +91,6 @@ where
     T: Deserialize<'de>,
 {
     Option::<T>::deserialize(deserializer).map(Some)
-}
-
-#[utoipa::path(
-    responses(
-        (status = 200, description = "The caller's user record", body = User),
-        (status = 401, description = "No valid token", body = ErrorBody),
-    ),
-    security(("bearer" = [])),
-    tag = "users"
-)]
-#[get("/me")]
-pub async fn me(
-    caller: Authenticated,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    let user = store::get_user(&state.pool, caller.0.user_id).await?;
-    Ok(HttpResponse::Ok().json(user))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

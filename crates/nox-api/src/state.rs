@@ -1,0 +1,196 @@
+//! The state every worker shares, built once by [`AppState::build`] (from
+//! [`crate::server::run_server`] or a test), outside `HttpServer::new`'s
+//! factory, which actix runs once per worker.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use metrics_exporter_prometheus::PrometheusHandle;
+use nox_audit_actix::AuditConfig;
+use nox_audit_model::Clock;
+use nox_audit_store::chain::Checkpointer;
+use nox_audit_store::{AuditMode, AuditSink, AuditWriter, Spool, WriterConfig};
+use nox_auth::{Authenticator, Secret};
+use nox_quota::{QuotaBook, RateLimits};
+use nox_sandbox::Workspaces;
+
+use crate::admission::InFlight;
+use crate::config::Config;
+use crate::db::Database;
+use crate::free_space::FreeSpaceFloor;
+use crate::openapi;
+use crate::routes::health;
+use crate::routes::metrics::MetricsEndpoint;
+use crate::run_service::RunService;
+use crate::server::{Background, CheckpointTask, start_quota_book, start_rate_limits};
+use nox_audit_model::NOX_TAXONOMY;
+
+/// State shared by every worker.
+#[derive(Debug)]
+pub struct AppState {
+    pub pool: Pool,
+    pub authenticator: Authenticator,
+    /// Where audit records go.
+    pub audit: AuditSink,
+    pub audit_config: AuditConfig,
+    /// Every user's workspace, under `<NOX_DATA_DIR>/sandboxes`.
+    pub workspaces: Workspaces,
+    /// `NOX_MIN_FREE_MB` on the data directory's filesystem.
+    pub free_space: FreeSpaceFloor,
+    pub max_upload_bytes: u64,
+    /// Running commands (`POST /run`).
+    pub runs: Arc<RunService>,
+    /// Shared by every worker, so each limit holds for the whole process.
+    pub rate_limits: Arc<RateLimits>,
+    /// Requests in flight, all workers together (`NOX_MAX_INFLIGHT`).
+    pub in_flight: Arc<InFlight>,
+    /// Quota counters, flushed to the database about once a second.
+    pub quotas: Arc<QuotaBook>,
+    pub metrics: MetricsEndpoint,
+    /// The runtime the state was built on (the server's main runtime): CPU
+    /// work that must not stall an HTTP worker, like exports, runs there.
+    pub work_runtime: tokio::runtime::Handle,
+    /// Exports running at once, at most `NOX_EXPORT_CONCURRENCY`: each holds
+    /// a database connection for its whole length.
+    pub exports: Arc<tokio::sync::Semaphore>,
+    /// Signs checkpoints of the audit hash chains.
+    pub checkpointer: Arc<Checkpointer>,
+    /// The OpenAPI document, rendered once.
+    pub openapi: String,
+    /// `GET /health`'s database probe, one at a time.
+    pub health_probe: health::DatabaseProbe,
+}
+
+impl AppState {
+    /// Builds the shared state, starts the audit writer and makes sure an
+    /// admin exists: on a database with none, creates the user `admin` with
+    /// the operator's token, or with a generated one that is printed once
+    /// and saved to `<NOX_DATA_DIR>/admin-token`.
+    pub async fn build(
+        config: &Config,
+        database: &Database,
+        clock: Arc<dyn Clock>,
+        metrics: Option<PrometheusHandle>,
+    ) -> anyhow::Result<(AppState, Background)> {
+        let admin_token = config.admin_token()?;
+        let pool = database.pool(config.storage.db_pool_size)?;
+        let generated = nox_auth::store::bootstrap_admin(&pool, admin_token)
+            .await
+            .context("creating the first admin")?;
+        if let Some(token) = generated {
+            announce_admin_token(&token, &config.storage.data_dir)?;
+        }
+        let spool_dir = config.storage.data_dir.join("audit-spool");
+        let spool = Spool::open(&spool_dir)
+            .with_context(|| format!("opening the audit spool {}", spool_dir.display()))?;
+        if config.audit_mode == AuditMode::Off {
+            tracing::warn!(
+                "NOX_AUDIT_MODE=off: requests are NOT audited; use this for benchmarks only"
+            );
+        }
+        let audit_writer = AuditWriter::start(
+            database.pool(AUDIT_WRITER_CONNECTIONS)?,
+            spool,
+            Arc::clone(&clock),
+            WriterConfig {
+                session_idle: time::Duration::seconds(config.session_idle_secs as i64),
+                max_user_labels: config.metrics_max_users,
+                linger: match config.audit_mode {
+                    AuditMode::Buffered => BUFFERED_LINGER,
+                    AuditMode::Durable | AuditMode::Off => std::time::Duration::ZERO,
+                },
+                ..WriterConfig::default()
+            },
+        );
+        let quotas = start_quota_book(database.pool(2)?, Arc::clone(&clock));
+        let checkpointer = Arc::new(
+            config
+                .storage
+                .checkpointer()
+                .context("opening the audit checkpoint signing key")?,
+        );
+        println!(
+            "audit checkpoint public key: {}",
+            checkpointer.public_key_hex()
+        );
+        tracing::info!(public_key = %checkpointer.public_key_hex(), "audit checkpoints are signed with this key");
+        let checkpoints = CheckpointTask::start(
+            database.pool(1)?,
+            Arc::clone(&checkpointer),
+            config.audit_checkpoint_secs,
+        );
+        let audit_config = AuditConfig {
+            taxonomy: NOX_TAXONOMY,
+            skip_paths: config.audit_skip_paths.clone(),
+            trusted_proxies: config.trusted_proxies.clone(),
+            mode: config.audit_mode,
+            clock,
+        };
+        let state = AppState {
+            pool,
+            authenticator: Authenticator::new(config.auth_cache_ttl()),
+            audit: audit_writer.sink(),
+            audit_config,
+            workspaces: Workspaces::new(config.storage.data_dir.join("sandboxes")),
+            free_space: FreeSpaceFloor::new(&config.storage.data_dir, config.min_free_mb),
+            max_upload_bytes: config.max_upload_mb * 1024 * 1024,
+            runs: Arc::new(RunService::start(config).await?),
+            rate_limits: start_rate_limits(config),
+            in_flight: InFlight::new(config.max_inflight()),
+            quotas: Arc::clone(&quotas),
+            metrics: MetricsEndpoint {
+                handle: metrics,
+                token: config.metrics_token.clone(),
+            },
+            work_runtime: tokio::runtime::Handle::current(),
+            exports: Arc::new(tokio::sync::Semaphore::new(
+                config.export_concurrency as usize,
+            )),
+            checkpointer,
+            openapi: openapi::render(),
+            health_probe: health::DatabaseProbe::default(),
+        };
+        Ok((
+            state,
+            Background {
+                audit_writer,
+                quotas,
+                checkpoints,
+            },
+        ))
+    }
+}
+
+/// The writer needs one connection; a second lets a spool replay and a
+/// partition check overlap a slow batch.
+const AUDIT_WRITER_CONNECTIONS: usize = 2;
+
+/// In buffered mode the writer waits this long for a batch to fill: records
+/// reach the database up to 10 ms later, and each transaction's fixed cost
+/// is shared by ~10× more rows under load (BENCHMARKS.md, audit modes).
+const BUFFERED_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Shows a generated admin token exactly once (stdout, never the log) and
+/// keeps it in a file only root and the server's user can read.
+fn announce_admin_token(token: &Secret, data_dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let path = data_dir.join("admin-token");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    // `mode` applies only to a new file: tighten an existing one too.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    writeln!(file, "{}", token.expose())?;
+    println!("admin token: {}", token.expose());
+    tracing::info!(file = %path.display(), "generated the first admin's token (printed on stdout)");
+    Ok(())
+}
