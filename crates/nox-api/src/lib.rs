@@ -21,6 +21,7 @@ pub mod run_service;
 pub mod server;
 pub mod state;
 pub mod storage_quota;
+pub mod taxonomy;
 pub mod telemetry;
 
 pub use config::Config;

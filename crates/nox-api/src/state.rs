@@ -27,7 +27,7 @@ use crate::routes::health;
 use crate::routes::metrics::MetricsEndpoint;
 use crate::run_service::RunService;
 use crate::server::{Background, CheckpointTask, start_quota_book, start_rate_limits};
-use nox_audit_model::NOX_TAXONOMY;
+use crate::taxonomy::NOX_TAXONOMY;
 
 /// State shared by every worker.
 #[derive(Debug)]

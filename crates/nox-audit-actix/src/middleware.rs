@@ -22,7 +22,7 @@ use ipnet::IpNet;
 use uuid::Uuid;
 
 use nox_audit_model::storable::{mark_sanitized, text_from_bytes};
-use nox_audit_model::{ActionRecord, Clock, NOX_TAXONOMY, SystemClock, Taxonomy};
+use nox_audit_model::{ActionRecord, Clock, GENERIC_TAXONOMY, SystemClock, Taxonomy};
 use nox_audit_store::{AuditMode, AuditSink, SinkError};
 
 use crate::client_ip::client_ip;
@@ -46,7 +46,7 @@ pub struct AuditConfig {
 impl Default for AuditConfig {
     fn default() -> Self {
         AuditConfig {
-            taxonomy: NOX_TAXONOMY,
+            taxonomy: GENERIC_TAXONOMY,
             skip_paths: vec!["/health".into(), "/metrics".into()],
             trusted_proxies: Vec::new(),
             mode: AuditMode::Durable,

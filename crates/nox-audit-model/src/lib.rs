@@ -12,4 +12,4 @@ pub mod taxonomy;
 pub use admin_action::{AdminAction, AdminActionType};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use record::{ACTION_COLUMNS, ActionRecord};
-pub use taxonomy::{ActionKind, NOX_TAXONOMY, Taxonomy};
+pub use taxonomy::{ActionKind, GENERIC_TAXONOMY, Taxonomy};

@@ -1,6 +1,21 @@
 //! Classifying a request into an action type and category, from its method
 //! and matched route template (never from a raw path prefix, so `/lsx` is
 //! not `/ls`). The rules are plain data: another service passes its own.
+//!
+//! # The schema's fixed category vocabulary
+//!
+//! The audit schema's daily rollups (`audit_daily_summaries`, kept by the
+//! statement trigger of migration `0003_audit_trail` and recomputed by
+//! `audit_daily_summaries_recomputed`) count rows by fixed names, whatever
+//! the taxonomy: category `filesystem` → `file_operations`, `execution` →
+//! `code_executions`, `admin` → `admin_actions`; of successful rows, action
+//! type `file_write` → `files_created` and `file_delete` → `files_deleted`
+//! (the sum of `files_affected`). Any other category (`quota`, `auth`,
+//! `general`, or an embedder's own) is stored, and counted only in the
+//! totals. An embedder maps its routes onto these names, with its own
+//! [`Rule`]s and the kinds below ([`FILE_READ`] … [`API_CALL`]), for its
+//! rollups to count them; the names belong to the schema, and changing them
+//! takes a migration.
 
 /// An action's type and category, e.g. `file_read` / `filesystem`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,14 +79,14 @@ impl Taxonomy {
     }
 }
 
-const fn kind(action_type: &'static str, category: &'static str) -> ActionKind {
+pub const fn kind(action_type: &'static str, category: &'static str) -> ActionKind {
     ActionKind {
         action_type,
         category,
     }
 }
 
-const fn rule(method: Option<&'static str>, route: RouteMatch, kind: ActionKind) -> Rule {
+pub const fn rule(method: Option<&'static str>, route: RouteMatch, kind: ActionKind) -> Rule {
     Rule {
         method,
         route,
@@ -90,22 +105,11 @@ pub const QUOTA_CHECK: ActionKind = kind("quota_check", "quota");
 pub const AUTH: ActionKind = kind("auth", "auth");
 pub const API_CALL: ActionKind = kind("api_call", "general");
 
-/// Nox's own taxonomy.
-pub const NOX_TAXONOMY: Taxonomy = Taxonomy {
-    rules: &[
-        rule(None, RouteMatch::Exact("/ls"), FILE_READ),
-        rule(None, RouteMatch::Exact("/cat"), FILE_READ),
-        rule(None, RouteMatch::Exact("/download"), FILE_READ),
-        rule(None, RouteMatch::Exact("/write"), FILE_WRITE),
-        rule(None, RouteMatch::Exact("/delete"), FILE_DELETE),
-        rule(None, RouteMatch::Exact("/run"), CODE_EXEC),
-        rule(None, RouteMatch::Exact("/admin/audit/export"), AUDIT_EXPORT),
-        rule(Some("GET"), RouteMatch::Under("/admin"), ADMIN_READ),
-        rule(Some("HEAD"), RouteMatch::Under("/admin"), ADMIN_READ),
-        rule(None, RouteMatch::Under("/admin"), ADMIN_WRITE),
-        rule(None, RouteMatch::Under("/quotas"), QUOTA_CHECK),
-        rule(None, RouteMatch::Exact("/me"), AUTH),
-    ],
+/// A taxonomy with no rules: every request is [`API_CALL`]
+/// (`api_call` / `general`). The middleware's default; a service passes its
+/// own rules to classify its routes.
+pub const GENERIC_TAXONOMY: Taxonomy = Taxonomy {
+    rules: &[],
     fallback: API_CALL,
 };
 
@@ -113,42 +117,40 @@ pub const NOX_TAXONOMY: Taxonomy = Taxonomy {
 mod tests {
     use super::*;
 
+    const RULES: Taxonomy = Taxonomy {
+        rules: &[
+            Rule {
+                method: Some("GET"),
+                route: RouteMatch::Under("/admin"),
+                kind: ADMIN_READ,
+            },
+            Rule {
+                method: None,
+                route: RouteMatch::Exact("/ls"),
+                kind: FILE_READ,
+            },
+        ],
+        fallback: API_CALL,
+    };
+
     #[test]
-    fn nox_routes_classify_as_documented() {
-        let cases = [
-            ("GET", Some("/ls"), FILE_READ),
-            ("GET", Some("/cat"), FILE_READ),
-            ("GET", Some("/download"), FILE_READ),
-            ("PUT", Some("/write"), FILE_WRITE),
-            ("DELETE", Some("/delete"), FILE_DELETE),
-            ("POST", Some("/run"), CODE_EXEC),
-            ("GET", Some("/admin/audit/export"), AUDIT_EXPORT),
-            ("GET", Some("/admin/users/{id}"), ADMIN_READ),
-            ("get", Some("/admin/audit/logs"), ADMIN_READ),
-            ("HEAD", Some("/admin/audit/logs"), ADMIN_READ),
-            ("HEAD", Some("/ls"), FILE_READ),
-            ("POST", Some("/admin/users"), ADMIN_WRITE),
-            ("DELETE", Some("/admin/tokens/{id}"), ADMIN_WRITE),
-            ("GET", Some("/quotas/my/usage"), QUOTA_CHECK),
-            ("PUT", Some("/quotas/admin/users/{id}/quotas"), QUOTA_CHECK),
-            ("GET", Some("/me"), AUTH),
-            ("GET", Some("/openapi.json"), API_CALL),
-            ("GET", None, API_CALL),
-        ];
-        for (method, route, expected) in cases {
-            assert_eq!(
-                NOX_TAXONOMY.classify(method, route),
-                expected,
-                "{method} {route:?}"
-            );
-        }
+    fn the_first_matching_rule_decides_and_methods_ignore_case() {
+        assert_eq!(RULES.classify("get", Some("/admin/users/{id}")), ADMIN_READ);
+        assert_eq!(RULES.classify("POST", Some("/admin/users")), API_CALL);
+        assert_eq!(RULES.classify("DELETE", Some("/ls")), FILE_READ);
+        assert_eq!(RULES.classify("GET", None), API_CALL);
     }
 
     #[test]
     fn prefixes_match_whole_segments_only() {
-        assert_eq!(NOX_TAXONOMY.classify("GET", Some("/lsx")), API_CALL);
-        assert_eq!(NOX_TAXONOMY.classify("GET", Some("/runner")), API_CALL);
-        assert_eq!(NOX_TAXONOMY.classify("GET", Some("/administer")), API_CALL);
-        assert_eq!(NOX_TAXONOMY.classify("GET", Some("/quotas")), QUOTA_CHECK);
+        assert_eq!(RULES.classify("GET", Some("/lsx")), API_CALL);
+        assert_eq!(RULES.classify("GET", Some("/administer")), API_CALL);
+        assert_eq!(RULES.classify("GET", Some("/admin")), ADMIN_READ);
+    }
+
+    #[test]
+    fn the_generic_taxonomy_calls_everything_an_api_call() {
+        assert_eq!(GENERIC_TAXONOMY.classify("POST", Some("/run")), API_CALL);
+        assert_eq!(GENERIC_TAXONOMY.classify("GET", None), API_CALL);
     }
 }
