@@ -1,7 +1,8 @@
 //! The database schema: every migration Nox applies, in order.
 //!
-//! The SQL lives in the workspace's `migrations/` directory and is embedded
-//! at compile time; `nox-migrate` and `nox-server` apply the same list.
+//! Nox's own SQL lives in the workspace's `migrations/` directory, the audit
+//! tables' in `crates/nox-audit-store/migrations/`; both are embedded at
+//! compile time, and `nox-migrate` and `nox-server` apply the same list.
 
 use nox_audit_store::Migration;
 
@@ -41,12 +42,11 @@ pub const MIGRATIONS: &[Migration] = &[
 mod tests {
     use super::*;
 
-    /// Every file in migrations/ is listed, under its own number and name.
-    #[test]
-    fn every_migration_file_is_listed() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../migrations");
-        let mut files: Vec<String> = std::fs::read_dir(dir)
-            .expect("migrations directory")
+    /// The `.sql` files in `dir` (relative to this crate).
+    fn sql_files(dir: &str) -> Vec<String> {
+        let dir = format!("{}/{dir}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_dir(&dir)
+            .unwrap_or_else(|error| panic!("{dir}: {error}"))
             .map(|entry| {
                 entry
                     .expect("entry")
@@ -55,12 +55,30 @@ mod tests {
                     .expect("utf-8")
             })
             .filter(|name| name.ends_with(".sql"))
-            .collect();
+            .collect()
+    }
+
+    /// Every file in migrations/ (Nox's) and in nox-audit-store's
+    /// migrations/ (the audit tables') is listed, under its own number and
+    /// name, and each directory holds only its own crate's migrations.
+    #[test]
+    fn every_migration_file_is_listed() {
+        let own = sql_files("../../migrations");
+        let audit = sql_files("../nox-audit-store/migrations");
+        let mut files: Vec<String> = own.iter().chain(&audit).cloned().collect();
         files.sort();
-        let listed: Vec<String> = MIGRATIONS
-            .iter()
-            .map(|m| format!("{:04}_{}.sql", m.version, m.name))
-            .collect();
+        let name = |m: &Migration| format!("{:04}_{}.sql", m.version, m.name);
+        let listed: Vec<String> = MIGRATIONS.iter().map(name).collect();
         assert_eq!(files, listed);
+        let mut audit = audit;
+        audit.sort();
+        let store: Vec<String> = nox_audit_store::schema::MIGRATIONS
+            .iter()
+            .map(name)
+            .collect();
+        assert_eq!(
+            audit, store,
+            "nox-audit-store/migrations/ holds the audit migrations"
+        );
     }
 }

@@ -1,4 +1,5 @@
-//! The audit tables' migrations. A host service runs these with
+//! The audit tables' migrations (the SQL is in this crate's `migrations/`,
+//! embedded at compile time). A host service runs these with
 //! [`crate::Migrator`]; Nox includes them in its own ordered list.
 
 use crate::Migration;
@@ -6,37 +7,37 @@ use crate::Migration;
 pub const ADMIN_ACTIONS: Migration = Migration {
     version: 2,
     name: "audit_admin_actions",
-    sql: include_str!("../../../migrations/0002_audit_admin_actions.sql"),
+    sql: include_str!("../migrations/0002_audit_admin_actions.sql"),
 };
 
 pub const AUDIT_TRAIL: Migration = Migration {
     version: 3,
     name: "audit_trail",
-    sql: include_str!("../../../migrations/0003_audit_trail.sql"),
+    sql: include_str!("../migrations/0003_audit_trail.sql"),
 };
 
 pub const AUDIT_CHAIN: Migration = Migration {
     version: 5,
     name: "audit_chain",
-    sql: include_str!("../../../migrations/0005_audit_chain.sql"),
+    sql: include_str!("../migrations/0005_audit_chain.sql"),
 };
 
 pub const AUDIT_SESSION_INDEX: Migration = Migration {
     version: 6,
     name: "audit_session_index",
-    sql: include_str!("../../../migrations/0006_audit_session_index.sql"),
+    sql: include_str!("../migrations/0006_audit_session_index.sql"),
 };
 
 pub const AUDIT_CHAIN_ADVANCE: Migration = Migration {
     version: 7,
     name: "audit_chain_advance",
-    sql: include_str!("../../../migrations/0007_audit_chain_advance.sql"),
+    sql: include_str!("../migrations/0007_audit_chain_advance.sql"),
 };
 
 pub const AUDIT_COMMAND_TEXT: Migration = Migration {
     version: 8,
     name: "audit_command_text",
-    sql: include_str!("../../../migrations/0008_audit_command_text.sql"),
+    sql: include_str!("../migrations/0008_audit_command_text.sql"),
 };
 
 /// Every audit migration, in version order.
