@@ -243,6 +243,73 @@ async fn a_generated_admin_token_is_printed_once_and_never_logged() {
     );
 }
 
+/// With `NOX_LOG_FORMAT=json` every line the server prints, on stdout and
+/// stderr, is one JSON object: the log, and the lines shown on purpose (the
+/// generated admin token, once, and the checkpoint public key).
+#[tokio::test]
+async fn json_log_format_prints_only_json_lines_admin_token_included() {
+    let db = TestDb::new().await;
+    let url = db.url();
+    let data_dir = tempfile::tempdir().expect("tempdir");
+    let data = data_dir.path().to_str().expect("utf-8").to_owned();
+    let (stdout, log, saved_token) = tokio::task::spawn_blocking(move || {
+        let mut server = Server::start(&[
+            ("DATABASE_URL", url.as_str()),
+            ("NOX_DATA_DIR", data.as_str()),
+            ("NOX_LOG_FORMAT", "json"),
+        ]);
+        server.signal(Signal::SIGTERM);
+        let status = server.wait_exit(Duration::from_secs(30));
+        assert!(status.success(), "{status:?} {:#?}", server.log);
+        let saved = std::fs::read_to_string(Path::new(&data).join("admin-token"))
+            .expect("admin-token file");
+        (server.take_stdout(), server.log.clone(), saved)
+    })
+    .await
+    .expect("join");
+    let parse = |stream: &str, line: &str| -> serde_json::Map<String, serde_json::Value> {
+        match serde_json::from_str(line) {
+            Ok(serde_json::Value::Object(object)) => object,
+            _ => panic!("a {stream} line is not a JSON object: {line:?}"),
+        }
+    };
+    let logged: Vec<_> = log.iter().map(|line| parse("stderr", line)).collect();
+    assert!(
+        logged.iter().any(|line| line["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("listening on http://"))),
+        "{log:#?}"
+    );
+    let shown: Vec<_> = stdout.lines().map(|line| parse("stdout", line)).collect();
+    let token_lines: Vec<_> = shown
+        .iter()
+        .filter(|line| line["message"] == "admin token")
+        .collect();
+    assert_eq!(token_lines.len(), 1, "one admin token line: {stdout}");
+    let token = token_lines[0]["token"].as_str().expect("the token field");
+    assert!(token.starts_with("nox_") && token.len() == 68, "{token}");
+    assert_eq!(
+        token,
+        saved_token.trim(),
+        "the token shown is the one saved"
+    );
+    assert!(
+        !log.iter().any(|line| line.contains(token)),
+        "the token reached the log"
+    );
+    let key_line = shown
+        .iter()
+        .find(|line| line["message"] == "audit checkpoint public key")
+        .unwrap_or_else(|| panic!("no public key line: {stdout}"));
+    let key = key_line["public_key"]
+        .as_str()
+        .expect("the public_key field");
+    assert!(
+        key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{key}"
+    );
+}
+
 #[tokio::test]
 async fn a_short_admin_token_is_refused_at_start() {
     let db = TestDb::new().await;

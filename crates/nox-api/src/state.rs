@@ -28,6 +28,7 @@ use crate::routes::metrics::MetricsEndpoint;
 use crate::run_service::RunService;
 use crate::server::{Background, CheckpointTask, start_quota_book, start_rate_limits};
 use crate::taxonomy::NOX_TAXONOMY;
+use crate::telemetry::Console;
 
 /// State shared by every worker.
 #[derive(Debug)]
@@ -82,7 +83,7 @@ impl AppState {
             .await
             .context("creating the first admin")?;
         if let Some(token) = generated {
-            announce_admin_token(&token, &config.storage.data_dir)?;
+            announce_admin_token(&token, &config.storage.data_dir, Console(config.log_format))?;
         }
         let spool_dir = config.storage.data_dir.join("audit-spool");
         let spool = Spool::open(&spool_dir)
@@ -113,9 +114,10 @@ impl AppState {
                 .checkpointer()
                 .context("opening the audit checkpoint signing key")?,
         );
-        println!(
-            "audit checkpoint public key: {}",
-            checkpointer.public_key_hex()
+        Console(config.log_format).show(
+            "audit checkpoint public key",
+            "public_key",
+            &checkpointer.public_key_hex(),
         );
         tracing::info!(public_key = %checkpointer.public_key_hex(), "audit checkpoints are signed with this key");
         let checkpoints = CheckpointTask::start(
@@ -176,7 +178,7 @@ const BUFFERED_LINGER: std::time::Duration = std::time::Duration::from_millis(10
 
 /// Shows a generated admin token exactly once (stdout, never the log) and
 /// keeps it in a file only root and the server's user can read.
-fn announce_admin_token(token: &Secret, data_dir: &Path) -> anyhow::Result<()> {
+fn announce_admin_token(token: &Secret, data_dir: &Path, console: Console) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let path = data_dir.join("admin-token");
@@ -190,7 +192,7 @@ fn announce_admin_token(token: &Secret, data_dir: &Path) -> anyhow::Result<()> {
     // `mode` applies only to a new file: tighten an existing one too.
     file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     writeln!(file, "{}", token.expose())?;
-    println!("admin token: {}", token.expose());
+    console.show("admin token", "token", token.expose());
     tracing::info!(file = %path.display(), "generated the first admin's token (printed on stdout)");
     Ok(())
 }
