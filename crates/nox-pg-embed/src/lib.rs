@@ -37,6 +37,16 @@ use std::time::{Duration, Instant};
 
 use nix::unistd::{Gid, Uid, User};
 
+mod binaries;
+mod password;
+mod service_user;
+
+pub use binaries::Binaries;
+pub use password::password_file;
+use password::{Password, file_name, write_private};
+pub use service_user::service_uid;
+use service_user::{RunAs, chown_recursive};
+
 /// The superuser `initdb` creates; clients connect as this role.
 pub const SUPERUSER: &str = "nox";
 /// The port only names the socket file (`.s.PGSQL.5432`): TCP is off.
@@ -103,211 +113,6 @@ pub enum EmbedError {
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> EmbedError {
     let context = context.into();
     move |source| EmbedError::Io { context, source }
-}
-
-/// The directory that holds `initdb`, `pg_ctl`, `postgres` and `pg_isready`.
-#[derive(Debug, Clone)]
-pub struct Binaries {
-    bin_dir: PathBuf,
-}
-
-impl Binaries {
-    /// Uses `bin_dir` when given; otherwise looks on `PATH` first, then
-    /// under `/usr/lib/postgresql/<version>/bin`, newest version first
-    /// (Debian does not put the server binaries on PATH).
-    pub fn find(bin_dir: Option<&Path>) -> Result<Self, EmbedError> {
-        if let Some(dir) = bin_dir {
-            return if has_tools(dir) {
-                Ok(Binaries {
-                    bin_dir: dir.to_path_buf(),
-                })
-            } else {
-                Err(EmbedError::BinariesNotFoundIn(dir.to_path_buf()))
-            };
-        }
-        let on_path = std::env::var_os("PATH")
-            .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-            .unwrap_or_default();
-        let mut versioned: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|entry| {
-                let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
-                Some((version, entry.path().join("bin")))
-            })
-            .collect();
-        versioned.sort_by_key(|(version, _)| std::cmp::Reverse(*version));
-        on_path
-            .into_iter()
-            .chain(versioned.into_iter().map(|(_, dir)| dir))
-            .find(|dir| has_tools(dir))
-            .map(|bin_dir| Binaries { bin_dir })
-            .ok_or(EmbedError::BinariesNotFound)
-    }
-
-    fn tool(&self, name: &str) -> PathBuf {
-        self.bin_dir.join(name)
-    }
-}
-
-fn has_tools(dir: &Path) -> bool {
-    ["initdb", "pg_ctl", "postgres", "pg_isready"]
-        .iter()
-        .all(|tool| dir.join(tool).is_file())
-}
-
-/// The cluster's password. `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq)]
-struct Password(String);
-
-impl fmt::Debug for Password {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Password(<redacted>)")
-    }
-}
-
-impl Password {
-    /// 32 random bytes as hex: nothing to quote in SQL or a conninfo.
-    fn generate() -> Result<Password, EmbedError> {
-        let mut bytes = [0u8; 32];
-        getrandom::fill(&mut bytes)?;
-        Ok(Password(hex::encode(bytes)))
-    }
-
-    /// Reads the password file, creating it first if it is missing. Two
-    /// processes starting at once agree: the file is published with a
-    /// hard link, which never replaces one that appeared meanwhile.
-    fn load_or_create(path: &Path) -> Result<Password, EmbedError> {
-        let problem = |problem: String| EmbedError::PasswordFile {
-            path: path.to_path_buf(),
-            problem,
-        };
-        if fs::symlink_metadata(path).is_err() {
-            if let Some(parent) = path.parent() {
-                fs::create_dir_all(parent)
-                    .map_err(io_err(format!("creating {}", parent.display())))?;
-            }
-            let password = Password::generate()?;
-            let temp =
-                path.with_file_name(format!(".{}.tmp-{}", file_name(path), std::process::id()));
-            let _ = fs::remove_file(&temp);
-            write_private(&temp, &format!("{}\n", password.0))
-                .map_err(io_err(format!("writing {}", temp.display())))?;
-            let linked = fs::hard_link(&temp, path);
-            let _ = fs::remove_file(&temp);
-            match linked {
-                Ok(()) => {
-                    tracing::info!(path = %path.display(), "generated the embedded PostgreSQL password");
-                    return Ok(password);
-                }
-                Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(error) => return Err(io_err(format!("creating {}", path.display()))(error)),
-            }
-        }
-        let metadata =
-            fs::symlink_metadata(path).map_err(io_err(format!("reading {}", path.display())))?;
-        if !metadata.is_file() {
-            return Err(problem("is not a regular file".into()));
-        }
-        if metadata.uid() != Uid::effective().as_raw() {
-            return Err(problem(format!(
-                "is owned by uid {}, not by this process's uid {}",
-                metadata.uid(),
-                Uid::effective()
-            )));
-        }
-        if metadata.mode() & 0o077 != 0 {
-            tracing::warn!(path = %path.display(), "the PostgreSQL password file was readable by others: restricting it to mode 0600");
-            fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-                .map_err(io_err(format!("restricting {}", path.display())))?;
-        }
-        let text =
-            fs::read_to_string(path).map_err(io_err(format!("reading {}", path.display())))?;
-        let password = text.trim_end_matches(['\n', '\r']);
-        // Printable ASCII without spaces: it goes on one line of SQL.
-        if password.len() < 16
-            || password.len() > 512
-            || !password.bytes().all(|b| b.is_ascii_graphic())
-        {
-            return Err(problem(
-                "must hold one line of 16 to 512 printable ASCII characters without spaces".into(),
-            ));
-        }
-        Ok(Password(password.to_owned()))
-    }
-
-    /// The password as an SQL string literal.
-    fn sql_literal(&self) -> String {
-        format!("'{}'", self.0.replace('\'', "''"))
-    }
-}
-
-/// Creates `path` (which must not exist) with mode 0600 and `text`, durably.
-fn write_private(path: &Path, text: &str) -> io::Result<()> {
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()
-}
-
-fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-/// Where the persistent cluster in `data_dir` keeps its password: beside it,
-/// as `<data_dir>.password` (`<NOX_DATA_DIR>/pg.password`).
-pub fn password_file(data_dir: &Path) -> PathBuf {
-    data_dir.with_file_name(format!("{}.password", file_name(data_dir)))
-}
-
-/// The uid the embedded cluster runs as when this process starts it: the
-/// `postgres` user (else `nobody`) when this process is root, this process's
-/// own uid otherwise. Sandboxed commands must never run as this uid: it owns
-/// the cluster's data files. [`Cluster::uid`] gives the same for a cluster.
-pub fn service_uid() -> Result<u32, EmbedError> {
-    Ok(match RunAs::for_current_process()? {
-        Some(run_as) => run_as.uid.as_raw(),
-        None => Uid::effective().as_raw(),
-    })
-}
-
-/// The OS user the cluster's processes run as.
-#[derive(Debug, Clone)]
-struct RunAs {
-    name: String,
-    uid: Uid,
-    gid: Gid,
-}
-
-impl RunAs {
-    /// `None` when this process is not root: the cluster then runs as us.
-    fn for_current_process() -> Result<Option<RunAs>, EmbedError> {
-        if !Uid::effective().is_root() {
-            return Ok(None);
-        }
-        for name in ["postgres", "nobody"] {
-            if let Ok(Some(user)) = User::from_name(name) {
-                return Ok(Some(RunAs {
-                    name: user.name,
-                    uid: user.uid,
-                    gid: user.gid,
-                }));
-            }
-        }
-        Err(EmbedError::NoServiceUser)
-    }
-
-    fn apply(&self, command: &mut Command) {
-        command.uid(self.uid.as_raw()).gid(self.gid.as_raw());
-        // Tools look at HOME; root's is not readable for the service user.
-        command.env("HOME", "/");
-    }
 }
 
 /// A running cluster, or the handle to one that another process started.
@@ -790,24 +595,6 @@ impl Drop for Cluster {
 fn process_alive(pid: u32) -> bool {
     // Signal 0 checks for existence without sending anything.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
-}
-
-fn chown_recursive(path: &Path, run_as: &RunAs) -> Result<(), EmbedError> {
-    nix::unistd::chown(path, Some(run_as.uid), Some(run_as.gid)).map_err(|errno| {
-        EmbedError::Io {
-            context: format!("handing {} to user {}", path.display(), run_as.name),
-            source: errno.into(),
-        }
-    })?;
-    let metadata =
-        fs::symlink_metadata(path).map_err(io_err(format!("reading {}", path.display())))?;
-    if metadata.is_dir() {
-        for entry in fs::read_dir(path).map_err(io_err(format!("listing {}", path.display())))? {
-            let entry = entry.map_err(io_err(format!("listing {}", path.display())))?;
-            chown_recursive(&entry.path(), run_as)?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
