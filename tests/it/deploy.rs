@@ -27,8 +27,7 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
 }
 
 fn check(exprs: &[String]) {
-    let known: BTreeSet<&str> = nox_audit_metrics::FAMILIES
-        .iter()
+    let known: BTreeSet<&str> = nox_api::metrics::families()
         .map(|(name, _)| *name)
         .collect();
     assert!(!exprs.is_empty());

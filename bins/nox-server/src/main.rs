@@ -58,6 +58,6 @@ fn install_metrics() -> Result<PrometheusHandle, Box<dyn std::error::Error>> {
         .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder)?;
-    nox_audit_metrics::describe(nox_api::VERSION);
+    nox_api::metrics::describe();
     Ok(handle)
 }

@@ -187,7 +187,7 @@ async fn metrics_are_complete_exact_and_bounded() {
         .collect();
     assert_eq!(
         expected.len(),
-        nox_audit_metrics::FAMILIES.len() - if can_run { 0 } else { 3 },
+        nox_api::metrics::families().count() - if can_run { 0 } else { 3 },
         "every family is checked"
     );
     for (name, wanted) in expected {
@@ -203,7 +203,7 @@ async fn metrics_are_complete_exact_and_bounded() {
         }
         assert!(scrape.docs.contains_key(*name), "{name} has no HELP");
     }
-    for (family, kind) in nox_audit_metrics::FAMILIES {
+    for (family, kind) in nox_api::metrics::families() {
         // Prometheus naming: `_total` names a counter, and only a counter.
         assert_eq!(
             family.ends_with("_total"),

@@ -104,7 +104,7 @@ pub(crate) fn refusal(request: ServiceRequest, limited: &Limited) -> ServiceResp
 }
 
 fn record_refusal(request: &ServiceRequest, limited: &Limited) {
-    nox_audit_metrics::record_rate_limited(match limited.scope {
+    crate::metrics::record_rate_limited(match limited.scope {
         nox_quota::Scope::User => "user",
         nox_quota::Scope::Ip => "ip",
     });
@@ -188,7 +188,7 @@ pub async fn shed_overload(
         }
     };
     let Some(slot) = in_flight.try_enter() else {
-        nox_audit_metrics::record_shed();
+        crate::metrics::record_shed();
         let mut response = ApiError::ServiceUnavailable(format!(
             "the server is busy ({} requests in flight); retry shortly",
             in_flight.max()
@@ -268,7 +268,7 @@ pub async fn limits_of(state: &AppState, caller: &Caller) -> Limits {
 
 /// Records a refusal in the request's audit row.
 pub fn record_violation<M: HttpMessage>(message: &M, violation: &Violation) {
-    nox_audit_metrics::record_quota_violation(violation.quota_type);
+    crate::metrics::record_quota_violation(violation.quota_type);
     nox_audit_actix::record(message, |details| {
         details.quota_violation = true;
         details.quota_consumed = Some(json!({

@@ -143,7 +143,7 @@ async fn metrics_upkeep(handle: PrometheusHandle, state: web::Data<AppState>) {
         every.tick().await;
         handle.run_upkeep();
         let usage = state.workspaces.totals();
-        nox_audit_metrics::set_sandbox_usage(usage.files, usage.bytes);
+        crate::metrics::set_sandbox_usage(usage.files, usage.bytes);
         nox_audit_metrics::set_queue_depth(state.audit.queue_depth() as usize);
     }
 }

@@ -1,4 +1,6 @@
-//! Names, descriptions and record helpers for Nox's metrics. Everything is
+//! Names, descriptions and record helpers for the audit trail's metrics
+//! (`nox_audit_*`); a service's own families are its own (Nox's HTTP, run,
+//! sandbox, rate-limit, shed and build families are in `nox-api`). Everything is
 //! recorded through the `metrics` facade; this crate never installs a
 //! recorder, so a service embedding the audit crates decides where metrics
 //! go (Nox's server binary installs a Prometheus recorder).
@@ -15,8 +17,6 @@ use metrics::{
 };
 use uuid::Uuid;
 
-pub const HTTP_REQUESTS_TOTAL: &str = "nox_http_requests_total";
-pub const HTTP_REQUEST_DURATION_SECONDS: &str = "nox_http_request_duration_seconds";
 pub const AUDIT_ACTIONS_TOTAL: &str = "nox_audit_actions_total";
 pub const AUDIT_RESPONSE_TIME_SECONDS: &str = "nox_audit_response_time_seconds";
 pub const AUDIT_ERRORS_TOTAL: &str = "nox_audit_errors_total";
@@ -31,20 +31,10 @@ pub const AUDIT_SPOOL_ROWS: &str = "nox_audit_spool_rows";
 pub const AUDIT_DROPPED_TOTAL: &str = "nox_audit_dropped_total";
 pub const AUDIT_ROWS_REDUCED_TOTAL: &str = "nox_audit_rows_reduced_total";
 pub const AUDIT_REJECTED_TOTAL: &str = "nox_audit_rejected_total";
-pub const RUN_TOTAL: &str = "nox_run_total";
-pub const RUN_DURATION_SECONDS: &str = "nox_run_duration_seconds";
-pub const RUN_CPU_SECONDS: &str = "nox_run_cpu_seconds";
-pub const SANDBOX_FILES: &str = "nox_sandbox_files";
-pub const SANDBOX_BYTES: &str = "nox_sandbox_bytes";
-pub const QUOTA_VIOLATIONS_TOTAL: &str = "nox_quota_violations_total";
-pub const RATE_LIMITED_TOTAL: &str = "nox_rate_limited_total";
-pub const HTTP_SHED_TOTAL: &str = "nox_http_shed_total";
-pub const BUILD_INFO: &str = "nox_build_info";
 
-/// Every family Nox exports, with its type.
+/// Every audit family, with its type. (A service exports its own families
+/// beside these: Nox's are in `nox_api::metrics`.)
 pub const FAMILIES: &[(&str, &str)] = &[
-    (HTTP_REQUESTS_TOTAL, "counter"),
-    (HTTP_REQUEST_DURATION_SECONDS, "histogram"),
     (AUDIT_ACTIONS_TOTAL, "counter"),
     (AUDIT_RESPONSE_TIME_SECONDS, "histogram"),
     (AUDIT_ERRORS_TOTAL, "counter"),
@@ -59,18 +49,10 @@ pub const FAMILIES: &[(&str, &str)] = &[
     (AUDIT_DROPPED_TOTAL, "counter"),
     (AUDIT_ROWS_REDUCED_TOTAL, "counter"),
     (AUDIT_REJECTED_TOTAL, "counter"),
-    (RUN_TOTAL, "counter"),
-    (RUN_DURATION_SECONDS, "histogram"),
-    (RUN_CPU_SECONDS, "histogram"),
-    (SANDBOX_FILES, "gauge"),
-    (SANDBOX_BYTES, "gauge"),
-    (QUOTA_VIOLATIONS_TOTAL, "counter"),
-    (RATE_LIMITED_TOTAL, "counter"),
-    (HTTP_SHED_TOTAL, "counter"),
-    (BUILD_INFO, "gauge"),
 ];
 
-/// Buckets for durations in seconds (HTTP, audit writes, runs).
+/// Buckets for durations in seconds (audit writes; Nox uses them for HTTP and
+/// runs too).
 pub const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     60.0, 300.0,
@@ -81,16 +63,7 @@ pub const BATCH_ROWS_BUCKETS: &[f64] =
 
 /// Registers HELP text for every family, and the series that must exist
 /// before anything happens (the dropped counter, which stays 0 by design).
-pub fn describe(version: &str) {
-    describe_counter!(
-        HTTP_REQUESTS_TOTAL,
-        "HTTP requests by route template, method and status."
-    );
-    describe_histogram!(
-        HTTP_REQUEST_DURATION_SECONDS,
-        Unit::Seconds,
-        "HTTP request duration by route template and method."
-    );
+pub fn describe() {
     describe_counter!(
         AUDIT_ACTIONS_TOTAL,
         "Audited requests by user (bounded), action type and outcome."
@@ -140,34 +113,7 @@ pub fn describe(version: &str) {
         AUDIT_DROPPED_TOTAL,
         "Audit records lost: buffered records neither the database nor the spool could take. Must stay 0."
     );
-    describe_counter!(
-        RUN_TOTAL,
-        "POST /run executions by outcome (ok, error, timeout, limit)."
-    );
-    describe_histogram!(
-        RUN_DURATION_SECONDS,
-        Unit::Seconds,
-        "Wall-clock duration of runs."
-    );
-    describe_histogram!(
-        RUN_CPU_SECONDS,
-        Unit::Seconds,
-        "CPU seconds used per run (all its processes); _sum is the total, a counter."
-    );
-    describe_gauge!(SANDBOX_FILES, "Files in all known workspaces.");
-    describe_gauge!(SANDBOX_BYTES, Unit::Bytes, "Bytes in all known workspaces.");
-    describe_counter!(QUOTA_VIOLATIONS_TOTAL, "Quota refusals by quota type.");
-    describe_counter!(
-        RATE_LIMITED_TOTAL,
-        "Rate-limit refusals by scope (user, ip)."
-    );
-    describe_counter!(
-        HTTP_SHED_TOTAL,
-        "Requests answered 503 at once because NOX_MAX_INFLIGHT requests were in flight."
-    );
-    describe_gauge!(BUILD_INFO, "Always 1; the version is in the label.");
     counter!(AUDIT_DROPPED_TOTAL).absolute(0);
-    counter!(HTTP_SHED_TOTAL).absolute(0);
     counter!(AUDIT_REJECTED_TOTAL).absolute(0);
     counter!(AUDIT_ROWS_REDUCED_TOTAL).absolute(0);
     counter!(AUDIT_WRITE_FAILURES_TOTAL).absolute(0);
@@ -175,7 +121,6 @@ pub fn describe(version: &str) {
     counter!(AUDIT_ROWS_WRITTEN_TOTAL).absolute(0);
     gauge!(AUDIT_QUEUE_DEPTH).set(0.0);
     gauge!(AUDIT_SPOOL_ROWS).set(0.0);
-    gauge!(BUILD_INFO, "version" => version.to_owned()).set(1.0);
 }
 
 /// The per-record audit series, with their handles resolved once per label
@@ -320,13 +265,6 @@ impl AuditMetrics {
     }
 }
 
-/// One HTTP request.
-pub fn record_http(route: &str, method: &str, status: u16, seconds: f64) {
-    let (route, method) = (route.to_owned(), method.to_owned());
-    counter!(HTTP_REQUESTS_TOTAL, "route" => route.clone(), "method" => method.clone(), "status" => status.to_string()).increment(1);
-    histogram!(HTTP_REQUEST_DURATION_SECONDS, "route" => route, "method" => method).record(seconds);
-}
-
 pub fn record_sessions_opened(count: u64) {
     counter!(AUDIT_SESSIONS_TOTAL).increment(count);
 }
@@ -365,35 +303,6 @@ pub fn set_queue_depth(depth: usize) {
 
 pub fn set_spool_rows(rows: u64) {
     gauge!(AUDIT_SPOOL_ROWS).set(rows as f64);
-}
-
-/// One run: `outcome` is `ok`, `error`, `timeout`, `limit` or `cancelled` (its client left).
-pub fn record_run(outcome: &'static str, seconds: f64, cpu_seconds: f64) {
-    counter!(RUN_TOTAL, "outcome" => outcome).increment(1);
-    histogram!(RUN_DURATION_SECONDS).record(seconds);
-    // The facade's counters hold integers: a histogram keeps fractional CPU
-    // seconds in base units, its `_sum` the running total (a counter) and
-    // its buckets how CPU is spread over runs.
-    histogram!(RUN_CPU_SECONDS).record(cpu_seconds);
-}
-
-pub fn set_sandbox_usage(files: u64, bytes: u64) {
-    gauge!(SANDBOX_FILES).set(files as f64);
-    gauge!(SANDBOX_BYTES).set(bytes as f64);
-}
-
-pub fn record_quota_violation(quota_type: &'static str) {
-    counter!(QUOTA_VIOLATIONS_TOTAL, "quota_type" => quota_type).increment(1);
-}
-
-/// `scope` is `user` or `ip`.
-pub fn record_rate_limited(scope: &'static str) {
-    counter!(RATE_LIMITED_TOTAL, "scope" => scope).increment(1);
-}
-
-/// A request shed by the in-flight cap.
-pub fn record_shed() {
-    counter!(HTTP_SHED_TOTAL).increment(1);
 }
 
 #[cfg(test)]

@@ -234,7 +234,7 @@ fn record_outcome(request: &HttpRequest, outcome: &RunOutcome) {
     } else {
         "error"
     };
-    nox_audit_metrics::record_run(
+    crate::metrics::record_run(
         kind,
         outcome.execution_time_ms / 1000.0,
         outcome.cpu_time_ms / 1000.0,
