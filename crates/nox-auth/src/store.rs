@@ -234,6 +234,44 @@ pub async fn list_users(pool: &Pool) -> Result<Vec<User>, StoreError> {
         .collect()
 }
 
+/// Sets a user's tier, in the caller's transaction (the one that records the
+/// admin action). A missing user changes nothing.
+pub async fn set_tier<C: tokio_postgres::GenericClient>(
+    client: &C,
+    user_id: Uuid,
+    tier: Tier,
+) -> Result<(), StoreError> {
+    client
+        .execute(
+            "UPDATE users SET tier = $2, updated_at = now() WHERE id = $1",
+            &[&user_id, &tier.as_str()],
+        )
+        .await?;
+    Ok(())
+}
+
+/// How many users exist, and how many of them are active.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserCounts {
+    pub total: i64,
+    pub active: i64,
+}
+
+pub async fn count_users<C: tokio_postgres::GenericClient>(
+    client: &C,
+) -> Result<UserCounts, StoreError> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM users WHERE is_active)",
+            &[],
+        )
+        .await?;
+    Ok(UserCounts {
+        total: row.get(0),
+        active: row.get(1),
+    })
+}
+
 /// Applies `patch`. Refuses to demote or deactivate the last active admin.
 /// A patch that changes nothing writes nothing.
 pub async fn update_user(

@@ -10,6 +10,7 @@
 
 pub mod book;
 pub mod limits;
+pub mod store;
 
 pub use book::{QuotaBook, WindowUsage};
 pub use limits::{Limits, Violation, tier_limits};

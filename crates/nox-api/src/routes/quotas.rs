@@ -288,24 +288,14 @@ pub async fn admin_put_quotas(
         .old_values(values(old_tier, &old))
         .new_values(values(new_tier, &new))
         .justification(crate::routes::users::justification(&request)?);
-    let as_i64 = |v: Option<u64>| v.map(|v| v.min(i64::MAX as u64) as i64);
     let mut client = state.pool.get().await?;
     let tx = client.transaction().await.map_err(ApiError::internal)?;
-    tx.execute(
-        "UPDATE users SET tier = $2, updated_at = now() WHERE id = $1",
-        &[&user, &new_tier.as_str()],
-    )
-    .await
-    .map_err(ApiError::internal)?;
-    tx.execute(
-        "INSERT INTO user_quotas (user_id, req_hour, req_day, cpu_seconds, mem_mb, storage_mb, files_max)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)
-         ON CONFLICT (user_id) DO UPDATE SET req_hour = $2, req_day = $3, cpu_seconds = $4,
-             mem_mb = $5, storage_mb = $6, files_max = $7, updated_at = now()",
-        &[&user, &as_i64(new.req_hour), &as_i64(new.req_day), &as_i64(new.cpu_seconds), &as_i64(new.mem_mb), &as_i64(new.storage_mb), &as_i64(new.files_max)],
-    )
-    .await
-    .map_err(ApiError::internal)?;
+    nox_auth::store::set_tier(&*tx, user, new_tier)
+        .await
+        .map_err(ApiError::internal)?;
+    nox_quota::store::save_overrides(&*tx, user, &new)
+        .await
+        .map_err(ApiError::internal)?;
     nox_audit_store::admin_actions::record(&tx, &action)
         .await
         .map_err(ApiError::internal)?;
@@ -370,29 +360,37 @@ pub async fn admin_statistics(
     caller.require(Role::Admin)?;
     // What this server counted but has not written yet.
     let _ = state.quotas.flush().await;
-    let client = state.pool.get().await?;
-    let row = client
+    let mut client = state.pool.get().await?;
+    // One snapshot for the three reads, as when they were one statement.
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(ApiError::internal)?;
+    let users = nox_auth::store::count_users(&*tx)
+        .await
+        .map_err(ApiError::internal)?;
+    let usage = nox_quota::store::usage_totals(&*tx)
+        .await
+        .map_err(ApiError::internal)?;
+    let violations: i64 = tx
         .query_one(
-            "SELECT (SELECT count(*) FROM users),
-                    (SELECT count(*) FROM users WHERE is_active),
-                    (SELECT coalesce(sum(requests), 0)::bigint FROM quota_usage
-                      WHERE window_kind = 'hour' AND window_start = date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),
-                    (SELECT coalesce(sum(requests), 0)::bigint FROM quota_usage
-                      WHERE window_kind = 'day' AND window_start = date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),
-                    (SELECT coalesce(sum(cpu_ms), 0)::bigint FROM quota_usage
-                      WHERE window_kind = 'day' AND window_start = date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),
-                    (SELECT count(*) FROM audit_actions WHERE quota_violation AND \"timestamp\" >= now() - interval '24 hours')",
+            "SELECT count(*) FROM audit_actions WHERE quota_violation AND \"timestamp\" >= now() - interval '24 hours'",
             &[],
         )
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::internal)?
+        .get(0);
+    tx.commit().await.map_err(ApiError::internal)?;
     let statistics = Statistics {
-        total_users: row.get(0),
-        active_users: row.get(1),
-        requests_this_hour: row.get(2),
-        requests_today: row.get(3),
-        cpu_seconds_today: row.get::<_, i64>(4) as f64 / 1000.0,
-        violations_last_24h: row.get(5),
+        total_users: users.total,
+        active_users: users.active,
+        requests_this_hour: usage.requests_this_hour,
+        requests_today: usage.requests_today,
+        cpu_seconds_today: usage.cpu_ms_today as f64 / 1000.0,
+        violations_last_24h: violations,
     };
     Ok(HttpResponse::Ok().json(json!({ "statistics": statistics })))
 }
