@@ -1,6 +1,13 @@
 //! The Nox HTTP API as a library: the server binary is a thin wrapper around
-//! [`run_server`], and the integration tests build the same app through [`AppState`] and
-//! [`serve`].
+//! [`run_server`], and the integration tests build the same app through
+//! [`AppState`] and [`serve`].
+//!
+//! Map: [`state`] (the shared state, built once), [`server`] (serving,
+//! shutdown, background tasks), [`routes`] (the handlers, by endpoint
+//! group; the audit read endpoints are [`admin_audit`], [`audit_logs`],
+//! [`export`]), [`admission`] (shedding, rate limits, request quotas),
+//! [`auth`] (identity), [`metrics`] (Nox's metric families), [`taxonomy`]
+//! (Nox's audit taxonomy), [`migrations`] (the ordered schema).
 
 pub mod admin_audit;
 pub mod admission;
