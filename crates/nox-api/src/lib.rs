@@ -3,14 +3,12 @@
 
 pub mod admin_audit;
 pub mod app;
-pub mod audit_logs;
 pub mod auth;
 mod blocking;
 pub mod config;
 mod connection;
 pub mod db;
 pub mod error;
-pub mod export;
 pub mod files;
 pub mod free_space;
 pub mod health;
