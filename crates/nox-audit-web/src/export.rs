@@ -82,7 +82,7 @@ pub async fn export(
     }
     record = record.new_values(query.description());
     let content_type = query.content_type();
-    let name = nox_audit_export::file_name(api.clock.now(), query.format, query.gzip);
+    let (format, gzip) = (query.format, query.gzip);
     let job = Job {
         pool: api.pool.clone(),
         statement: query.into_statement(),
@@ -101,6 +101,7 @@ pub async fn export(
         .await
         .map_err(|_| WebError::Internal("the export task ended early"))??;
 
+    let name = nox_audit_export::file_name(api.clock.now(), format, gzip);
     let body = futures_util::stream::unfold(chunks_rx, |mut chunks| async move {
         chunks.recv().await.map(|chunk| (chunk, chunks))
     });
