@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use nox_audit_model::ActionRecord;
 use nox_audit_model::chain::{ACTIONS_CHAIN, ADMIN_CHAIN, GENESIS};
-use nox_audit_store::chain::{Checkpoint, Checkpointer, read_public_key};
+use nox_audit_store::checkpoints::{Checkpoint, Checkpointer, read_public_key};
 use nox_audit_store::pool::{PoolOptions, build_pool};
 use nox_audit_store::sessions::SessionRow;
 use nox_audit_store::verify::{ChainSummary, Problem, VerifyError, VerifyOptions, action_from_row};

@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::{ActionRecord, AdminAction};
+use crate::AdminAction;
 
 /// The previous hash of a chain's first row.
 pub const GENESIS: [u8; 32] = [0; 32];
@@ -68,7 +68,7 @@ impl Canonical {
         encoding
     }
 
-    fn null(&mut self) -> &mut Self {
+    pub(crate) fn null(&mut self) -> &mut Self {
         self.0.push(0);
         self
     }
@@ -183,47 +183,6 @@ pub fn canonical_json(value: &Value) -> String {
     out
 }
 
-impl ActionRecord {
-    /// The canonical encoding of this row at `seq` in the actions chain:
-    /// every `audit_actions` column but the chain's own, in table order.
-    pub fn canonical(&self, seq: i64) -> Canonical {
-        let mut c = Canonical::row(ACTIONS_CHAIN, seq);
-        c.uuid(Some(self.id))
-            .timestamp(Some(self.timestamp))
-            .uuid(Some(self.request_id))
-            .uuid(self.session_id)
-            .uuid(self.user_id)
-            .text(Some(&self.endpoint))
-            .text(Some(&self.route))
-            .text(Some(&self.http_method))
-            .text(Some(&self.action_type))
-            .text(Some(&self.action_category))
-            .ip(self.client_ip)
-            .text(self.user_agent.as_deref())
-            .int(Some(self.request_size))
-            .int(Some(self.response_size))
-            .int(Some(self.status_code.into()))
-            .bool(Some(self.success))
-            .float(Some(self.response_time_ms))
-            .float(self.cpu_time_ms)
-            .float(self.memory_peak_mb)
-            .text(self.file_path.as_deref())
-            .int(self.file_size_bytes)
-            .int(self.files_affected.map(i64::from))
-            .text(self.command_type.as_deref())
-            .text(self.command_text.as_deref())
-            .int(self.exit_code.map(i64::from))
-            .int(self.stdout_size)
-            .int(self.stderr_size)
-            .bool(Some(self.quota_violation))
-            .json(self.quota_consumed.as_ref())
-            .json(self.quota_remaining.as_ref())
-            .json(self.metadata.as_ref())
-            .text(self.error_details.as_deref());
-        c
-    }
-}
-
 impl AdminAction {
     /// The canonical encoding of this row at `seq` in the admin chain.
     pub fn canonical(&self, seq: i64) -> Canonical {
@@ -296,6 +255,7 @@ impl CheckpointClaim {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ActionRecord;
     use serde_json::json;
 
     fn record() -> ActionRecord {

@@ -1,0 +1,101 @@
+//! The `audit_actions` row as PostgreSQL takes and gives it, derived from
+//! the model's one declaration ([`nox_audit_model::action_columns!`]): the
+//! types of the binary `COPY`, a record's `COPY` values, a batch's `unnest`
+//! arrays and the row reader of `verify`. Each list ends with the chain's
+//! own columns, `seq` and `row_hash`.
+
+use nox_audit_model::{ACTION_COLUMNS, ActionRecord};
+use tokio_postgres::Row;
+use tokio_postgres::types::{ToSql, Type};
+
+/// A chain's `(seq, row_hash)`.
+pub(crate) type ChainHead = (i64, [u8; 32]);
+
+/// The chain's columns, written after the record's.
+const CHAIN_COLUMNS: [&str; 2] = ["seq", "row_hash"];
+
+/// Columns written per row: the record's, then the chain's.
+const WRITTEN: usize = ACTION_COLUMNS.len() + CHAIN_COLUMNS.len();
+
+/// A batch's rows as one array per column, for `unnest`.
+pub(crate) struct ActionColumns<'a>(Vec<Box<dyn ToSql + Send + Sync + 'a>>);
+
+macro_rules! derive_postgres_row {
+    ($( $(#[$attr:meta])* $name:ident: $ty:ty => $sql:ident $([$($sanitize:tt)*])?; )*) => {
+        /// The PostgreSQL types of [`written_columns`], for binary `COPY`.
+        pub(crate) const COLUMN_TYPES: &[Type] = &[$(Type::$sql,)* Type::INT8, Type::BYTEA];
+
+        /// A record's values for `COPY`, in [`written_columns`] order.
+        pub(crate) fn row_values<'a>(
+            r: &'a ActionRecord,
+            seq: &'a Option<i64>,
+            row_hash: &'a Option<&'a [u8]>,
+        ) -> [&'a (dyn ToSql + Sync); WRITTEN] {
+            [$(&r.$name,)* seq, row_hash]
+        }
+
+        impl<'a> ActionColumns<'a> {
+            /// `links`: each record's place on the chain.
+            pub(crate) fn new(records: &[&'a ActionRecord], links: &[ChainHead]) -> Self {
+                fn column<'a, T: ToSql + Send + Sync + 'a>(
+                    records: &[&'a ActionRecord],
+                    value: impl Fn(&'a ActionRecord) -> T,
+                ) -> Box<dyn ToSql + Send + Sync + 'a> {
+                    Box::new(records.iter().map(|r| value(r)).collect::<Vec<T>>())
+                }
+                ActionColumns(vec![
+                    $(column(records, |r| &r.$name),)*
+                    Box::new(links.iter().map(|(seq, _)| *seq).collect::<Vec<i64>>()),
+                    Box::new(
+                        links
+                            .iter()
+                            .map(|(_, hash)| hash.to_vec())
+                            .collect::<Vec<Vec<u8>>>(),
+                    ),
+                ])
+            }
+        }
+
+        /// An `audit_actions` row read back: the record's columns in
+        /// [`ACTION_COLUMNS`] order from index `first`.
+        pub fn action_from_row(row: &Row, first: usize) -> ActionRecord {
+            let mut at = first;
+            let mut next = || {
+                at += 1;
+                at - 1
+            };
+            ActionRecord {
+                $($name: row.get(next()),)*
+                session_token_hash: None,
+            }
+        }
+    };
+}
+
+nox_audit_model::action_columns!(derive_postgres_row);
+
+impl ActionColumns<'_> {
+    pub(crate) fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        self.0.iter().map(|column| &**column as _).collect()
+    }
+}
+
+/// The columns written per row, quoted, comma-separated: the record's,
+/// then the chain's.
+pub(crate) fn written_columns() -> String {
+    ACTION_COLUMNS
+        .iter()
+        .chain(&CHAIN_COLUMNS)
+        .map(|c| format!("\"{c}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The record's columns, quoted, comma-separated (what `verify` reads).
+pub(crate) fn record_columns() -> String {
+    ACTION_COLUMNS
+        .iter()
+        .map(|c| format!("\"{c}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
