@@ -99,3 +99,55 @@ pub(crate) fn record_columns() -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+#[cfg(test)]
+mod tests {
+    use nox_audit_model::ACTION_COLUMN_DEFS;
+
+    use super::*;
+    use crate::{Migrator, schema};
+
+    /// The declaration is the table the audit migrations make: the same
+    /// columns in the same order, with the types the writer sends and the
+    /// same nullability.
+    #[tokio::test]
+    async fn the_declaration_matches_the_migrated_table() {
+        let db = nox_testkit::TestDb::empty().await;
+        let mut client = db.client().await;
+        Migrator::new(schema::MIGRATIONS)
+            .up(&mut client)
+            .await
+            .expect("the audit migrations");
+        let table: Vec<(String, String, bool)> = client
+            .query(
+                "SELECT column_name::text, udt_name::text, is_nullable = 'YES'
+                   FROM information_schema.columns
+                  WHERE table_schema = current_schema() AND table_name = 'audit_actions'
+                  ORDER BY ordinal_position",
+                &[],
+            )
+            .await
+            .expect("information_schema")
+            .iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .collect();
+        // Names and nullability as declared, types as the writer sends them;
+        // the chain's columns are NULL in rows written before the chain.
+        let nullable = ACTION_COLUMN_DEFS
+            .iter()
+            .map(|c| c.nullable)
+            .chain(CHAIN_COLUMNS.map(|_| true));
+        let declared: Vec<(String, String, bool)> = ACTION_COLUMNS
+            .iter()
+            .chain(&CHAIN_COLUMNS)
+            .zip(COLUMN_TYPES)
+            .zip(nullable)
+            .map(|((name, sent), nullable)| (name.to_string(), sent.name().to_owned(), nullable))
+            .collect();
+        assert_eq!(declared.len(), WRITTEN);
+        for (at, (declared, table)) in declared.iter().zip(&table).enumerate() {
+            assert_eq!(declared, table, "column {} of audit_actions", at + 1);
+        }
+        assert_eq!(declared, table, "the number of columns");
+    }
+}
