@@ -151,3 +151,60 @@ fn error_detail(body: &[u8]) -> Option<String> {
         Err(_) => Some(String::from_utf8_lossy(body).into_owned()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use actix_web::test::TestRequest;
+    use serde_json::json;
+
+    use nox_audit_model::{Clock, SystemClock};
+
+    use super::*;
+
+    fn pending(request: &actix_web::HttpRequest) -> PendingRecord {
+        let mut record = ActionRecord::arrived(Uuid::now_v7(), SystemClock.now(), "GET", "/x");
+        record
+            .metadata_mut()
+            .insert("raw_endpoint".into(), "/%78".into());
+        PendingRecord::start(request, record, None, Rc::default(), 10)
+    }
+
+    #[test]
+    fn what_a_handler_sets_takes_precedence_and_metadata_merges() {
+        let request = TestRequest::default().to_http_request();
+        let pending = pending(&request);
+        record(&request, |r| {
+            r.cpu_time_ms = Some(42.0);
+            r.error_details = Some("handler".into());
+            r.metadata_mut().insert("stdin".into(), json!({"bytes": 1}));
+        });
+        let record = pending.finish(5, Some(br#"{"detail":"response"}"#));
+        assert_eq!(record.cpu_time_ms, Some(42.0));
+        assert_eq!(record.error_details.as_deref(), Some("handler"));
+        assert_eq!(
+            record.metadata,
+            Some(json!({"raw_endpoint": "/%78", "stdin": {"bytes": 1}}))
+        );
+        assert_eq!(record.request_size, 10);
+    }
+
+    #[test]
+    fn otherwise_the_middleware_measures_and_reads_the_response() {
+        let request = TestRequest::default().to_http_request();
+        let pending = pending(&request);
+        record(&request, |r| r.metadata = Some(json!({})));
+        let record = pending.finish(5, Some(br#"{"detail":"response"}"#));
+        assert!(record.cpu_time_ms.is_some());
+        assert_eq!(record.error_details.as_deref(), Some("response"));
+        assert_eq!(record.metadata, None, "empty metadata is stored as NULL");
+    }
+
+    #[test]
+    fn a_write_after_completion_is_ignored() {
+        let request = TestRequest::default().to_http_request();
+        pending(&request).finish(0, None);
+        let mut called = false;
+        record(&request, |_| called = true);
+        assert!(!called);
+    }
+}
