@@ -11,10 +11,10 @@
 //! Each batch's rows join the actions hash chain inside the batch's
 //! transaction, under the chain head's lock (see [`crate::checkpoints`]).
 //!
-//! - [`sink`]: what callers hold ([`AuditSink`]), its status and settings;
-//! - [`task`]: the writer task ([`AuditWriter`]): batching, spooling, replay,
+//! - `sink`: what callers hold ([`AuditSink`]), its status and settings;
+//! - `task`: the writer task ([`AuditWriter`]): batching, spooling, replay,
 //!   refused rows;
-//! - [`insert`]: the two ways a batch goes in (`COPY`, or one round trip).
+//! - `insert`: the two ways a batch goes in (`COPY`, or one round trip).
 
 mod insert;
 mod sink;
