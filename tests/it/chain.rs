@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use nox_audit_model::ActionRecord;
 use nox_audit_model::chain::{ACTIONS_CHAIN, ADMIN_CHAIN, GENESIS};
-use nox_audit_store::chain::{Checkpoint, Checkpointer, read_public_key};
+use nox_audit_store::checkpoints::{Checkpoint, Checkpointer, read_public_key};
 use nox_audit_store::pool::{PoolOptions, build_pool};
 use nox_audit_store::sessions::SessionRow;
 use nox_audit_store::verify::{ChainSummary, Problem, VerifyError, VerifyOptions, action_from_row};
@@ -149,15 +149,16 @@ async fn a_deleted_middle_row_is_caught_as_missing() {
 /// Inserts a copy of row 4 under a new id, with `chain_columns` as its
 /// seq and row_hash.
 async fn forge_row(app: &TestApp, id: uuid::Uuid, chain_columns: &str) {
+    // Every column but the id, in table order (which the declaration is).
+    let rest = nox_audit_model::ACTION_COLUMNS[1..]
+        .iter()
+        .map(|c| format!("\"{c}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     sql(
         app,
         &format!(
-            "INSERT INTO audit_actions SELECT '{id}', \"timestamp\", request_id, session_id,
-                 user_id, endpoint, route, http_method, action_type, action_category, client_ip,
-                 user_agent, request_size, response_size, status_code, success, response_time_ms,
-                 cpu_time_ms, memory_peak_mb, file_path, file_size_bytes, files_affected,
-                 command_type, command_text, exit_code, stdout_size, stderr_size, quota_violation,
-                 quota_consumed, quota_remaining, metadata, error_details, {chain_columns}
+            "INSERT INTO audit_actions SELECT '{id}', {rest}, {chain_columns}
              FROM audit_actions WHERE seq = 4"
         ),
     )

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use nox_api::config::{LogFormat, StorageConfig};
 use nox_api::db::{Database, connect};
 use nox_api::migrations::MIGRATIONS;
-use nox_audit_store::chain::{Checkpoint, read_public_key};
+use nox_audit_store::checkpoints::{Checkpoint, read_public_key};
 use nox_audit_store::verify::{VerifyError, VerifyOptions};
 use nox_audit_store::{MigrationState, Migrator, retention, summaries};
 use time::Date;

@@ -220,7 +220,7 @@ async fn seeded_rows_verify_tampering_fails_and_retention_keeps_the_rest_verifia
     let refused = retention(&["retention", "--before", &before_text]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("no signing key"));
-    nox_audit_store::chain::Checkpointer::open(
+    nox_audit_store::checkpoints::Checkpointer::open(
         &data.path().join("audit-signing.key"),
         &data.path().join("checkpoints"),
     )

@@ -9,27 +9,9 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
-use serde::Serialize;
-use utoipa::ToSchema;
 
-/// The body of every error response.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorBody {
-    /// A human-readable message.
-    pub detail: String,
-    /// A stable snake_case code for programs.
-    pub code: &'static str,
-    /// Seconds to wait before retrying (rate limits and windowed quotas).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub retry_after: Option<u64>,
-    /// For quota refusals: which quota, the usage and the limit.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub quota_type: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub current_usage: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub limit: Option<u64>,
-}
+/// The body of every error response (shared with the audit endpoints).
+pub use nox_audit_web::ErrorBody;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

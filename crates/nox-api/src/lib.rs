@@ -4,21 +4,19 @@
 //!
 //! Map: [`state`] (the shared state, built once), [`server`] (serving,
 //! shutdown, background tasks), [`routes`] (the handlers, by endpoint
-//! group; the audit read endpoints are [`admin_audit`], [`audit_logs`],
-//! [`export`]), [`admission`] (shedding, rate limits, request quotas),
+//! group; the audit read endpoints are `nox-audit-web`'s, given Nox's
+//! access rules and state by [`admin_audit`]), [`admission`] (shedding, rate limits, request quotas),
 //! [`auth`] (identity), [`metrics`] (Nox's metric families), [`taxonomy`]
 //! (Nox's audit taxonomy), [`migrations`] (the ordered schema).
 
 pub mod admin_audit;
 pub mod admission;
-pub mod audit_logs;
 pub mod auth;
 mod blocking;
 pub mod config;
 mod connection;
 pub mod db;
 pub mod error;
-pub mod export;
 pub mod free_space;
 pub mod metrics;
 pub mod migrations;

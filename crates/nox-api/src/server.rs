@@ -174,11 +174,13 @@ pub fn serve(
     config: &Config,
 ) -> std::io::Result<Server> {
     let audit = Audit::new(state.audit_config.clone(), state.audit.clone());
+    let audit_api = crate::admin_audit::api(&state);
     let mut server = HttpServer::new(move || {
         // Wrapped last, so outermost: the audit layer sees every request,
         // including those inner layers refuse.
         App::new()
             .app_data(state.clone())
+            .app_data(audit_api.clone())
             .configure(configure_extractors)
             .configure(routes)
             .default_service(web::to(not_found))

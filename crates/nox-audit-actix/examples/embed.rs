@@ -66,7 +66,7 @@ async fn create_order(request: HttpRequest) -> HttpResponse {
     record(&request, |details| {
         details.user_id = customer;
         details
-            .metadata
+            .metadata_mut()
             .insert("order_id".into(), order.to_string().into());
     });
     HttpResponse::Created().json(serde_json::json!({ "order_id": order }))

@@ -13,10 +13,10 @@
 
 mod client_ip;
 mod cpu;
-mod details;
 mod middleware;
+mod request_record;
 
 pub use client_ip::client_ip;
 pub use cpu::{charge_cpu, is_metered, thread_cpu_time};
-pub use details::{AuditDetails, RequestId, record, request_id};
 pub use middleware::{Audit, AuditConfig, CLIENT_CLOSED_REQUEST, REQUEST_ID_HEADER};
+pub use request_record::{RequestId, record, request_id};

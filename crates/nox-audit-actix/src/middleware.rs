@@ -8,7 +8,6 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use actix_web::body::{BodySize, BoxBody, MessageBody};
 use actix_web::dev::{Payload, Service, ServiceRequest, ServiceResponse, Transform, forward_ready};
@@ -26,8 +25,8 @@ use nox_audit_model::{ActionRecord, Clock, GENERIC_TAXONOMY, SystemClock, Taxono
 use nox_audit_store::{AuditMode, AuditSink, SinkError};
 
 use crate::client_ip::client_ip;
-use crate::cpu::{CpuMeter, Metered};
-use crate::details::{DetailsCell, RequestId};
+use crate::cpu::Metered;
+use crate::request_record::{PendingRecord, RequestId};
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
@@ -139,8 +138,6 @@ where
             ))));
         }
 
-        let details = DetailsCell::default();
-        request.extensions_mut().insert(details.clone());
         let body_bytes = Rc::new(Cell::new(0u64));
         count_request_body(&mut request, Rc::clone(&body_bytes));
         let mut record = ActionRecord {
@@ -158,45 +155,33 @@ where
                 request.match_info().as_str(),
             )
         };
-        {
-            let mut details = details.0.borrow_mut();
-            if let Some(agent) = request.headers().get(header::USER_AGENT) {
-                let (agent, replaced) = text_from_bytes(agent.as_bytes());
-                if replaced {
-                    mark_sanitized(&mut details.metadata, "user_agent");
-                }
-                record.user_agent = Some(agent);
+        if let Some(agent) = request.headers().get(header::USER_AGENT) {
+            let (agent, replaced) = text_from_bytes(agent.as_bytes());
+            if replaced {
+                mark_sanitized(record.metadata_mut(), "user_agent");
             }
-            let raw_path = request.path();
-            if raw_path != record.endpoint {
-                details
-                    .metadata
-                    .insert("raw_endpoint".into(), raw_path.into());
-                if percent_encoding::percent_decode_str(raw_path)
-                    .decode_utf8()
-                    .is_err()
-                {
-                    mark_sanitized(&mut details.metadata, "endpoint");
-                }
+            record.user_agent = Some(agent);
+        }
+        let raw_path = request.path();
+        if raw_path != record.endpoint {
+            let metadata = record.metadata_mut();
+            metadata.insert("raw_endpoint".into(), raw_path.into());
+            if percent_encoding::percent_decode_str(raw_path)
+                .decode_utf8()
+                .is_err()
+            {
+                mark_sanitized(metadata, "endpoint");
             }
         }
-        let pending = PendingRecord {
-            started: Instant::now(),
-            meter: CpuMeter::default(),
-            details,
-            body_bytes,
-            request_head: request_head_size(&request),
-            response_head: 0,
-            // Known before the handler runs, for a request whose handler is
-            // dropped (the client reset the connection).
-            // Of the routed path: `match_pattern()` reads the raw one, which
-            // misses a route reached through percent-encoding (`/r%75n`).
-            route: request
-                .resource_map()
-                .match_pattern(request.match_info().as_str()),
-            record,
-        };
-        request.extensions_mut().insert(pending.meter.clone());
+        // Known before the handler runs, for a request whose handler is
+        // dropped (the client reset the connection).
+        // Of the routed path: `match_pattern()` reads the raw one, which
+        // misses a route reached through percent-encoding (`/r%75n`).
+        let route = request
+            .resource_map()
+            .match_pattern(request.match_info().as_str());
+        let request_head = request_head_size(&request);
+        let pending = PendingRecord::start(&request, record, route, body_bytes, request_head);
         let call = Metered {
             inner: Box::pin(service.call(request)),
             meter: pending.meter.clone(),
@@ -249,7 +234,7 @@ where
             // discards a HEAD's streamed body afterwards, unmetered: answer
             // HEAD with the size only, as Nox's `answer_head_as_get` does).
             // Otherwise it completes when the streamed body ends.
-            let is_head = pending.record.http_method == Method::HEAD.as_str();
+            let is_head = pending.read(|record| record.http_method == Method::HEAD.as_str());
             let (sent, body) = match body.try_into_bytes() {
                 Ok(bytes) => (bytes.clone(), BoxBody::new(bytes)),
                 Err(body) if is_head || body.size() == BodySize::Sized(0) => (Bytes::new(), body),
@@ -270,7 +255,7 @@ where
                     ));
                 }
             };
-            let error_body = (!pending.record.success).then_some(&sent[..]);
+            let error_body = pending.read(|record| !record.success).then_some(&sent[..]);
             let record = pending.finish(sent.len() as u64, error_body);
             if let Err(error) = sink.submit(record, durable).await {
                 tracing::error!(%error, "a request's audit record could not be stored");
@@ -412,81 +397,6 @@ impl Drop for Unfinished {
                 .get_or_insert_with(|| CLIENT_CLOSED_DETAIL.to_owned());
             queue_detached(self.sink.clone(), record);
         }
-    }
-}
-
-/// A record waiting for the end of its response.
-struct PendingRecord {
-    record: ActionRecord,
-    /// The matched route template, if any.
-    route: Option<String>,
-    started: Instant,
-    meter: CpuMeter,
-    details: DetailsCell,
-    body_bytes: Rc<Cell<u64>>,
-    request_head: u64,
-    response_head: u64,
-}
-
-impl PendingRecord {
-    fn classify(&mut self, taxonomy: &Taxonomy, status: StatusCode) {
-        let kind = taxonomy.classify(&self.record.http_method, self.route.as_deref());
-        if let Some(route) = &self.route {
-            self.record.route.clone_from(route);
-        }
-        self.record.set_outcome(kind, status.as_u16());
-    }
-
-    /// Completes the record once `body_len` bytes of body were sent.
-    fn finish(mut self, body_len: u64, error_body: Option<&[u8]>) -> ActionRecord {
-        // HTTP/1 sends a HEAD response's headers only, whatever body the
-        // handler produced.
-        let body_len = if self.record.http_method == Method::HEAD.as_str() {
-            0
-        } else {
-            body_len
-        };
-        let elapsed = self.started.elapsed();
-        let details = self.details.0.borrow().clone();
-        let record = &mut self.record;
-        record.response_time_ms = (elapsed.as_micros() as f64) / 1000.0;
-        record.request_size = (self.request_head + self.body_bytes.get()) as i64;
-        record.response_size = (self.response_head + body_len) as i64;
-        record.cpu_time_ms = Some(details.cpu_time_ms.unwrap_or_else(|| self.meter.millis()));
-        record.user_id = details.user_id;
-        record.session_token_hash = details.session_token_hash;
-        record.memory_peak_mb = details.memory_peak_mb;
-        record.file_path = details.file_path;
-        record.file_size_bytes = details.file_size_bytes;
-        record.files_affected = details.files_affected;
-        record.command_type = details.command_type;
-        record.command_text = details.command_text;
-        record.exit_code = details.exit_code;
-        record.stdout_size = details.stdout_size;
-        record.stderr_size = details.stderr_size;
-        record.quota_violation = details.quota_violation;
-        record.quota_consumed = details.quota_consumed;
-        record.quota_remaining = details.quota_remaining;
-        record.metadata = (!details.metadata.is_empty()).then(|| details.metadata.into());
-        record.error_details = details
-            .error_details
-            .or_else(|| error_body.and_then(error_detail));
-        self.record
-    }
-}
-
-/// The `detail` of a JSON error body, or its text.
-fn error_detail(body: &[u8]) -> Option<String> {
-    if body.is_empty() {
-        return None;
-    }
-    match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(value) => value.get("detail").map(|detail| {
-            detail
-                .as_str()
-                .map_or_else(|| detail.to_string(), str::to_owned)
-        }),
-        Err(_) => Some(String::from_utf8_lossy(body).into_owned()),
     }
 }
 

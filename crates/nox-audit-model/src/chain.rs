@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::{ActionRecord, AdminAction};
+use crate::AdminAction;
 
 /// The previous hash of a chain's first row.
 pub const GENESIS: [u8; 32] = [0; 32];
@@ -68,7 +68,7 @@ impl Canonical {
         encoding
     }
 
-    fn null(&mut self) -> &mut Self {
+    pub(crate) fn null(&mut self) -> &mut Self {
         self.0.push(0);
         self
     }
@@ -183,47 +183,6 @@ pub fn canonical_json(value: &Value) -> String {
     out
 }
 
-impl ActionRecord {
-    /// The canonical encoding of this row at `seq` in the actions chain:
-    /// every `audit_actions` column but the chain's own, in table order.
-    pub fn canonical(&self, seq: i64) -> Canonical {
-        let mut c = Canonical::row(ACTIONS_CHAIN, seq);
-        c.uuid(Some(self.id))
-            .timestamp(Some(self.timestamp))
-            .uuid(Some(self.request_id))
-            .uuid(self.session_id)
-            .uuid(self.user_id)
-            .text(Some(&self.endpoint))
-            .text(Some(&self.route))
-            .text(Some(&self.http_method))
-            .text(Some(&self.action_type))
-            .text(Some(&self.action_category))
-            .ip(self.client_ip)
-            .text(self.user_agent.as_deref())
-            .int(Some(self.request_size))
-            .int(Some(self.response_size))
-            .int(Some(self.status_code.into()))
-            .bool(Some(self.success))
-            .float(Some(self.response_time_ms))
-            .float(self.cpu_time_ms)
-            .float(self.memory_peak_mb)
-            .text(self.file_path.as_deref())
-            .int(self.file_size_bytes)
-            .int(self.files_affected.map(i64::from))
-            .text(self.command_type.as_deref())
-            .text(self.command_text.as_deref())
-            .int(self.exit_code.map(i64::from))
-            .int(self.stdout_size)
-            .int(self.stderr_size)
-            .bool(Some(self.quota_violation))
-            .json(self.quota_consumed.as_ref())
-            .json(self.quota_remaining.as_ref())
-            .json(self.metadata.as_ref())
-            .text(self.error_details.as_deref());
-        c
-    }
-}
-
 impl AdminAction {
     /// The canonical encoding of this row at `seq` in the admin chain.
     pub fn canonical(&self, seq: i64) -> Canonical {
@@ -296,6 +255,7 @@ impl CheckpointClaim {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ActionRecord;
     use serde_json::json;
 
     fn record() -> ActionRecord {
@@ -358,6 +318,83 @@ mod tests {
         let mut empty = base.clone();
         empty.user_agent = Some(String::new());
         assert_ne!(hash, empty.canonical(5).link(&GENESIS));
+    }
+
+    /// Every column set, with values whose encodings differ by type.
+    fn full_record() -> ActionRecord {
+        ActionRecord {
+            id: Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0001),
+            timestamp: time::macros::datetime!(2026-11-27 01:02:03.456789 UTC),
+            request_id: Uuid::from_u128(2),
+            session_id: Some(Uuid::from_u128(3)),
+            user_id: Some(Uuid::from_u128(4)),
+            endpoint: "/run".into(),
+            route: "/run".into(),
+            http_method: "POST".into(),
+            action_type: "code_exec".into(),
+            action_category: "execution".into(),
+            client_ip: Some("2001:db8::7".parse().unwrap()),
+            user_agent: Some("curl/8.5 é".into()),
+            request_size: 1234,
+            response_size: -5,
+            status_code: 429,
+            success: false,
+            response_time_ms: 12.345,
+            cpu_time_ms: Some(0.5),
+            memory_peak_mb: Some(-1.25),
+            file_path: Some("a/b.txt".into()),
+            file_size_bytes: Some(1 << 40),
+            files_affected: Some(-3),
+            command_type: Some("bash".into()),
+            command_text: Some("echo hi".into()),
+            exit_code: Some(i32::MIN),
+            stdout_size: Some(i64::MAX),
+            stderr_size: Some(0),
+            quota_violation: true,
+            quota_consumed: Some(json!({"requests_hour": 1, "quota_type": "hour"})),
+            quota_remaining: Some(json!({"requests_hour": 0})),
+            metadata: Some(json!({"z": [1.5, null], "a": {"y": "\u{0}", "b": false}})),
+            error_details: Some("quota exceeded".into()),
+            session_token_hash: Some("0123456789abcdef".into()),
+        }
+    }
+
+    /// Golden vectors: the row hashes the canonical encoding v1 gave when
+    /// this test was written. Rows already in production were hashed so;
+    /// if this fails, stored trails no longer verify.
+    #[test]
+    fn golden_vectors_of_the_actions_encoding() {
+        let full = full_record();
+        let mut sparse = ActionRecord::arrived(
+            Uuid::from_u128(9),
+            time::macros::datetime!(2026-01-01 00:00:00 UTC),
+            "GET",
+            "/ls",
+        );
+        sparse.id = Uuid::from_u128(8);
+        sparse.client_ip = Some("10.1.2.3".parse().unwrap());
+        let hex = |hash: [u8; 32]| -> String { hash.iter().map(|b| format!("{b:02x}")).collect() };
+        let first = full.canonical(1).link(&GENESIS);
+        assert_eq!(
+            hex(first),
+            "9918de0fc33e4f95be70973123a3b0fa4f274ecdae59ed012dbd1cc5d98f1c5b"
+        );
+        assert_eq!(
+            hex(sparse.canonical(2).link(&first)),
+            "f14a8dd5b78c075e706b152b3fcb52c9d4027bbed884042eba961fefa83894c1"
+        );
+        assert_eq!(full.canonical(1).bytes().len(), 477);
+    }
+
+    /// Spool files hold records as this {"id":"01930000-0000-7000-8000-000000000001","timestamp":"2026-11-27T01:02:03.456789Z","request_id":"00000000-0000-0000-0000-000000000002","session_id":"00000000-0000-0000-0000-000000000003","user_id":"00000000-0000-0000-0000-000000000004","endpoint":"/run","route":"/run","http_method":"POST","action_type":"code_exec","action_category":"execution","client_ip":"2001:db8::7","user_agent":"curl/8.5 é","request_size":1234,"response_size":-5,"status_code":429,"success":false,"response_time_ms":12.345,"cpu_time_ms":0.5,"memory_peak_mb":-1.25,"file_path":"a/b.txt","file_size_bytes":1099511627776,"files_affected":-3,"command_type":"bash","command_text":"echo hi","exit_code":-2147483648,"stdout_size":9223372036854775807,"stderr_size":0,"quota_violation":true,"quota_consumed":{"quota_type":"hour","requests_hour":1},"quota_remaining":{"requests_hour":0},"metadata":{"a":{"b":false,"y":"\u0000"},"z":[1.5,null]},"error_details":"quota exceeded","session_token_hash":"0123456789abcdef"} (written by the code of the
+    /// golden vectors above): files spooled before an upgrade must still
+    /// read back the same.
+    #[test]
+    fn the_spool_form_of_a_record_is_unchanged() {
+        let json = r#"{"id":"01930000-0000-7000-8000-000000000001","timestamp":"2026-11-27T01:02:03.456789Z","request_id":"00000000-0000-0000-0000-000000000002","session_id":"00000000-0000-0000-0000-000000000003","user_id":"00000000-0000-0000-0000-000000000004","endpoint":"/run","route":"/run","http_method":"POST","action_type":"code_exec","action_category":"execution","client_ip":"2001:db8::7","user_agent":"curl/8.5 é","request_size":1234,"response_size":-5,"status_code":429,"success":false,"response_time_ms":12.345,"cpu_time_ms":0.5,"memory_peak_mb":-1.25,"file_path":"a/b.txt","file_size_bytes":1099511627776,"files_affected":-3,"command_type":"bash","command_text":"echo hi","exit_code":-2147483648,"stdout_size":9223372036854775807,"stderr_size":0,"quota_violation":true,"quota_consumed":{"quota_type":"hour","requests_hour":1},"quota_remaining":{"requests_hour":0},"metadata":{"a":{"b":false,"y":"\u0000"},"z":[1.5,null]},"error_details":"quota exceeded","session_token_hash":"0123456789abcdef"}"#;
+        assert_eq!(serde_json::to_string(&full_record()).unwrap(), json);
+        let read: ActionRecord = serde_json::from_str(json).unwrap();
+        assert_eq!(read, full_record());
     }
 
     #[test]

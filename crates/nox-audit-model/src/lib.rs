@@ -6,10 +6,12 @@ mod admin_action;
 pub mod chain;
 pub mod clock;
 pub mod record;
+pub mod row;
 pub mod storable;
 pub mod taxonomy;
 
 pub use admin_action::{AdminAction, AdminActionType};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use record::{ACTION_COLUMNS, ActionRecord};
+pub use record::{ACTION_COLUMN_DEFS, ACTION_COLUMNS, ActionRecord};
+pub use row::{Column, ColumnValue};
 pub use taxonomy::{ActionKind, GENERIC_TAXONOMY, Taxonomy};

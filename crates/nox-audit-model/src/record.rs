@@ -3,53 +3,86 @@
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-/// Every column of `audit_actions`, in the table's order. Serialisable so
-/// the writer can spool records to disk while the database is away. Values
-/// a client controls are made storable before the record is queued
-/// ([`ActionRecord::make_storable`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ActionRecord {
-    pub id: Uuid,
-    #[serde(with = "time::serde::rfc3339")]
-    pub timestamp: OffsetDateTime,
-    pub request_id: Uuid,
-    pub session_id: Option<Uuid>,
-    pub user_id: Option<Uuid>,
-    pub endpoint: String,
-    pub route: String,
-    pub http_method: String,
-    pub action_type: String,
-    pub action_category: String,
-    pub client_ip: Option<IpAddr>,
-    pub user_agent: Option<String>,
-    pub request_size: i64,
-    pub response_size: i64,
-    pub status_code: i16,
-    pub success: bool,
-    pub response_time_ms: f64,
-    pub cpu_time_ms: Option<f64>,
-    pub memory_peak_mb: Option<f64>,
-    pub file_path: Option<String>,
-    pub file_size_bytes: Option<i64>,
-    pub files_affected: Option<i32>,
-    pub command_type: Option<String>,
-    pub command_text: Option<String>,
-    pub exit_code: Option<i32>,
-    pub stdout_size: Option<i64>,
-    pub stderr_size: Option<i64>,
-    pub quota_violation: bool,
-    pub quota_consumed: Option<Value>,
-    pub quota_remaining: Option<Value>,
-    pub metadata: Option<Value>,
-    pub error_details: Option<String>,
-    /// Not a column: the first 16 hex digits of SHA-256(token), which with
-    /// `user_id` identifies the session. The writer assigns `session_id`.
-    pub session_token_hash: Option<String>,
+use crate::chain::{ACTIONS_CHAIN, Canonical};
+use crate::row::{Column, ColumnValue};
+use crate::storable::{
+    Alterations, MAX_COMMAND_TEXT_CHARS, MAX_ENDPOINT_CHARS, MAX_ERROR_DETAILS_CHARS,
+    MAX_FILE_PATH_CHARS, MAX_HTTP_METHOD_CHARS, MAX_LABEL_CHARS, MAX_ROUTE_CHARS,
+    MAX_USER_AGENT_CHARS, TextColumn,
+};
+
+/// The model's half of the derived code (the store derives the rest).
+macro_rules! derive_action_record {
+    ($( $(#[$attr:meta])* $name:ident: $ty:ty => $sql:ident $([$($sanitize:tt)*])?; )*) => {
+        /// Every column of `audit_actions`, in the table's order. Serialisable
+        /// so the writer can spool records to disk while the database is
+        /// away. Values a client controls are made storable before the record
+        /// is queued ([`ActionRecord::make_storable`]).
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        pub struct ActionRecord {
+            $( $(#[$attr])* pub $name: $ty, )*
+            /// Not a column: the first 16 hex digits of SHA-256(token), which
+            /// with `user_id` identifies the session. The writer assigns
+            /// `session_id`.
+            pub session_token_hash: Option<String>,
+        }
+
+        /// The column names of `audit_actions`, in order.
+        pub const ACTION_COLUMNS: &[&str] = &[$(stringify!($name)),*];
+
+        /// The columns of `audit_actions` with their types, in order.
+        pub const ACTION_COLUMN_DEFS: &[Column] = &[$(Column {
+            name: stringify!($name),
+            sql_type: stringify!($sql),
+            nullable: <$ty as ColumnValue>::NULLABLE,
+        }),*];
+
+        impl ActionRecord {
+            /// Every column empty (NULL, zero, false, nil).
+            fn empty() -> ActionRecord {
+                ActionRecord {
+                    $( $name: ColumnValue::empty(), )*
+                    session_token_hash: None,
+                }
+            }
+
+            /// The canonical encoding of this row at `seq` in the actions
+            /// chain: every column but the chain's own, in table order.
+            pub fn canonical(&self, seq: i64) -> Canonical {
+                let mut canonical = Canonical::row(ACTIONS_CHAIN, seq);
+                $( self.$name.encode(&mut canonical); )*
+                canonical
+            }
+
+            /// Cuts and cleans the request-controlled columns: text first,
+            /// then JSON, each in table order (the order of the notes in
+            /// `metadata.sanitized`).
+            pub(crate) fn sanitize_columns(&mut self, changes: &mut Alterations) {
+                $( $( sanitize!(text, changes, self.$name, $name, $($sanitize)*); )? )*
+                $( $( sanitize!(json, changes, self.$name, $name, $($sanitize)*); )? )*
+            }
+        }
+    };
 }
+
+/// One column's part of one pass of [`ActionRecord::sanitize_columns`].
+macro_rules! sanitize {
+    (text, $changes:ident, $field:expr, $name:ident, text $max:expr) => {
+        if let Some(text) = TextColumn::text_mut(&mut $field) {
+            $changes.text(stringify!($name), text, $max);
+        }
+    };
+    (json, $changes:ident, $field:expr, $name:ident, json) => {
+        $changes.json(stringify!($name), &mut $field)
+    };
+    ($pass:ident, $($other:tt)*) => {};
+}
+
+crate::action_columns!(derive_action_record);
 
 impl ActionRecord {
     /// A record of a request that has just arrived: a fresh UUIDv7 id, and
@@ -65,36 +98,10 @@ impl ActionRecord {
             id: Uuid::now_v7(),
             timestamp,
             request_id,
-            session_id: None,
-            user_id: None,
             endpoint: endpoint.to_owned(),
             route: "unmatched".to_owned(),
             http_method: http_method.to_owned(),
-            action_type: String::new(),
-            action_category: String::new(),
-            client_ip: None,
-            user_agent: None,
-            request_size: 0,
-            response_size: 0,
-            status_code: 0,
-            success: false,
-            response_time_ms: 0.0,
-            cpu_time_ms: None,
-            memory_peak_mb: None,
-            file_path: None,
-            file_size_bytes: None,
-            files_affected: None,
-            command_type: None,
-            command_text: None,
-            exit_code: None,
-            stdout_size: None,
-            stderr_size: None,
-            quota_violation: false,
-            quota_consumed: None,
-            quota_remaining: None,
-            metadata: None,
-            error_details: None,
-            session_token_hash: None,
+            ..ActionRecord::empty()
         }
     }
 
@@ -105,43 +112,23 @@ impl ActionRecord {
         self.status_code = status as i16;
         self.success = is_success(status);
     }
-}
 
-/// The column names of `audit_actions`, in order.
-pub const ACTION_COLUMNS: &[&str] = &[
-    "id",
-    "timestamp",
-    "request_id",
-    "session_id",
-    "user_id",
-    "endpoint",
-    "route",
-    "http_method",
-    "action_type",
-    "action_category",
-    "client_ip",
-    "user_agent",
-    "request_size",
-    "response_size",
-    "status_code",
-    "success",
-    "response_time_ms",
-    "cpu_time_ms",
-    "memory_peak_mb",
-    "file_path",
-    "file_size_bytes",
-    "files_affected",
-    "command_type",
-    "command_text",
-    "exit_code",
-    "stdout_size",
-    "stderr_size",
-    "quota_violation",
-    "quota_consumed",
-    "quota_remaining",
-    "metadata",
-    "error_details",
-];
+    /// `metadata` as an object to add keys to (made one if it is empty or
+    /// not an object, a non-object kept under `value`).
+    pub fn metadata_mut(&mut self) -> &mut Map<String, Value> {
+        if !matches!(self.metadata, Some(Value::Object(_))) {
+            let mut map = Map::new();
+            if let Some(previous) = self.metadata.take() {
+                map.insert("value".to_owned(), previous);
+            }
+            self.metadata = Some(Value::Object(map));
+        }
+        match &mut self.metadata {
+            Some(Value::Object(map)) => map,
+            _ => unreachable!("an object was just ensured"),
+        }
+    }
+}
 
 /// `2xx` and `3xx` count as success.
 pub fn is_success(status: u16) -> bool {

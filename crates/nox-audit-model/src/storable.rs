@@ -56,14 +56,14 @@ pub fn mark_sanitized(metadata: &mut Map<String, Value>, field: &str) {
 
 /// What happened to one field.
 #[derive(Debug, Default)]
-struct Alterations {
+pub(crate) struct Alterations {
     sanitized: Vec<&'static str>,
     /// Cut fields: name, original byte length, SHA-256 (hex).
     cut: Vec<(&'static str, usize, String)>,
 }
 
 impl Alterations {
-    fn text(&mut self, field: &'static str, text: &mut String, max_chars: usize) {
+    pub(crate) fn text(&mut self, field: &'static str, text: &mut String, max_chars: usize) {
         let mut altered = false;
         if let Some((cut, _)) = text.char_indices().nth(max_chars) {
             self.cut
@@ -80,13 +80,7 @@ impl Alterations {
         }
     }
 
-    fn optional_text(&mut self, field: &'static str, text: &mut Option<String>, max: usize) {
-        if let Some(text) = text {
-            self.text(field, text, max);
-        }
-    }
-
-    fn json(&mut self, field: &'static str, value: &mut Option<Value>) {
+    pub(crate) fn json(&mut self, field: &'static str, value: &mut Option<Value>) {
         let Some(json) = value else { return };
         if replace_nul_in_json(json) {
             self.sanitized.push(field);
@@ -98,6 +92,23 @@ impl Alterations {
             self.sanitized.push(field);
             *value = None;
         }
+    }
+}
+
+/// A text column, nullable or not.
+pub(crate) trait TextColumn {
+    fn text_mut(&mut self) -> Option<&mut String>;
+}
+
+impl TextColumn for String {
+    fn text_mut(&mut self) -> Option<&mut String> {
+        Some(self)
+    }
+}
+
+impl TextColumn for Option<String> {
+    fn text_mut(&mut self) -> Option<&mut String> {
+        self.as_mut()
     }
 }
 
@@ -144,47 +155,19 @@ impl ActionRecord {
     /// notes in `metadata` what was altered. Idempotent.
     pub fn make_storable(&mut self) {
         let mut changes = Alterations::default();
-        changes.text("endpoint", &mut self.endpoint, MAX_ENDPOINT_CHARS);
-        changes.text("route", &mut self.route, MAX_ROUTE_CHARS);
-        changes.text("http_method", &mut self.http_method, MAX_HTTP_METHOD_CHARS);
-        changes.text("action_type", &mut self.action_type, MAX_LABEL_CHARS);
-        changes.text(
-            "action_category",
-            &mut self.action_category,
-            MAX_LABEL_CHARS,
-        );
-        let agent = &mut self.user_agent;
-        changes.optional_text("user_agent", agent, MAX_USER_AGENT_CHARS);
-        let path = &mut self.file_path;
-        changes.optional_text("file_path", path, MAX_FILE_PATH_CHARS);
-        let kind = &mut self.command_type;
-        changes.optional_text("command_type", kind, MAX_LABEL_CHARS);
-        let command = &mut self.command_text;
-        changes.optional_text("command_text", command, MAX_COMMAND_TEXT_CHARS);
-        let error = &mut self.error_details;
-        changes.optional_text("error_details", error, MAX_ERROR_DETAILS_CHARS);
-        changes.json("quota_consumed", &mut self.quota_consumed);
-        changes.json("quota_remaining", &mut self.quota_remaining);
+        // The columns flagged in the declaration (`action_columns!`); the
+        // metadata is the last JSON column, so the notes about the other
+        // fields fit in it.
+        self.sanitize_columns(&mut changes);
         if let Some(token_hash) = &mut self.session_token_hash {
             // Ours (16 hex digits); a longer one would fail the session row.
             token_hash.retain(|c| c.is_ascii_hexdigit());
             token_hash.truncate(64);
         }
-        // The metadata last, so the notes about the other fields fit in it.
-        changes.json("metadata", &mut self.metadata);
         if changes.sanitized.is_empty() {
             return;
         }
-        if !matches!(self.metadata, Some(Value::Object(_))) {
-            let mut map = Map::new();
-            if let Some(previous) = self.metadata.take() {
-                map.insert("value".to_owned(), previous);
-            }
-            self.metadata = Some(Value::Object(map));
-        }
-        let Some(Value::Object(metadata)) = &mut self.metadata else {
-            unreachable!("an object was just ensured")
-        };
+        let metadata = self.metadata_mut();
         for field in &changes.sanitized {
             mark_sanitized(metadata, field);
         }

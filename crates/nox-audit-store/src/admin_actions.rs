@@ -4,7 +4,7 @@ use nox_audit_model::AdminAction;
 use nox_audit_model::chain::ADMIN_CHAIN;
 use tokio_postgres::Transaction;
 
-use crate::chain;
+use crate::checkpoints;
 
 /// Inserts the record through `tx`, which should be the transaction that
 /// makes the change, so the change and its record commit or fail together.
@@ -13,7 +13,7 @@ pub async fn record(
     tx: &Transaction<'_>,
     action: &AdminAction,
 ) -> Result<(), tokio_postgres::Error> {
-    let (seq, prev) = chain::lock_head(tx, ADMIN_CHAIN).await?;
+    let (seq, prev) = checkpoints::lock_head(tx, ADMIN_CHAIN).await?;
     let seq = seq + 1;
     let row_hash = action.canonical(seq).link(&prev);
     tx.execute(
@@ -35,7 +35,7 @@ pub async fn record(
         ],
     )
     .await?;
-    chain::set_head(tx, ADMIN_CHAIN, seq, &row_hash).await
+    checkpoints::set_head(tx, ADMIN_CHAIN, seq, &row_hash).await
 }
 
 /// Records an action that has no change of its own to commit with it (an

@@ -8,18 +8,19 @@
 //! - [`schema`]: the audit tables' migrations, as data.
 //! - [`admin_actions`]: recording admin mutations inside the caller's
 //!   transaction.
-//! - [`chain`]: the hash chains' heads and signed checkpoints; [`verify`]
-//!   recomputes the chains.
+//! - [`checkpoints`]: the hash chains' heads and signed checkpoints;
+//!   [`verify`] recomputes the chains.
 //! - [`writer`]: the batched, never-dropping writer of `audit_actions`, with
 //!   its [`spool`] and [`sessions`] tracking.
 //! - [`summaries`]: rebuilding and checking the daily rollups.
 //! - [`seed`]: synthetic rows for benchmarks.
 
 pub mod admin_actions;
-pub mod chain;
+pub mod checkpoints;
 pub mod migrate;
 pub mod pool;
 pub mod retention;
+mod row;
 pub mod schema;
 pub mod seed;
 pub mod sessions;
@@ -27,6 +28,10 @@ pub mod spool;
 pub mod summaries;
 pub mod verify;
 pub mod writer;
+
+/// The former name of [`checkpoints`], still used by `nox-api`; to go once
+/// its users say `checkpoints`.
+pub use checkpoints as chain;
 
 pub use migrate::{MigrateError, Migration, MigrationState, MigrationStatus, Migrator};
 pub use pool::{PoolOptions, build_pool};

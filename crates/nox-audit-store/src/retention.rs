@@ -8,7 +8,7 @@ use time::Date;
 use time::macros::format_description;
 use tokio_postgres::Client;
 
-use crate::chain::{self, CheckpointError, Checkpointer};
+use crate::checkpoints::{self, CheckpointError, Checkpointer};
 
 /// What a retention run dropped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +54,7 @@ pub async fn drop_months_before(
     checkpointer: &Checkpointer,
 ) -> Result<Dropped, RetentionError> {
     let tx = client.transaction().await?;
-    chain::lock_head(&tx, ACTIONS_CHAIN).await?;
+    checkpoints::lock_head(&tx, ACTIONS_CHAIN).await?;
     let partitions: Vec<String> = tx
         .query(
             "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
@@ -96,7 +96,7 @@ pub async fn drop_months_before(
         if let Some(kept) = kept.filter(|kept| *kept < boundary) {
             return Err(RetentionError::Interleaved { boundary, kept });
         }
-        let row_hash = chain::hash32(
+        let row_hash = checkpoints::hash32(
             tx.query_one(
                 "SELECT row_hash FROM audit_actions WHERE seq = $1",
                 &[&boundary],

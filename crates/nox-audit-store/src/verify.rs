@@ -6,16 +6,16 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::IpAddr;
 
 use ed25519_dalek::VerifyingKey;
 use futures_util::TryStreamExt;
 use nox_audit_model::chain::{ACTIONS_CHAIN, ADMIN_CHAIN, AdminRow, Canonical, GENESIS};
-use nox_audit_model::{ACTION_COLUMNS, ActionRecord};
 use serde_json::Value;
 use tokio_postgres::{Client, IsolationLevel, Row, Transaction};
 
-use crate::chain::{CHAINS, Checkpoint, hash32};
+use crate::checkpoints::{CHAINS, Checkpoint, hash32};
+pub use crate::row::action_from_row;
+use crate::row::record_columns;
 
 /// What to check besides the database's own content.
 #[derive(Debug, Default)]
@@ -170,12 +170,7 @@ pub async fn verify(
 /// them.
 fn table_of(chain: &'static str) -> (&'static str, String, fn(&Row, i64) -> Canonical) {
     if chain == ACTIONS_CHAIN {
-        let columns = ACTION_COLUMNS
-            .iter()
-            .map(|c| format!("\"{c}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
-        ("audit_actions", columns, action_canonical)
+        ("audit_actions", record_columns(), action_canonical)
     } else {
         debug_assert_eq!(chain, ADMIN_CHAIN);
         (
@@ -272,7 +267,7 @@ async fn verify_chain(
             Problem::Truncated { chain_end: last },
         ));
     }
-    let (head_seq, head_hash) = crate::chain::head(tx, chain).await?;
+    let (head_seq, head_hash) = crate::checkpoints::head(tx, chain).await?;
     if from_seq.is_none() && (head_seq != last || (last > 0 && head_hash != prev)) {
         return Err(broken(chain, last, Problem::HeadMismatch { head_seq }));
     }
@@ -289,47 +284,6 @@ const FIRST: usize = 2;
 
 fn action_canonical(row: &Row, seq: i64) -> Canonical {
     action_from_row(row, FIRST).canonical(seq)
-}
-
-/// An `audit_actions` row read back (columns in `ACTION_COLUMNS` order from
-/// `first`).
-pub fn action_from_row(row: &Row, first: usize) -> ActionRecord {
-    let at = |i: usize| first + i;
-    ActionRecord {
-        id: row.get(at(0)),
-        timestamp: row.get(at(1)),
-        request_id: row.get(at(2)),
-        session_id: row.get(at(3)),
-        user_id: row.get(at(4)),
-        endpoint: row.get(at(5)),
-        route: row.get(at(6)),
-        http_method: row.get(at(7)),
-        action_type: row.get(at(8)),
-        action_category: row.get(at(9)),
-        client_ip: row.get::<_, Option<IpAddr>>(at(10)),
-        user_agent: row.get(at(11)),
-        request_size: row.get(at(12)),
-        response_size: row.get(at(13)),
-        status_code: row.get(at(14)),
-        success: row.get(at(15)),
-        response_time_ms: row.get(at(16)),
-        cpu_time_ms: row.get(at(17)),
-        memory_peak_mb: row.get(at(18)),
-        file_path: row.get(at(19)),
-        file_size_bytes: row.get(at(20)),
-        files_affected: row.get(at(21)),
-        command_type: row.get(at(22)),
-        command_text: row.get(at(23)),
-        exit_code: row.get(at(24)),
-        stdout_size: row.get(at(25)),
-        stderr_size: row.get(at(26)),
-        quota_violation: row.get(at(27)),
-        quota_consumed: row.get(at(28)),
-        quota_remaining: row.get(at(29)),
-        metadata: row.get(at(30)),
-        error_details: row.get(at(31)),
-        session_token_hash: None,
-    }
 }
 
 fn admin_canonical(row: &Row, seq: i64) -> Canonical {

@@ -62,7 +62,7 @@ impl PathQuery {
             details.file_path = Some(raw.to_owned());
             details.files_affected = Some(0);
             if !utf8 {
-                mark_sanitized(&mut details.metadata, "file_path");
+                mark_sanitized(details.metadata_mut(), "file_path");
             }
         });
         if !utf8 {

@@ -1,7 +1,7 @@
 //! The HTTP handlers, one module per group of endpoints, and [`routes`],
 //! which registers them all. The audit read endpoints (`/admin/audit/*`)
-//! live in [`crate::admin_audit`], [`crate::audit_logs`] and
-//! [`crate::export`].
+//! are `nox-audit-web`'s ([`crate::admin_audit`] gives them Nox's access
+//! rules and state).
 
 use actix_web::web;
 
@@ -24,5 +24,5 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .configure(files::routes)
         .configure(run::routes)
         .configure(quotas::routes)
-        .configure(crate::admin_audit::routes);
+        .configure(nox_audit_web::services);
 }

@@ -110,7 +110,7 @@ pub async fn run_command(
         details.command_text = Some(body.command.clone());
         if let Some(stdin) = &body.stdin {
             // What was fed, never its content.
-            details.metadata.insert(
+            details.metadata_mut().insert(
                 "stdin".into(),
                 serde_json::json!({
                     "bytes": stdin.len(),
@@ -247,7 +247,7 @@ fn record_outcome(request: &HttpRequest, outcome: &RunOutcome) {
         details.memory_peak_mb = Some(outcome.memory_peak_kb as f64 / 1024.0);
         if let Some(limit) = &outcome.limit_hit {
             details
-                .metadata
+                .metadata_mut()
                 .insert("limit_hit".into(), limit.clone().into());
         }
     });

@@ -1,5 +1,5 @@
-//! The hash chains in the database: appending under the chain head's lock,
-//! and signed checkpoints (the encoding itself lives in
+//! The hash chains in the database: their heads (appending under the head's
+//! lock) and signed checkpoints (the encoding itself lives in
 //! `nox_audit_model::chain`, so a verifier needs no database code).
 
 use std::fs::OpenOptions;

@@ -1,0 +1,268 @@
+//! The read endpoints: status, checkpoints, statistics, per-user activity,
+//! daily rollups, admin actions, the audit metrics and the rows themselves.
+//! (The handlers carry no doc comments: utoipa would put them in the
+//! OpenAPI document, whose text embedders keep stable.)
+
+use std::collections::HashMap;
+
+use actix_web::{HttpRequest, HttpResponse, get, web};
+use nox_audit_query::{ActivityQuery, LogsQuery, checkpoint_limit};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::authorize::{Access, Authenticated};
+use crate::error::{ErrorBody, WebError};
+use crate::{AuditApi, timestamp_json};
+
+#[utoipa::path(responses((status = 200, description = "The audit pipeline's state"), (status = 403, body = ErrorBody)), security(("bearer" = [])), tag = "admin-audit")]
+#[get("/admin/audit/status")]
+pub async fn status(
+    _: Authenticated,
+    request: HttpRequest,
+    api: web::Data<AuditApi>,
+) -> actix_web::Result<HttpResponse> {
+    api.authorize.authorize(&request, Access::Read)?;
+    let sink = api.sink.status();
+    let chains = match api.pool.get().await {
+        Ok(client) => nox_audit_query::chain_state(&client).await.ok(),
+        Err(_) => None,
+    };
+    let connected = chains.is_some();
+    let chains = chains.unwrap_or_default();
+    let healthy = connected && !sink.is_down() && sink.database_up() && sink.rejected_files() == 0;
+    Ok(HttpResponse::Ok().json(json!({
+        "audit_system": if healthy { "active" } else { "degraded" },
+        "version": api.version,
+        "mode": api.mode.as_str(),
+        "database_status": if connected { "connected" } else { "disconnected" },
+        "queue_depth": api.sink.queue_depth(),
+        "spool_rows": sink.spool_rows(),
+        "spool_files": sink.spool_files(),
+        // Rows the database refused for their content: written in minimal
+        // form, or kept in audit-spool/rejected/ when even that failed.
+        "rows_reduced": sink.rows_reduced(),
+        "rejected_rows": sink.rejected_rows(),
+        "rejected_files": sink.rejected_files(),
+        "rows_written": sink.rows_written(),
+        "last_write_at": timestamp_json(sink.last_write_at()),
+        "last_error": sink.last_error(),
+        "chains": chains.heads,
+        "last_checkpoint_at": timestamp_json(chains.last_checkpoint_at),
+    })))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct CheckpointsQuery {
+    /// Newest first; 1 to 1000, default 100.
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+}
+
+#[utoipa::path(params(CheckpointsQuery), responses((status = 200, description = "The checkpoint signing key and the newest checkpoints"), (status = 403, body = ErrorBody)), security(("bearer" = [])), tag = "admin-audit")]
+#[get("/admin/audit/checkpoints")]
+pub async fn checkpoints(
+    _: Authenticated,
+    request: HttpRequest,
+    api: web::Data<AuditApi>,
+    query: web::Query<CheckpointsQuery>,
+) -> actix_web::Result<HttpResponse> {
+    api.authorize.authorize(&request, Access::Read)?;
+    let limit = checkpoint_limit(query.limit).map_err(WebError::from)?;
+    let client = api.pool.get().await.map_err(WebError::from)?;
+    // Serialised as stored: hex for the binary fields, RFC 3339 UTC times.
+    let checkpoints = nox_audit_query::checkpoints(&client, limit)
+        .await
+        .map_err(WebError::from)?;
+    Ok(HttpResponse::Ok().json(json!({
+        "public_key": api.checkpointer.public_key_hex(),
+        "checkpoints": checkpoints,
+    })))
+}
+
+#[utoipa::path(responses((status = 200, description = "Today's totals (UTC day)"), (status = 403, body = ErrorBody)), security(("bearer" = [])), tag = "admin-audit")]
+#[get("/admin/stats")]
+pub async fn stats(
+    _: Authenticated,
+    request: HttpRequest,
+    api: web::Data<AuditApi>,
+) -> actix_web::Result<HttpResponse> {
+    api.authorize.authorize(&request, Access::Read)?;
+    let client = api.pool.get().await.map_err(WebError::from)?;
+    let today = nox_audit_query::today(&client)
+        .await
+        .map_err(WebError::from)?;
+    Ok(HttpResponse::Ok().json(to_json(&today)?))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct UsersQuery {
+    /// Days back from now, 1 to 365 (default 7).
+    #[param(minimum = 1, maximum = 365)]
+    pub days: Option<i64>,
+    /// Users with fewer actions are left out (default 1).
+    #[param(minimum = 0)]
+    pub min_actions: Option<i64>,
+}
+
+#[utoipa::path(params(UsersQuery), responses((status = 200, description = "Activity per user, one query"), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)), security(("bearer" = [])), tag = "admin-audit")]
+#[get("/admin/audit/users")]
+pub async fn users(
+    _: Authenticated,
+    request: HttpRequest,
+    api: web::Data<AuditApi>,
+    query: web::Query<UsersQuery>,
+) -> actix_web::Result<HttpResponse> {
+    api.authorize.authorize(&request, Access::Read)?;
+    let query = ActivityQuery::new(query.days, query.min_actions).map_err(WebError::from)?;
+    let client = api.pool.get().await.map_err(WebError::from)?;
+    let users = nox_audit_query::user_activity(&client, &query, api.user_names.as_ref())
+        .await
+        .map_err(WebError::from)?;
+    Ok(HttpResponse::Ok().json(json!({ "users": to_json(&users)? })))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct SummariesQuery {
+    /// Days back from today, 1 to 365 (default 30).
+    #[param(minimum = 1, maximum = 365)]
+    pub days: Option<i64>,
+    pub user_id: Option<Uuid>,
+}
+
+#[utoipa::path(params(SummariesQuery), responses((status = 200, description = "Daily rollups, newest date first"), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)), security(("bearer" = [])), tag = "admin-audit")]
+#[get("/admin/audit/daily-summaries")]
+pub async fn daily_summaries(
+    _: Authenticated,
+    request: HttpRequest,
+    api: web::Data<AuditApi>,
+    query: web::Query<SummariesQuery>,
+) -> actix_web::Result<HttpResponse> {
+    api.authorize.authorize(&request, Access::Read)?;
+    let query =
+        nox_audit_query::SummariesQuery::new(query.days, query.user_id).map_err(WebError::from)?;
+    let client = api.pool.get().await.map_err(WebError::from)?;
+    let summaries = nox_audit_query::daily_summaries(&client, &query)
+        .await
+        .map_err(WebError::from)?;
+    Ok(HttpResponse::Ok().json(json!({ "summaries": to_json(&summaries)? })))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct AdminActionsQuery {
+    /// Days back from now, 1 to 365 (default 30).
+    #[param(minimum = 1, maximum = 365)]
+    pub days: Option<i64>,
+    pub admin_user_id: Option<Uuid>,
+    pub target_user_id: Option<Uuid>,
+    pub admin_action_type: Option<String>,
+}
+
+#[utoipa::path(params(AdminActionsQuery), responses((status = 200, description = "Admin actions, newest first"), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)), security(("bearer" = [])), tag = "admin-audit")]
+#[get("/admin/audit/admin-actions")]
+pub async fn admin_actions(
+    _: Authenticated,
+    request: HttpRequest,
+    api: web::Data<AuditApi>,
+    query: web::Query<AdminActionsQuery>,
+) -> actix_web::Result<HttpResponse> {
+    api.authorize.authorize(&request, Access::Read)?;
+    let query = query.into_inner();
+    let query = nox_audit_query::AdminActionsQuery::new(
+        query.days,
+        query.admin_user_id,
+        query.target_user_id,
+        query.admin_action_type,
+    )
+    .map_err(WebError::from)?;
+    let client = api.pool.get().await.map_err(WebError::from)?;
+    let actions = nox_audit_query::admin_actions(&client, &query)
+        .await
+        .map_err(WebError::from)?;
+    Ok(HttpResponse::Ok().json(json!({ "admin_actions": to_json(&actions)? })))
+}
+
+#[utoipa::path(responses((status = 200, description = "The audit metrics (nox_audit_*) in Prometheus text", content_type = "text/plain"), (status = 403, body = ErrorBody), (status = 404, description = "This process exports no metrics")), security(("bearer" = [])), tag = "admin-audit")]
+#[get("/admin/audit/metrics")]
+pub async fn audit_metrics(
+    _: Authenticated,
+    request: HttpRequest,
+    api: web::Data<AuditApi>,
+) -> actix_web::Result<HttpResponse> {
+    api.authorize.authorize(&request, Access::Read)?;
+    let Some(handle) = &api.metrics else {
+        return Err(WebError::NotFound("metrics are not exported by this process".into()).into());
+    };
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(audit_families(&handle.render())))
+}
+
+/// The `nox_audit_*` families of a Prometheus text exposition.
+fn audit_families(text: &str) -> String {
+    text.lines()
+        .filter(|line| {
+            let name = line
+                .strip_prefix("# HELP ")
+                .or_else(|| line.strip_prefix("# TYPE "))
+                .unwrap_or(line);
+            name.starts_with("nox_audit_")
+        })
+        .map(|line| format!("{line}\n"))
+        .collect()
+}
+
+#[utoipa::path(
+    params(
+        ("user_id" = Option<Uuid>, Query), ("session_id" = Option<Uuid>, Query), ("request_id" = Option<Uuid>, Query),
+        ("action_type" = Option<String>, Query), ("action_category" = Option<String>, Query),
+        ("endpoint" = Option<String>, Query, description = "Case-insensitive substring"),
+        ("status_code" = Option<i16>, Query, minimum = 100, maximum = 599), ("success" = Option<bool>, Query), ("quota_violation" = Option<bool>, Query),
+        ("client_ip" = Option<String>, Query, description = "An address or a CIDR"),
+        ("start_date" = Option<String>, Query, description = "RFC 3339 or YYYY-MM-DD, inclusive"),
+        ("end_date" = Option<String>, Query, description = "RFC 3339 or YYYY-MM-DD (the whole day), inclusive"),
+        ("search" = Option<String>, Query, description = "Substring of error_details, command_text, file_path or metadata"),
+        ("page_size" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "1 to 1000, default 50"),
+        ("page" = Option<u32>, Query, minimum = 1, description = "Offset paging, for compatibility: 1 to 4294967295"),
+        ("cursor" = Option<String>, Query, description = "Keyset paging: a previous next_cursor"),
+        ("include_total" = Option<bool>, Query),
+    ),
+    responses((status = 200, description = "Audit rows, newest first"), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])),
+    tag = "admin-audit"
+)]
+#[get("/admin/audit/logs")]
+pub async fn logs(
+    _: Authenticated,
+    request: HttpRequest,
+    api: web::Data<AuditApi>,
+    query: web::Query<HashMap<String, String>>,
+) -> actix_web::Result<HttpResponse> {
+    api.authorize.authorize(&request, Access::Read)?;
+    let query = LogsQuery::parse(&query).map_err(WebError::from)?;
+    let client = api.pool.get().await.map_err(WebError::from)?;
+    let page = nox_audit_query::logs(&client, query, api.user_names.as_ref())
+        .await
+        .map_err(WebError::from)?;
+    Ok(HttpResponse::Ok().json(to_json(&page)?))
+}
+
+/// Through `serde_json::Value`, whose maps are sorted: the key order the
+/// API has always written.
+fn to_json(value: &impl serde::Serialize) -> Result<Value, WebError> {
+    serde_json::to_value(value)
+        .map_err(|_| WebError::Internal("a response could not be serialised"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_audit_families_are_kept() {
+        let text = "# HELP nox_http_requests_total x\n# TYPE nox_http_requests_total counter\nnox_http_requests_total 3\n\
+                    # HELP nox_audit_rows_total y\n# TYPE nox_audit_rows_total counter\nnox_audit_rows_total{a=\"b\"} 5\n";
+        assert_eq!(
+            super::audit_families(text),
+            "# HELP nox_audit_rows_total y\n# TYPE nox_audit_rows_total counter\nnox_audit_rows_total{a=\"b\"} 5\n"
+        );
+    }
+}

@@ -1,0 +1,173 @@
+//! The admin audit endpoints of the Nox audit trail, for any actix-web
+//! service that writes the trail with `nox-audit-store`: pipeline status,
+//! checkpoints, today's statistics, activity per user, daily rollups, admin
+//! actions, the audit metrics, the rows (`/admin/audit/logs`, filtered and
+//! keyset-paged) and their streamed export. The queries are
+//! `nox-audit-query`'s.
+//!
+//! The embedder builds one [`AuditApi`] (a pool, the writer's sink, the
+//! checkpoint signer and an [`Authorize`] hook), adds it as app data and
+//! registers [`services`]. Every endpoint asks the hook first; errors are
+//! JSON `{"detail","code"}` ([`ErrorBody`]). The handlers ([`handlers`],
+//! [`export`]) carry their `#[utoipa::path]` annotations: list them in the
+//! embedder's `OpenApi` (`paths(nox_audit_web::handlers::logs, …)`).
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use actix_web::{App, HttpRequest, HttpServer, web};
+//! use nox_audit_store::AuditSink;
+//! use nox_audit_store::chain::Checkpointer;
+//! use nox_audit_web::{Access, AuditApi, Reader};
+//!
+//! async fn serve(pool: deadpool_postgres::Pool, sink: AuditSink, signer: Arc<Checkpointer>) -> std::io::Result<()> {
+//!     // Only requests from the admin network may read; nobody may export.
+//!     let hook = |request: &HttpRequest, access: Access| {
+//!         let internal = request.peer_addr().is_some_and(|peer| peer.ip().is_loopback());
+//!         match (internal, access) {
+//!             (true, Access::Read) => Ok(Reader::default()),
+//!             _ => Err(actix_web::error::ErrorForbidden("not here")),
+//!         }
+//!     };
+//!     let api = web::Data::new(AuditApi::new(pool, sink, signer, hook).version("1.2.3"));
+//!     HttpServer::new(move || App::new().app_data(api.clone()).configure(nox_audit_web::services))
+//!         .bind(("127.0.0.1", 8080))?
+//!         .run()
+//!         .await
+//! }
+//! ```
+
+mod authorize;
+mod error;
+pub mod export;
+pub mod handlers;
+
+use std::sync::Arc;
+
+use actix_web::web;
+use deadpool_postgres::Pool;
+use metrics_exporter_prometheus::PrometheusHandle;
+use nox_audit_model::{Clock, SystemClock};
+use nox_audit_query::UserNames;
+use nox_audit_store::chain::Checkpointer;
+use nox_audit_store::{AuditMode, AuditSink};
+use tokio::sync::Semaphore;
+
+pub use authorize::{Access, Authorize, Reader};
+pub use error::{ErrorBody, WebError};
+
+/// Everything the endpoints use, shared by every worker (add it as
+/// `web::Data<AuditApi>`).
+pub struct AuditApi {
+    pool: Pool,
+    authorize: Box<dyn Authorize>,
+    sink: AuditSink,
+    checkpointer: Arc<Checkpointer>,
+    mode: AuditMode,
+    version: &'static str,
+    metrics: Option<PrometheusHandle>,
+    clock: Arc<dyn Clock>,
+    exports: Arc<Semaphore>,
+    work_runtime: Option<tokio::runtime::Handle>,
+    user_names: Option<UserNames>,
+}
+
+impl std::fmt::Debug for AuditApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditApi")
+            .field("mode", &self.mode)
+            .field("version", &self.version)
+            .field("user_names", &self.user_names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditApi {
+    /// Defaults: durable mode, this crate's version, no metrics, the system
+    /// clock, two exports at once on the worker's runtime, no user names.
+    pub fn new(
+        pool: Pool,
+        sink: AuditSink,
+        checkpointer: Arc<Checkpointer>,
+        authorize: impl Authorize,
+    ) -> AuditApi {
+        AuditApi {
+            pool,
+            authorize: Box::new(authorize),
+            sink,
+            checkpointer,
+            mode: AuditMode::Durable,
+            version: env!("CARGO_PKG_VERSION"),
+            metrics: None,
+            clock: Arc::new(SystemClock),
+            exports: Arc::new(Semaphore::new(2)),
+            work_runtime: None,
+            user_names: None,
+        }
+    }
+
+    /// The writer's mode, shown by the status endpoint.
+    pub fn mode(mut self, mode: AuditMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// The service's version, shown by the status endpoint.
+    pub fn version(mut self, version: &'static str) -> Self {
+        self.version = version;
+        self
+    }
+
+    /// The Prometheus recorder's handle; without one the metrics endpoint
+    /// answers 404.
+    pub fn metrics(mut self, handle: Option<PrometheusHandle>) -> Self {
+        self.metrics = handle;
+        self
+    }
+
+    /// Names export files after this clock's time.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Exports running at once (each holds a connection); more get 503.
+    pub fn exports(mut self, permits: Arc<Semaphore>) -> Self {
+        self.exports = permits;
+        self
+    }
+
+    /// Where exports run, off the HTTP workers.
+    pub fn work_runtime(mut self, runtime: tokio::runtime::Handle) -> Self {
+        self.work_runtime = Some(runtime);
+        self
+    }
+
+    /// The embedder's user table, for names beside user ids.
+    pub fn user_names(mut self, users: UserNames) -> Self {
+        self.user_names = Some(users);
+        self
+    }
+}
+
+/// Registers every endpoint, at its absolute path (`/admin/audit/*` and
+/// `/admin/stats`). The app must hold a `web::Data<AuditApi>`.
+pub fn services(config: &mut web::ServiceConfig) {
+    use handlers::*;
+    config
+        .service(logs)
+        .service(export::export)
+        .service(status)
+        .service(checkpoints)
+        .service(stats)
+        .service(users)
+        .service(daily_summaries)
+        .service(admin_actions)
+        .service(audit_metrics);
+}
+
+/// A timestamp as the API writes it: RFC 3339 (null when absent).
+fn timestamp_json(at: Option<time::OffsetDateTime>) -> serde_json::Value {
+    at.map_or(serde_json::Value::Null, |t| {
+        serde_json::Value::String(nox_audit_export::rfc3339(t))
+    })
+}
