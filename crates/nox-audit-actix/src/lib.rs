@@ -9,7 +9,7 @@
 //! request (plus what handlers [`charge_cpu`] for work on other threads), sizes, status, matched route and its classification by a
 //! [`nox_audit_model::Taxonomy`].
 //!
-//! See `examples/embed.rs` for a two-route service with its own taxonomy.
+//! `nox-audit-web`'s `examples/shop.rs` is a whole service built on it.
 
 mod client_ip;
 mod cpu;

@@ -68,6 +68,15 @@ impl Canonical {
         encoding
     }
 
+    /// Marks a column added after encoding v1 (present only when not NULL):
+    /// `2`, then its name as text without a presence byte.
+    pub(crate) fn added_column(&mut self, name: &str) -> &mut Self {
+        self.0.push(2);
+        self.0.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        self.0.extend_from_slice(name.as_bytes());
+        self
+    }
+
     pub(crate) fn null(&mut self) -> &mut Self {
         self.0.push(0);
         self
@@ -386,7 +395,7 @@ mod tests {
         assert_eq!(full.canonical(1).bytes().len(), 477);
     }
 
-    /// Spool files hold records as this {"id":"01930000-0000-7000-8000-000000000001","timestamp":"2026-11-27T01:02:03.456789Z","request_id":"00000000-0000-0000-0000-000000000002","session_id":"00000000-0000-0000-0000-000000000003","user_id":"00000000-0000-0000-0000-000000000004","endpoint":"/run","route":"/run","http_method":"POST","action_type":"code_exec","action_category":"execution","client_ip":"2001:db8::7","user_agent":"curl/8.5 é","request_size":1234,"response_size":-5,"status_code":429,"success":false,"response_time_ms":12.345,"cpu_time_ms":0.5,"memory_peak_mb":-1.25,"file_path":"a/b.txt","file_size_bytes":1099511627776,"files_affected":-3,"command_type":"bash","command_text":"echo hi","exit_code":-2147483648,"stdout_size":9223372036854775807,"stderr_size":0,"quota_violation":true,"quota_consumed":{"quota_type":"hour","requests_hour":1},"quota_remaining":{"requests_hour":0},"metadata":{"a":{"b":false,"y":"\u0000"},"z":[1.5,null]},"error_details":"quota exceeded","session_token_hash":"0123456789abcdef"} (written by the code of the
+    /// Spool files hold records in this JSON (written by the code of the
     /// golden vectors above): files spooled before an upgrade must still
     /// read back the same.
     #[test]

@@ -51,10 +51,16 @@ macro_rules! derive_action_record {
             }
 
             /// The canonical encoding of this row at `seq` in the actions
-            /// chain: every column but the chain's own, in table order.
+            /// chain: every column but the chain's own, in table order
+            /// (columns added after v1 only when not NULL).
             pub fn canonical(&self, seq: i64) -> Canonical {
                 let mut canonical = Canonical::row(ACTIONS_CHAIN, seq);
-                $( self.$name.encode(&mut canonical); )*
+                let mut index = 0;
+                $(
+                    self.$name.encode_column(index, stringify!($name), &mut canonical);
+                    index += 1;
+                )*
+                debug_assert_eq!(index, ACTION_COLUMNS.len());
                 canonical
             }
 

@@ -33,7 +33,9 @@ use crate::chain::Canonical;
 ///   ([`ActionRecord::make_storable`](crate::ActionRecord::make_storable)).
 ///
 /// The order is the table's, the chain encoding's and the spool's: new
-/// columns go at the end.
+/// columns go at the end, and must be nullable (`Option<_>`): the chain
+/// encodes the [`V1_COLUMNS`] first columns always and a later one only when
+/// it is not NULL, so rows written before it existed still verify.
 #[macro_export]
 macro_rules! action_columns {
     ($derive:ident) => {
@@ -75,6 +77,11 @@ macro_rules! action_columns {
     };
 }
 
+/// How many columns encoding v1 had: each is encoded, NULL or not. A column
+/// declared after them is encoded only when not NULL, named
+/// ([`Canonical::added_column`]).
+pub const V1_COLUMNS: usize = 32;
+
 /// One column as declared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Column {
@@ -92,6 +99,23 @@ pub trait ColumnValue {
     /// Appends the value's canonical encoding (presence byte included).
     fn encode(&self, canonical: &mut Canonical);
 
+    /// NULL in the database.
+    fn is_null(&self) -> bool {
+        false
+    }
+
+    /// Appends column number `index` (from 0) of the declaration: a v1
+    /// column as [`ColumnValue::encode`]; a later one only when not NULL,
+    /// after its name.
+    fn encode_column(&self, index: usize, name: &str, canonical: &mut Canonical) {
+        if index < V1_COLUMNS {
+            self.encode(canonical);
+        } else if !self.is_null() {
+            canonical.added_column(name);
+            self.encode(canonical);
+        }
+    }
+
     /// The value of a fact not known yet.
     fn empty() -> Self;
 }
@@ -106,6 +130,10 @@ impl<T: ColumnValue> ColumnValue for Option<T> {
             }
             Some(value) => value.encode(canonical),
         }
+    }
+
+    fn is_null(&self) -> bool {
+        self.is_none()
     }
 
     fn empty() -> Self {
@@ -143,3 +171,53 @@ column_value!(i16, |v, c| c.int(Some(i64::from(*v))), 0);
 column_value!(f64, |v, c| c.float(Some(*v)), 0.0);
 column_value!(bool, |v, c| c.bool(Some(*v)), false);
 column_value!(Value, |v, c| c.json(Some(v)), Value::Null);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::ACTIONS_CHAIN;
+    use crate::record::ACTION_COLUMN_DEFS;
+
+    fn encoded(add: impl FnOnce(&mut Canonical)) -> Vec<u8> {
+        let mut canonical = Canonical::row(ACTIONS_CHAIN, 1);
+        let start = canonical.bytes().len();
+        add(&mut canonical);
+        canonical.bytes()[start..].to_vec()
+    }
+
+    /// Old rows must keep verifying after a column is added: a NULL in an
+    /// added column adds nothing, while a v1 column's NULL is its byte `0`.
+    #[test]
+    fn an_added_column_is_encoded_only_when_not_null() {
+        let none: Option<i64> = None;
+        assert_eq!(encoded(|c| none.encode_column(3, "x", c)), [0]);
+        assert!(encoded(|c| none.encode_column(V1_COLUMNS, "x", c)).is_empty());
+        assert_eq!(
+            encoded(|c| Some(7_i64).encode_column(V1_COLUMNS, "ab", c)),
+            [&[2, 0, 0, 0, 2, b'a', b'b', 1][..], &7_i64.to_be_bytes()].concat()
+        );
+    }
+
+    /// Two added columns, one NULL, cannot pass for the other: each value
+    /// carries its column's name.
+    #[test]
+    fn added_columns_are_told_apart_by_name() {
+        let first = encoded(|c| {
+            Some(1_i64).encode_column(V1_COLUMNS, "a", c);
+            None::<i64>.encode_column(V1_COLUMNS + 1, "b", c);
+        });
+        let second = encoded(|c| {
+            None::<i64>.encode_column(V1_COLUMNS, "a", c);
+            Some(1_i64).encode_column(V1_COLUMNS + 1, "b", c);
+        });
+        assert_ne!(first, second);
+    }
+
+    #[test]
+    fn columns_after_v1_are_nullable() {
+        assert!(ACTION_COLUMN_DEFS.len() >= V1_COLUMNS);
+        for column in &ACTION_COLUMN_DEFS[V1_COLUMNS..] {
+            assert!(column.nullable, "{} must be Option<_>", column.name);
+        }
+    }
+}

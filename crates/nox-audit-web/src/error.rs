@@ -44,6 +44,13 @@ impl ErrorBody {
 pub enum WebError {
     #[error(transparent)]
     Query(#[from] QueryError),
+    /// 401, for an [`Authorize`](crate::Authorize) hook: who is asking is
+    /// not known.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 403, for an [`Authorize`](crate::Authorize) hook: the caller may not.
+    #[error("{0}")]
+    Forbidden(String),
     /// 404.
     #[error("{0}")]
     NotFound(String),
@@ -80,6 +87,8 @@ impl WebError {
                 ErrorKind::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
                 ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             },
+            WebError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            WebError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             WebError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             WebError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
             WebError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -134,5 +143,14 @@ mod tests {
         assert_eq!(busy.status_code(), 503);
         assert_eq!(busy.kind().1, "service_unavailable");
         assert_eq!(WebError::Internal("x").detail(), "internal server error");
+        let refused = WebError::Forbidden("not you".into());
+        assert_eq!(
+            (refused.status_code(), refused.detail()),
+            (StatusCode::FORBIDDEN, "not you".into())
+        );
+        assert_eq!(
+            WebError::Unauthorized("who?".into()).kind(),
+            (StatusCode::UNAUTHORIZED, "unauthorized")
+        );
     }
 }

@@ -25,7 +25,7 @@
 //!         let internal = request.peer_addr().is_some_and(|peer| peer.ip().is_loopback());
 //!         match (internal, access) {
 //!             (true, Access::Read) => Ok(Reader::default()),
-//!             _ => Err(actix_web::error::ErrorForbidden("not here")),
+//!             _ => Err(nox_audit_web::WebError::Forbidden("not from here".into()).into()),
 //!         }
 //!     };
 //!     let api = web::Data::new(AuditApi::new(pool, sink, signer, hook).version("1.2.3"));
