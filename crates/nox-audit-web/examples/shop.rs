@@ -107,6 +107,7 @@ impl Authorize for Auditors {
 
 /// The running pieces: the writer (shut it down last), the middleware and
 /// the audit endpoints' state.
+#[derive(Debug)]
 pub struct Shop {
     pub writer: AuditWriter,
     pub audit: Audit,
