@@ -210,14 +210,7 @@ pub fn json_error(
     detail: impl Into<String>,
     code: &'static str,
 ) -> HttpResponse {
-    HttpResponse::build(status).json(ErrorBody {
-        detail: detail.into(),
-        code,
-        retry_after: None,
-        quota_type: None,
-        current_usage: None,
-        limit: None,
-    })
+    HttpResponse::build(status).json(ErrorBody::new(detail, code))
 }
 
 /// The code used for a status when nothing more specific is known.

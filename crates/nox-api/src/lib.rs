@@ -36,10 +36,3 @@ pub use state::AppState;
 
 /// The version reported by `/health` and the OpenAPI document.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// A timestamp as the API writes it: RFC 3339 (null when absent).
-pub(crate) fn timestamp_json(at: impl Into<Option<time::OffsetDateTime>>) -> serde_json::Value {
-    at.into().map_or(serde_json::Value::Null, |t| {
-        serde_json::Value::String(nox_audit_export::rfc3339(t))
-    })
-}

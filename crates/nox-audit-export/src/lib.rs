@@ -114,6 +114,13 @@ pub fn rfc3339(at: OffsetDateTime) -> String {
         .unwrap_or_else(|_| at.to_string())
 }
 
+/// A timestamp as a JSON value: [`rfc3339`] text, or null when absent.
+pub fn rfc3339_json(at: impl Into<Option<OffsetDateTime>>) -> serde_json::Value {
+    at.into().map_or(serde_json::Value::Null, |t| {
+        serde_json::Value::String(rfc3339(t))
+    })
+}
+
 /// RFC 4180 CSV (CRLF line ends, quotes only where needed).
 fn csv_writer() -> csv::Writer<Vec<u8>> {
     csv::WriterBuilder::new()

@@ -11,9 +11,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use crate::AuditApi;
 use crate::authorize::{Access, Authenticated};
 use crate::error::{ErrorBody, WebError};
-use crate::{AuditApi, timestamp_json};
 
 #[utoipa::path(responses((status = 200, description = "The audit pipeline's state"), (status = 403, body = ErrorBody)), security(("bearer" = [])), tag = "admin-audit")]
 #[get("/admin/audit/status")]
@@ -45,10 +45,10 @@ pub async fn status(
         "rejected_rows": sink.rejected_rows(),
         "rejected_files": sink.rejected_files(),
         "rows_written": sink.rows_written(),
-        "last_write_at": timestamp_json(sink.last_write_at()),
+        "last_write_at": nox_audit_export::rfc3339_json(sink.last_write_at()),
         "last_error": sink.last_error(),
         "chains": chains.heads,
-        "last_checkpoint_at": timestamp_json(chains.last_checkpoint_at),
+        "last_checkpoint_at": nox_audit_export::rfc3339_json(chains.last_checkpoint_at),
     })))
 }
 

@@ -164,10 +164,3 @@ pub fn services(config: &mut web::ServiceConfig) {
         .service(admin_actions)
         .service(audit_metrics);
 }
-
-/// A timestamp as the API writes it: RFC 3339 (null when absent).
-fn timestamp_json(at: Option<time::OffsetDateTime>) -> serde_json::Value {
-    at.map_or(serde_json::Value::Null, |t| {
-        serde_json::Value::String(nox_audit_export::rfc3339(t))
-    })
-}

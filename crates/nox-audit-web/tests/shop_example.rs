@@ -14,6 +14,13 @@ use serde_json::Value;
 
 const TOKEN: &str = "shop-auditor-token";
 
+/// An audit endpoint's JSON, read with the auditor's token.
+async fn read(http: &reqwest::Client, url: &str) -> Value {
+    let response = http.get(url).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(response.status(), 200, "{url}");
+    response.json().await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shop_audits_its_requests_and_serves_them_back() {
     let db = TestDb::empty().await;
@@ -73,30 +80,18 @@ async fn the_shop_audits_its_requests_and_serves_them_back() {
         .unwrap();
     assert_eq!(wrong.status(), 401);
 
-    let page: Value = http
-        .get(format!("{base}/admin/audit/logs?action_type=order_create"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page = read(
+        &http,
+        &format!("{base}/admin/audit/logs?action_type=order_create"),
+    )
+    .await;
     let rows = page["logs"].as_array().expect("logs");
     assert_eq!(rows.len(), 1, "{page}");
     assert_eq!(rows[0]["user_id"], customer);
     assert_eq!(rows[0]["action_category"], "filesystem");
     assert_eq!(rows[0]["metadata"]["order_id"], order["order_id"]);
 
-    let all: Value = http
-        .get(format!("{base}/admin/audit/logs"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let all = read(&http, &format!("{base}/admin/audit/logs")).await;
     let kinds: Vec<(&str, i64)> = all["logs"]
         .as_array()
         .unwrap()

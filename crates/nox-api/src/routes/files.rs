@@ -173,7 +173,7 @@ pub async fn ls(
                 "type": kind_name(entry.kind),
                 "path": path.display(),
                 "size": size,
-                "modified": crate::timestamp_json(entry.modified),
+                "modified": nox_audit_export::rfc3339_json(entry.modified),
             })
         }
         Some(entries) => {

@@ -92,7 +92,7 @@ async fn usage_json(
             "storage_mb": percent(storage.bytes / MIB, limits.storage_mb),
             "files_count": percent(storage.files, limits.files_max),
         },
-        "resets": { "hour": crate::timestamp_json(windows.hour_resets_at), "day": crate::timestamp_json(windows.day_resets_at) },
+        "resets": { "hour": nox_audit_export::rfc3339_json(windows.hour_resets_at), "day": nox_audit_export::rfc3339_json(windows.day_resets_at) },
     }))
 }
 
@@ -141,7 +141,7 @@ async fn violations(
         .map(|row| {
             let at: time::OffsetDateTime = row.get(0);
             json!({
-                "timestamp": crate::timestamp_json(at),
+                "timestamp": nox_audit_export::rfc3339_json(at),
                 "user_id": row.get::<_, Option<Uuid>>(1),
                 "quota_type": row.get::<_, Option<String>>(2),
                 "current_usage": row.get::<_, Option<i64>>(3),
