@@ -9,8 +9,9 @@
 //! user ids are capped by [`AuditMetrics`].
 //!
 //! [`describe`] registers the HELP text (and the series that must read 0
-//! from the start); [`AuditMetrics::record`] counts one audited request;
-//! the `record_*` and `set_*` functions are the writer's. [`FAMILIES`]
+//! from the start); [`AuditMetrics::record`] counts one audited request
+//! (`nox-audit-store`'s sink calls it for every record submitted); the
+//! `record_*` and `set_*` functions are the writer's. [`FAMILIES`]
 //! lists every family with its type, and [`SECONDS_BUCKETS`] and
 //! [`BATCH_ROWS_BUCKETS`] are the buckets Nox gives its histograms.
 //!

@@ -13,7 +13,7 @@
 //!
 //! ```
 //! use nox_audit_model::chain::GENESIS;
-//! use nox_audit_model::taxonomy::{FILE_READ, RouteMatch, Rule, rule};
+//! use nox_audit_model::taxonomy::{API_CALL, FILE_READ, RouteMatch, rule};
 //! use nox_audit_model::{ActionRecord, GENERIC_TAXONOMY, Taxonomy};
 //! use time::OffsetDateTime;
 //! use uuid::Uuid;
@@ -21,11 +21,14 @@
 //! // A service's own rules: the first match decides, on route templates.
 //! const FILES: Taxonomy = Taxonomy {
 //!     rules: &[rule(Some("GET"), RouteMatch::Under("/files"), FILE_READ)],
-//!     fallback: nox_audit_model::taxonomy::API_CALL,
+//!     fallback: API_CALL,
 //! };
 //! let kind = FILES.classify("get", Some("/files/{name}"));
 //! assert_eq!((kind.action_type, kind.category), ("file_read", "filesystem"));
-//! assert_eq!(FILES.classify("GET", Some("/filesystem")), GENERIC_TAXONOMY.fallback);
+//! assert_eq!(FILES.classify("GET", Some("/filesystem")), API_CALL); // whole segments
+//! assert_eq!(FILES.classify("DELETE", Some("/files/{name}")), API_CALL);
+//! // With no rules of its own, a service's requests are all `api_call`.
+//! assert_eq!(GENERIC_TAXONOMY.classify("GET", Some("/files/{name}")), API_CALL);
 //!
 //! let mut record = ActionRecord::arrived(
 //!     Uuid::now_v7(),
