@@ -9,6 +9,30 @@
 //! does not serve HTTP requests (Nox runs it on the server's main runtime,
 //! not on actix's workers).
 //!
+//! Rows need a database (a `tokio_postgres::Row` comes only from one):
+//!
+//! ```no_run
+//! use futures_util::TryStreamExt;
+//! use nox_audit_export::{Columns, Format, Progress, encode, file_name, gzip};
+//! use time::OffsetDateTime;
+//!
+//! # async fn example(client: tokio_postgres::Client, since: OffsetDateTime) -> Result<(), Box<dyn std::error::Error>> {
+//! let statement = client
+//!     .prepare("SELECT id, timestamp, endpoint, user_agent, status_code FROM audit_actions WHERE timestamp >= $1 ORDER BY id")
+//!     .await?;
+//! // Read once from the statement, so an empty result still has its header.
+//! let columns = Columns::new(statement.columns())?;
+//! let rows = client.query_raw(&statement, [&since]).await?;
+//! let progress = Progress::default();
+//! let chunks = gzip(encode(Format::Csv, columns, rows, progress.clone())?);
+//! let file: Vec<bytes::Bytes> = chunks.try_collect().await?;
+//! let name = file_name(OffsetDateTime::now_utc(), Format::Csv, true);
+//! std::fs::write(&name, file.concat())?;
+//! println!("{name}: {} rows", progress.rows());
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # CSV injection
 //!
 //! A CSV file is opened in spreadsheets, which run a cell that begins with
@@ -33,6 +57,24 @@
 //! begins with one of the six characters (or with `'` itself) cannot be
 //! told apart from one that was prefixed. JSON and NDJSON exports, and the
 //! JSON of the log pages, are exact: they are never prefixed.
+//!
+//! The test the CSV encoder applies to a text cell, and the names a
+//! download gets, need no database:
+//!
+//! ```
+//! use nox_audit_export::{Format, file_name, starts_like_a_formula};
+//!
+//! // Written as `'=HYPERLINK(…)` in a CSV text column, as-is elsewhere.
+//! assert!(starts_like_a_formula("=HYPERLINK(\"http://evil.example\")"));
+//! assert!(starts_like_a_formula("\t=1+1"));
+//! assert!(!starts_like_a_formula("curl/8.0 =1"));
+//!
+//! let format = Format::parse("csv").unwrap();
+//! assert_eq!(format.content_type(), "text/csv; charset=utf-8");
+//! assert_eq!(Format::parse("xml"), None);
+//! let at = time::macros::datetime!(2026-03-04 05:06:07 +02:00);
+//! assert_eq!(file_name(at, format, true), "audit_logs_20260304_030607.csv.gz");
+//! ```
 
 use std::fmt::Write as _;
 use std::io::{self, Write as _};

@@ -7,6 +7,53 @@
 //!
 //! Labels are bounded: routes are templates (`unmatched` otherwise), and
 //! user ids are capped by [`AuditMetrics`].
+//!
+//! [`describe`] registers the HELP text (and the series that must read 0
+//! from the start); [`AuditMetrics::record`] counts one audited request
+//! (`nox-audit-store`'s sink calls it for every record submitted); the
+//! `record_*` and `set_*` functions are the writer's. [`FAMILIES`]
+//! lists every family with its type, and [`SECONDS_BUCKETS`] and
+//! [`BATCH_ROWS_BUCKETS`] are the buckets Nox gives its histograms.
+//!
+//! ```
+//! use metrics_exporter_prometheus::PrometheusBuilder;
+//! use nox_audit_metrics::{AUDIT_ACTIONS_TOTAL, AuditMetrics, AuditedAction};
+//!
+//! // A recorder with no HTTP listener; a service would install it globally
+//! // (`metrics::set_global_recorder`) and serve `handle.render()` itself.
+//! let recorder = PrometheusBuilder::new().build_recorder();
+//! let handle = recorder.handle();
+//! metrics::with_local_recorder(&recorder, || {
+//!     nox_audit_metrics::describe();
+//!     // Handles resolve against the recorder in place when first used.
+//!     let audit = AuditMetrics::new(100);
+//!     audit.record(AuditedAction {
+//!         user_id: None,
+//!         action_type: "file_read",
+//!         route: "/files/{name}",
+//!         status: 200,
+//!         success: true,
+//!         seconds: 0.004,
+//!         quota_violation: None,
+//!     });
+//! });
+//!
+//! let text = handle.render();
+//! assert!(text.contains(&format!("# TYPE {AUDIT_ACTIONS_TOTAL} counter")));
+//! let series = |status: &str| {
+//!     text.lines()
+//!         .find(|line| line.starts_with("nox_audit_actions_total{") && line.contains(status))
+//!         .unwrap_or_else(|| panic!("no {status} series in {text}"))
+//! };
+//! let success = series(r#"status="success""#);
+//! assert!(success.contains(r#"user_id="anonymous""#), "{success}");
+//! assert!(success.contains(r#"action_type="file_read""#), "{success}");
+//! assert!(success.ends_with(" 1"), "{success}");
+//! // Both outcomes' series exist once an action type is seen.
+//! assert!(series(r#"status="error""#).ends_with(" 0"));
+//! // The dropped counter exists, at 0, before anything is dropped.
+//! assert!(text.contains("nox_audit_dropped_total 0"));
+//! ```
 
 use std::collections::HashMap;
 use std::sync::Mutex;
