@@ -79,7 +79,7 @@ macro_rules! action_columns {
 
 /// How many columns encoding v1 had: each is encoded, NULL or not. A column
 /// declared after them is encoded only when not NULL, named
-/// ([`Canonical::added_column`]).
+/// (`Canonical::added_column`).
 pub const V1_COLUMNS: usize = 32;
 
 /// One column as declared.
