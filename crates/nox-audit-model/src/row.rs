@@ -33,9 +33,10 @@ use crate::chain::Canonical;
 ///   ([`ActionRecord::make_storable`](crate::ActionRecord::make_storable)).
 ///
 /// The order is the table's, the chain encoding's and the spool's: new
-/// columns go at the end, and must be nullable (`Option<_>`): the chain
-/// encodes the [`V1_COLUMNS`] first columns always and a later one only when
-/// it is not NULL, so rows written before it existed still verify.
+/// columns go at the end, nullable (`Option<_>`), without a default or a
+/// backfill: the chain encodes the [`V1_COLUMNS`] first columns always and a
+/// later one only when it is not NULL, so rows written before it existed
+/// still verify.
 #[macro_export]
 macro_rules! action_columns {
     ($derive:ident) => {

@@ -102,14 +102,17 @@ pub(crate) fn record_columns() -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use nox_audit_model::ACTION_COLUMN_DEFS;
+    use nox_audit_model::row::V1_COLUMNS;
 
     use super::*;
     use crate::{Migrator, schema};
 
     /// The declaration is the table the audit migrations make: the same
-    /// columns in the same order, with the types the writer sends and the
-    /// same nullability.
+    /// columns, with the types the writer sends and the same nullability,
+    /// and no default on a column added after v1.
     #[tokio::test]
     async fn the_declaration_matches_the_migrated_table() {
         let db = nox_testkit::TestDb::empty().await;
@@ -118,35 +121,44 @@ mod tests {
             .up(&mut client)
             .await
             .expect("the audit migrations");
-        let table: Vec<(String, String, bool)> = client
+        // Name → (type, NULL allowed, has a default), for every column.
+        type Columns = BTreeMap<String, (String, bool, bool)>;
+        let table: Columns = client
             .query(
-                "SELECT column_name::text, udt_name::text, is_nullable = 'YES'
+                "SELECT column_name::text, udt_name::text, is_nullable = 'YES',
+                        column_default IS NOT NULL
                    FROM information_schema.columns
-                  WHERE table_schema = current_schema() AND table_name = 'audit_actions'
-                  ORDER BY ordinal_position",
+                  WHERE table_schema = current_schema() AND table_name = 'audit_actions'",
                 &[],
             )
             .await
             .expect("information_schema")
             .iter()
-            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .map(|row| (row.get(0), (row.get(1), row.get(2), row.get(3))))
             .collect();
         // Names and nullability as declared, types as the writer sends them;
         // the chain's columns are NULL in rows written before the chain.
-        let nullable = ACTION_COLUMN_DEFS
+        // A column added after v1 must have no default: old rows would read
+        // back a value and stop verifying. (Columns are matched by name: an
+        // added column lands after the chain's in the table.)
+        let has_default = |name: &str| table.get(name).is_some_and(|c| c.2);
+        let declared: Columns = ACTION_COLUMN_DEFS
             .iter()
-            .map(|c| c.nullable)
-            .chain(CHAIN_COLUMNS.map(|_| true));
-        let declared: Vec<(String, String, bool)> = ACTION_COLUMNS
-            .iter()
-            .chain(&CHAIN_COLUMNS)
+            .enumerate()
+            .map(|(at, c)| (c.name, c.nullable, at < V1_COLUMNS && has_default(c.name)))
+            .chain(CHAIN_COLUMNS.map(|name| (name, true, has_default(name))))
             .zip(COLUMN_TYPES)
-            .zip(nullable)
-            .map(|((name, sent), nullable)| (name.to_string(), sent.name().to_owned(), nullable))
+            .map(|((name, nullable, default), sent)| {
+                (name.to_owned(), (sent.name().to_owned(), nullable, default))
+            })
             .collect();
         assert_eq!(declared.len(), WRITTEN);
-        for (at, (declared, table)) in declared.iter().zip(&table).enumerate() {
-            assert_eq!(declared, table, "column {} of audit_actions", at + 1);
+        for (name, column) in &declared {
+            assert_eq!(
+                Some(column),
+                table.get(name),
+                "column {name} of audit_actions"
+            );
         }
         assert_eq!(declared, table, "the number of columns");
     }
