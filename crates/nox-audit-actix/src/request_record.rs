@@ -29,7 +29,9 @@ pub(crate) struct RecordCell(Rc<RefCell<Option<ActionRecord>>>);
 /// status, route and kind. A `cpu_time_ms` set here replaces the measured
 /// server CPU (a run reports its child's); `error_details` set here beats
 /// the error response's `detail`; `metadata` keys added here (see
-/// [`ActionRecord::metadata_mut`]) sit beside the middleware's own.
+/// [`ActionRecord::metadata_mut`]) sit beside the middleware's own. What the
+/// middleware saw on arrival (ids, time, endpoint, method, client address
+/// and agent) is put back: a handler cannot rewrite it.
 pub fn record<M: HttpMessage>(message: &M, add: impl FnOnce(&mut ActionRecord)) {
     let cell = message.extensions().get::<RecordCell>().cloned();
     if let Some(RecordCell(cell)) = cell
@@ -47,9 +49,46 @@ pub fn request_id<M: HttpMessage>(message: &M) -> Option<Uuid> {
     message.extensions().get::<RequestId>().map(|id| id.0)
 }
 
+/// What the middleware saw as the request arrived. A handler may write
+/// into the record, but not over these: they are put back at the end.
+struct Arrival {
+    id: Uuid,
+    request_id: Uuid,
+    timestamp: time::OffsetDateTime,
+    endpoint: String,
+    http_method: String,
+    client_ip: Option<std::net::IpAddr>,
+    user_agent: Option<String>,
+}
+
+impl Arrival {
+    fn of(record: &ActionRecord) -> Arrival {
+        Arrival {
+            id: record.id,
+            request_id: record.request_id,
+            timestamp: record.timestamp,
+            endpoint: record.endpoint.clone(),
+            http_method: record.http_method.clone(),
+            client_ip: record.client_ip,
+            user_agent: record.user_agent.clone(),
+        }
+    }
+
+    fn restore(self, record: &mut ActionRecord) {
+        record.id = self.id;
+        record.request_id = self.request_id;
+        record.timestamp = self.timestamp;
+        record.endpoint = self.endpoint;
+        record.http_method = self.http_method;
+        record.client_ip = self.client_ip;
+        record.user_agent = self.user_agent;
+    }
+}
+
 /// A request's record until its response ends.
 pub(crate) struct PendingRecord {
     record: RecordCell,
+    arrival: Arrival,
     /// The matched route template, if any.
     route: Option<String>,
     started: Instant,
@@ -69,12 +108,14 @@ impl PendingRecord {
         body_bytes: Rc<Cell<u64>>,
         request_head: u64,
     ) -> PendingRecord {
+        let arrival = Arrival::of(&record);
         let cell = RecordCell(Rc::new(RefCell::new(Some(record))));
         let meter = CpuMeter::default();
         message.extensions_mut().insert(cell.clone());
         message.extensions_mut().insert(meter.clone());
         PendingRecord {
             record: cell,
+            arrival,
             route,
             started: Instant::now(),
             meter,
@@ -113,6 +154,7 @@ impl PendingRecord {
             .borrow_mut()
             .take()
             .expect("completed once, by finish");
+        self.arrival.restore(&mut record);
         // HTTP/1 sends a HEAD response's headers only, whatever body the
         // handler produced.
         let body_len = if record.http_method == Method::HEAD.as_str() {
@@ -197,6 +239,37 @@ mod tests {
         assert!(record.cpu_time_ms.is_some());
         assert_eq!(record.error_details.as_deref(), Some("response"));
         assert_eq!(record.metadata, None, "empty metadata is stored as NULL");
+    }
+
+    /// A handler (an embedder's, or a bug) cannot rewrite what the request
+    /// was: a reused id would make its whole batch fail on the primary key.
+    #[test]
+    fn a_handler_cannot_rewrite_the_arrival() {
+        let request = TestRequest::default().to_http_request();
+        let pending = pending(&request);
+        let arrived = pending.read(|r| r.clone());
+        record(&request, |r| {
+            r.id = Uuid::nil();
+            r.request_id = Uuid::nil();
+            r.timestamp = time::OffsetDateTime::UNIX_EPOCH;
+            r.endpoint = "/elsewhere".into();
+            r.http_method = "HEAD".into();
+            r.client_ip = Some([10, 0, 0, 1].into());
+            r.user_agent = Some("forged".into());
+            r.file_path = Some("kept".into());
+        });
+        let record = pending.finish(5, None);
+        assert_eq!(
+            (record.id, record.request_id, record.timestamp),
+            (arrived.id, arrived.request_id, arrived.timestamp)
+        );
+        assert_eq!(
+            (record.endpoint.as_str(), record.http_method.as_str()),
+            ("/x", "GET")
+        );
+        assert_eq!((record.client_ip, record.user_agent), (None, None));
+        assert_eq!(record.response_size, 5, "not measured as a HEAD");
+        assert_eq!(record.file_path.as_deref(), Some("kept"));
     }
 
     #[test]
