@@ -121,8 +121,8 @@ impl StorageConfig {
     }
 
     /// The checkpoint signer (loading or generating its key).
-    pub fn checkpointer(&self) -> anyhow::Result<nox_audit_store::chain::Checkpointer> {
-        Ok(nox_audit_store::chain::Checkpointer::open(
+    pub fn checkpointer(&self) -> anyhow::Result<nox_audit_store::checkpoints::Checkpointer> {
+        Ok(nox_audit_store::checkpoints::Checkpointer::open(
             &self.signing_key_file(),
             &self.checkpoint_dir(),
         )?)

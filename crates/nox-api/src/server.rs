@@ -15,7 +15,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use nox_audit_actix::Audit;
 use nox_audit_model::{Clock, SystemClock};
 use nox_audit_store::AuditWriter;
-use nox_audit_store::chain::Checkpointer;
+use nox_audit_store::checkpoints::Checkpointer;
 use nox_quota::{QuotaBook, Rate, RateLimits};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 

@@ -12,7 +12,7 @@ use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
 use nox_audit_actix::AuditConfig;
 use nox_audit_model::Clock;
-use nox_audit_store::chain::Checkpointer;
+use nox_audit_store::checkpoints::Checkpointer;
 use nox_audit_store::{AuditMode, AuditSink, AuditWriter, Spool, WriterConfig};
 use nox_auth::{Authenticator, Secret};
 use nox_quota::{QuotaBook, RateLimits};

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use nox_audit_store::chain::Checkpoint;
+use nox_audit_store::checkpoints::Checkpoint;
 use serde::Serialize;
 use time::OffsetDateTime;
 

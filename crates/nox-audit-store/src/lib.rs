@@ -95,10 +95,6 @@ pub mod summaries;
 pub mod verify;
 pub mod writer;
 
-/// The former name of [`checkpoints`], still used by `nox-api`; to go once
-/// its users say `checkpoints`.
-pub use checkpoints as chain;
-
 pub use migrate::{MigrateError, Migration, MigrationState, MigrationStatus, Migrator};
 pub use pool::{PoolOptions, build_pool};
 pub use spool::Spool;

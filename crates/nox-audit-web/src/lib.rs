@@ -16,7 +16,7 @@
 //! use std::sync::Arc;
 //! use actix_web::{App, HttpRequest, HttpServer, web};
 //! use nox_audit_store::AuditSink;
-//! use nox_audit_store::chain::Checkpointer;
+//! use nox_audit_store::checkpoints::Checkpointer;
 //! use nox_audit_web::{Access, AuditApi, Reader};
 //!
 //! async fn serve(pool: deadpool_postgres::Pool, sink: AuditSink, signer: Arc<Checkpointer>) -> std::io::Result<()> {
@@ -48,7 +48,7 @@ use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
 use nox_audit_model::{Clock, SystemClock};
 use nox_audit_query::UserNames;
-use nox_audit_store::chain::Checkpointer;
+use nox_audit_store::checkpoints::Checkpointer;
 use nox_audit_store::{AuditMode, AuditSink};
 use tokio::sync::Semaphore;
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use actix_web::dev::{Service, ServiceResponse};
 use actix_web::{App, HttpRequest, test, web};
 use nox_audit_model::SystemClock;
-use nox_audit_store::chain::Checkpointer;
+use nox_audit_store::checkpoints::Checkpointer;
 use nox_audit_store::{AuditWriter, PoolOptions, Spool, WriterConfig, build_pool};
 use nox_audit_web::{Access, AuditApi, Authorize, Reader};
 use serde_json::Value;
