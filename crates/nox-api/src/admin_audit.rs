@@ -35,8 +35,8 @@ pub fn api(state: &AppState) -> web::Data<AuditApi> {
 }
 
 /// Auditors and admins may read and export. A missing or bad token is
-/// refused first (401, or 503 when it cannot be checked), a lower role
-/// after the parameters parsed (403), as for every Nox endpoint.
+/// refused first (401, or 503 when it cannot be checked), then a lower role
+/// (403), then malformed parameters (400).
 #[derive(Debug)]
 struct Auditors;
 

@@ -26,8 +26,10 @@ pub struct Reader {
 /// the embedder answers them in its own format (status, body, headers).
 ///
 /// The two steps keep the order of answers an API usually has: an unknown
-/// caller is refused (401) before malformed parameters (400), and a known
-/// caller without the right role (403) after them.
+/// caller is refused (401) before any parameter is read, and a known caller
+/// without the right (403) before the handler validates its parameters
+/// (400); a typed query parameter actix cannot parse is refused before
+/// `authorize` runs.
 pub trait Authorize: Send + Sync + 'static {
     /// Runs before the parameters are parsed: refuse unauthenticated
     /// requests here. By default everyone passes.
