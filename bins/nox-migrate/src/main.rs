@@ -112,11 +112,12 @@ fn parse_date(text: &str) -> Result<Date, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let console = nox_api::telemetry::Console(cli.log_format);
     nox_api::telemetry::init_tracing(cli.log_format);
     match run(cli).await {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("nox-migrate: {error:#}");
+            console.error(&format!("nox-migrate: {error:#}"));
             ExitCode::FAILURE
         }
     }
