@@ -2,41 +2,19 @@
 //! in the same run: building a request's record, encoding it for the spool,
 //! classifying a route, and hashing a row into the chain.
 //!
-//! `cargo bench -p nox-audit-model --bench hot_paths` (plain harness: no
+//! `cargo bench -p nox-api --bench hot_paths` (plain harness: no
 //! dependency; medians of `NOX_BENCH_RUNS` runs, default 5).
 
 use std::hint::black_box;
 use std::time::Instant;
 
+use nox_api::taxonomy::NOX_TAXONOMY;
 use nox_audit_model::ActionRecord;
 use nox_audit_model::chain::GENESIS;
-use nox_audit_model::taxonomy::{
-    ADMIN_READ, ADMIN_WRITE, API_CALL, AUDIT_EXPORT, AUTH, CODE_EXEC, FILE_DELETE, FILE_READ,
-    FILE_WRITE, QUOTA_CHECK, RouteMatch, Taxonomy, rule,
-};
+use nox_audit_model::taxonomy::FILE_READ;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
-
-/// A service's twelve rules (Nox's, which live in `nox-api`): the route
-/// classified below is matched by the eighth.
-const SERVICE_TAXONOMY: Taxonomy = Taxonomy {
-    rules: &[
-        rule(None, RouteMatch::Exact("/ls"), FILE_READ),
-        rule(None, RouteMatch::Exact("/cat"), FILE_READ),
-        rule(None, RouteMatch::Exact("/download"), FILE_READ),
-        rule(None, RouteMatch::Exact("/write"), FILE_WRITE),
-        rule(None, RouteMatch::Exact("/delete"), FILE_DELETE),
-        rule(None, RouteMatch::Exact("/run"), CODE_EXEC),
-        rule(None, RouteMatch::Exact("/admin/audit/export"), AUDIT_EXPORT),
-        rule(Some("GET"), RouteMatch::Under("/admin"), ADMIN_READ),
-        rule(Some("HEAD"), RouteMatch::Under("/admin"), ADMIN_READ),
-        rule(None, RouteMatch::Under("/admin"), ADMIN_WRITE),
-        rule(None, RouteMatch::Under("/quotas"), QUOTA_CHECK),
-        rule(None, RouteMatch::Exact("/me"), AUTH),
-    ],
-    fallback: API_CALL,
-};
 
 /// Nanoseconds per call of `f`, median of `runs` timed loops.
 fn per_call(runs: usize, iterations: u32, mut f: impl FnMut()) -> f64 {
@@ -107,8 +85,7 @@ fn main() {
             "classify GET /admin/audit/logs (matched route)",
             per_call(runs, 1_000_000, || {
                 black_box(
-                    SERVICE_TAXONOMY
-                        .classify(black_box("GET"), black_box(Some("/admin/audit/logs"))),
+                    NOX_TAXONOMY.classify(black_box("GET"), black_box(Some("/admin/audit/logs"))),
                 );
             }),
             "compare the route with one string",
