@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::AuditApi;
 use crate::authorize::{Access, Authenticated};
 use crate::error::{ErrorBody, WebError};
+use crate::query_params::QueryParams;
 
 #[utoipa::path(responses((status = 200, description = "The audit pipeline's state"), (status = 403, body = ErrorBody)), security(("bearer" = [])), tag = "admin-audit")]
 #[get("/admin/audit/status")]
@@ -53,9 +54,10 @@ pub async fn status(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct CheckpointsQuery {
     /// Newest first; 1 to 1000, default 100.
-    #[param(minimum = 1, maximum = 1000)]
+    #[param(nullable, minimum = 1, maximum = 1000)]
     limit: Option<i64>,
 }
 
@@ -65,7 +67,7 @@ pub async fn checkpoints(
     _: Authenticated,
     request: HttpRequest,
     api: web::Data<AuditApi>,
-    query: web::Query<CheckpointsQuery>,
+    query: QueryParams<CheckpointsQuery>,
 ) -> actix_web::Result<HttpResponse> {
     api.authorize.authorize(&request, Access::Read)?;
     let limit = checkpoint_limit(query.limit).map_err(WebError::from)?;
@@ -96,12 +98,13 @@ pub async fn stats(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UsersQuery {
     /// Days back from now, 1 to 365 (default 7).
-    #[param(minimum = 1, maximum = 365)]
+    #[param(nullable, minimum = 1, maximum = 365)]
     pub days: Option<i64>,
     /// Users with fewer actions are left out (default 1).
-    #[param(minimum = 0)]
+    #[param(nullable, minimum = 0)]
     pub min_actions: Option<i64>,
 }
 
@@ -111,7 +114,7 @@ pub async fn users(
     _: Authenticated,
     request: HttpRequest,
     api: web::Data<AuditApi>,
-    query: web::Query<UsersQuery>,
+    query: QueryParams<UsersQuery>,
 ) -> actix_web::Result<HttpResponse> {
     api.authorize.authorize(&request, Access::Read)?;
     let query = ActivityQuery::new(query.days, query.min_actions).map_err(WebError::from)?;
@@ -123,10 +126,12 @@ pub async fn users(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct SummariesQuery {
     /// Days back from today, 1 to 365 (default 30).
-    #[param(minimum = 1, maximum = 365)]
+    #[param(nullable, minimum = 1, maximum = 365)]
     pub days: Option<i64>,
+    #[param(nullable)]
     pub user_id: Option<Uuid>,
 }
 
@@ -136,7 +141,7 @@ pub async fn daily_summaries(
     _: Authenticated,
     request: HttpRequest,
     api: web::Data<AuditApi>,
-    query: web::Query<SummariesQuery>,
+    query: QueryParams<SummariesQuery>,
 ) -> actix_web::Result<HttpResponse> {
     api.authorize.authorize(&request, Access::Read)?;
     let query =
@@ -149,12 +154,16 @@ pub async fn daily_summaries(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AdminActionsQuery {
     /// Days back from now, 1 to 365 (default 30).
-    #[param(minimum = 1, maximum = 365)]
+    #[param(nullable, minimum = 1, maximum = 365)]
     pub days: Option<i64>,
+    #[param(nullable)]
     pub admin_user_id: Option<Uuid>,
+    #[param(nullable)]
     pub target_user_id: Option<Uuid>,
+    #[param(nullable)]
     pub admin_action_type: Option<String>,
 }
 
@@ -164,10 +173,10 @@ pub async fn admin_actions(
     _: Authenticated,
     request: HttpRequest,
     api: web::Data<AuditApi>,
-    query: web::Query<AdminActionsQuery>,
+    query: QueryParams<AdminActionsQuery>,
 ) -> actix_web::Result<HttpResponse> {
     api.authorize.authorize(&request, Access::Read)?;
-    let query = query.into_inner();
+    let QueryParams(query) = query;
     let query = nox_audit_query::AdminActionsQuery::new(
         query.days,
         query.admin_user_id,

@@ -40,6 +40,7 @@ mod authorize;
 mod error;
 pub mod export;
 pub mod handlers;
+mod query_params;
 
 use std::sync::Arc;
 

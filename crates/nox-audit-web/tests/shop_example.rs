@@ -80,6 +80,24 @@ async fn the_shop_audits_its_requests_and_serves_them_back() {
         .unwrap();
     assert_eq!(wrong.status(), 401);
 
+    // A malformed typed parameter: JSON too, though the shop sets no
+    // QueryConfig of its own.
+    for path in [
+        "checkpoints?limit=x",
+        "users?days=%00",
+        "daily-summaries?user_id=1",
+    ] {
+        let refused = http
+            .get(format!("{base}/admin/audit/{path}"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 400, "{path}");
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["code"], "invalid_parameter", "{path}: {body}");
+    }
+
     let page = read(
         &http,
         &format!("{base}/admin/audit/logs?action_type=order_create"),
