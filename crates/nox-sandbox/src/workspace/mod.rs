@@ -103,6 +103,11 @@ fn map_errno(errno: Errno) -> SandboxError {
         Errno::EAGAIN => {
             SandboxError::InvalidPath("the path changed while it was resolved; retry".into())
         }
+        Errno::ENOTEMPTY => SandboxError::InvalidPath(
+            "the directory kept gaining entries while it was deleted (is a command still \
+             running in it?); retry"
+                .into(),
+        ),
         other => SandboxError::Io(std::io::Error::from(other)),
     }
 }

@@ -333,3 +333,36 @@ fn only_regular_files_are_opened_for_reading() {
         );
     }
 }
+
+/// A command still running in the workspace keeps creating files in a
+/// directory being deleted: the delete answers with a clear refusal (or
+/// succeeds), never a raw file-system error (a 500).
+#[test]
+fn a_directory_that_keeps_filling_is_not_a_file_system_error() {
+    let scratch = Scratch::new();
+    let dir = scratch.dir.path().join("ws/busy");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (dir, stop) = (dir.clone(), std::sync::Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut n = 0_u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = std::fs::create_dir(&dir);
+                let _ = std::fs::write(dir.join(n.to_string()), b"x");
+                n += 1;
+            }
+        })
+    };
+    let path = SandboxPath::parse("busy").expect("path");
+    let mut refused = 0;
+    for _ in 0..300 {
+        match scratch.workspace.delete(&path) {
+            Ok(_) | Err(SandboxError::NotFound) => {}
+            Err(SandboxError::InvalidPath(_)) => refused += 1,
+            Err(other) => panic!("a raw error reached the caller: {other:?}"),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().expect("writer");
+    println!("{refused} of 300 deletes refused while the directory kept filling");
+}

@@ -195,6 +195,10 @@ impl DirStack {
     }
 }
 
+/// How many times a delete reads again a directory that gained entries
+/// while it was being emptied.
+const MAX_DELETE_REREADS: u32 = 8;
+
 /// Removes `name` (a directory) under `parent` and everything in it, at any
 /// depth, through descriptors only: links inside are removed, never
 /// followed. Counts (regular files, bytes).
@@ -202,6 +206,7 @@ pub(super) fn remove_tree(parent: &OwnedFd, name: &CStr) -> Result<Walked, Sandb
     let dir = open_child_dir(parent, name)?;
     let mut stack = DirStack::new(dir, name.to_owned(), u64::MAX)?;
     let (mut files, mut bytes) = (0, 0);
+    let mut rereads = 0;
     while !stack.is_empty() {
         let Some(child) = stack.next_child() else {
             let done = stack.leave()?;
@@ -210,7 +215,17 @@ pub(super) fn remove_tree(parent: &OwnedFd, name: &CStr) -> Result<Walked, Sandb
             } else {
                 stack.top()
             };
-            unlinkat(holder, done.as_c_str(), UnlinkatFlags::RemoveDir).map_err(map_errno)?;
+            match unlinkat(holder, done.as_c_str(), UnlinkatFlags::RemoveDir) {
+                // Entries arrived after the directory was read (a command
+                // still running in the workspace): read it again, a few
+                // times at most (then ENOTEMPTY is the caller's refusal).
+                Err(Errno::ENOTEMPTY) if rereads < MAX_DELETE_REREADS => {
+                    rereads += 1;
+                    let again = open_child_dir(holder, &done)?;
+                    stack.push(done, again)?;
+                }
+                result => result.map_err(map_errno)?,
+            }
             continue;
         };
         let dir = stack.top();
