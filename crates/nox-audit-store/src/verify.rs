@@ -1,16 +1,26 @@
 //! Recomputing the hash chains and checking the signed checkpoints against
 //! them. One walk serves both ways of verifying: [`verify`] (`nox-migrate
 //! verify`: both chains, whole, in one snapshot) and [`verify_chain`] (one
-//! chain from a given [`Start`], in a snapshot of its own).
+//! chain from a given [`Start`], in a snapshot of its own), which the
+//! continuous verification ([`Verifier`]) runs from the last checkpoint an
+//! earlier pass verified.
 //!
 //! A walk reads in a repeatable-read snapshot, so a server writing meanwhile
 //! cannot make a sound chain look broken, and it reads the rows and the
 //! checkpoints through two cursors in `seq` order, a batch at a time, so its
 //! memory does not grow with the chain.
 
+mod continuous;
+#[cfg(test)]
+mod tests;
+
 use std::collections::VecDeque;
 use std::fmt;
 
+pub use continuous::{
+    ChainVerification, ContinuousVerifier, KEEP_DAYS, KEEP_ROWS, Outcome, Pass, PassError,
+    VERIFY_LOCK_KEY, VerificationStatus, Verifier, last_success_at,
+};
 use ed25519_dalek::VerifyingKey;
 use nox_audit_model::chain::{ACTIONS_CHAIN, ADMIN_CHAIN, AdminRow, Canonical, GENESIS};
 use serde_json::Value;
