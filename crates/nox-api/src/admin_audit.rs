@@ -30,7 +30,8 @@ pub fn api(state: &AppState) -> web::Data<AuditApi> {
     .clock(Arc::clone(&state.audit_config.clock))
     .exports(Arc::clone(&state.exports))
     .work_runtime(state.work_runtime.clone())
-    .user_names(users);
+    .user_names(users)
+    .verification_interval(state.audit_verify_interval);
     web::Data::new(api)
 }
 
