@@ -310,15 +310,6 @@ async fn walk(
 ) -> Result<(), VerifyError> {
     let chain = summary.chain;
     let (table, columns, canonical) = table_of(chain);
-    if let Some(row) = tx
-        .query_opt(
-            &format!("SELECT id::text FROM {table} WHERE seq IS NULL LIMIT 1"),
-            &[],
-        )
-        .await?
-    {
-        return Err(broken(chain, 0, Problem::Unchained { id: row.get(0) }));
-    }
     let oldest: Option<i64> = tx
         .query_one(&format!("SELECT min(seq) FROM {table}"), &[])
         .await?
@@ -330,6 +321,15 @@ async fn walk(
         Start::After { seq, .. } => seq + 1,
     };
     summary.last_seq = summary.first_seq - 1;
+    if let Some(row) = tx
+        .query_opt(
+            &format!("SELECT id::text FROM {table} WHERE seq IS NULL LIMIT 1"),
+            &[],
+        )
+        .await?
+    {
+        return Err(broken(chain, 0, Problem::Unchained { id: row.get(0) }));
+    }
     let checkpoints_from = match start {
         Start::After { seq, .. } => seq,
         Start::Beginning | Start::TrustStored(_) => i64::MIN,

@@ -23,7 +23,10 @@
 //!    [`KEEP_ROWS`], except each chain's newest `ok` row (the next start).
 //!
 //! Rows before the starting checkpoint are not read again: a later edit
-//! there is for `nox-migrate verify` (whole chains) to find.
+//! there is for `nox-migrate verify` (whole chains) to find. Nor are the
+//! results signed: someone who can write the database could record an `ok`
+//! past an edit; against a database writer the proof stays `nox-migrate
+//! verify` with the checkpoint log kept off the host.
 
 use std::time::Duration;
 

@@ -289,6 +289,28 @@ async fn deleted_rows_are_missing_even_the_starting_checkpoints_own() {
 }
 
 #[tokio::test]
+async fn a_row_without_a_seq_is_unchained_with_no_first_bad_seq() {
+    let trail = Trail::new(30).await;
+    trail.pass().await;
+    trail.append(5).await;
+    trail
+        .sql("UPDATE audit_actions SET seq = NULL WHERE seq = 33")
+        .await;
+    let chains = trail.pass().await;
+    assert_eq!(
+        result(&chains, ACTIONS_CHAIN),
+        (Outcome::Failed, 31, 30, None, Some("unchained".to_owned()))
+    );
+    assert!(
+        chain(&chains, ACTIONS_CHAIN)
+            .problem
+            .as_deref()
+            .is_some_and(|p| p.contains("has no seq")),
+        "{chains:?}"
+    );
+}
+
+#[tokio::test]
 async fn deleting_the_newest_rows_and_rewinding_the_head_is_caught_at_the_start() {
     let trail = Trail::new(30).await;
     trail.pass().await;
