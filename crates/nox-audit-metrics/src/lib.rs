@@ -83,6 +83,8 @@ pub const AUDIT_VERIFY_RUNS_TOTAL: &str = "nox_audit_verify_runs_total";
 pub const AUDIT_VERIFY_FAILURES_TOTAL: &str = "nox_audit_verify_failures_total";
 pub const AUDIT_VERIFY_LAST_SUCCESS: &str = "nox_audit_verify_last_success_timestamp_seconds";
 pub const AUDIT_VERIFY_INTERVAL: &str = "nox_audit_verify_interval_seconds";
+pub const AUDIT_STREAMS_OPEN: &str = "nox_audit_streams_open";
+pub const AUDIT_STREAM_LAGGED_TOTAL: &str = "nox_audit_stream_lagged_total";
 
 /// Every audit family, with its type. (A service exports its own families
 /// beside these: Nox's are in `nox_api::metrics`.)
@@ -105,6 +107,8 @@ pub const FAMILIES: &[(&str, &str)] = &[
     (AUDIT_VERIFY_FAILURES_TOTAL, "counter"),
     (AUDIT_VERIFY_LAST_SUCCESS, "gauge"),
     (AUDIT_VERIFY_INTERVAL, "gauge"),
+    (AUDIT_STREAMS_OPEN, "gauge"),
+    (AUDIT_STREAM_LAGGED_TOTAL, "counter"),
 ];
 
 /// The outcomes `nox_audit_verify_runs_total` counts passes by.
@@ -190,6 +194,11 @@ pub fn describe() {
         Unit::Seconds,
         "Seconds between this server's verification passes (absent when it does not verify)."
     );
+    describe_gauge!(AUDIT_STREAMS_OPEN, "Live audit streams open.");
+    describe_counter!(
+        AUDIT_STREAM_LAGGED_TOTAL,
+        "Live audit streams cut off because their client stopped reading."
+    );
     counter!(AUDIT_DROPPED_TOTAL).absolute(0);
     counter!(AUDIT_REJECTED_TOTAL).absolute(0);
     counter!(AUDIT_ROWS_REDUCED_TOTAL).absolute(0);
@@ -198,6 +207,8 @@ pub fn describe() {
     counter!(AUDIT_ROWS_WRITTEN_TOTAL).absolute(0);
     gauge!(AUDIT_QUEUE_DEPTH).set(0.0);
     gauge!(AUDIT_SPOOL_ROWS).set(0.0);
+    gauge!(AUDIT_STREAMS_OPEN).set(0.0);
+    counter!(AUDIT_STREAM_LAGGED_TOTAL).absolute(0);
 }
 
 /// The per-record audit series, with their handles resolved once per label

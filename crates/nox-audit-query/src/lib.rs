@@ -47,6 +47,7 @@ mod filter;
 mod json_time;
 mod logs;
 mod stats;
+mod stream;
 
 pub use activity::{
     ActivityQuery, AdminActionRow, AdminActionsQuery, DailySummary, EndpointCount, SummariesQuery,
@@ -60,6 +61,7 @@ pub use logs::{LogsPage, LogsQuery, PAGING, logs};
 pub use stats::{
     ChainHead, ChainState, TodayStats, chain_state, checkpoint_limit, checkpoints, today,
 };
+pub use stream::{SCAN_SPAN, STREAM_PARAMS, StreamPage, StreamQuery};
 
 /// The embedder's user table, for the names beside user ids (`/logs`'
 /// `user_name`, the activity's `name`). Without one those are null.

@@ -60,6 +60,7 @@ pub async fn status(
         "chains": chains.heads,
         "last_checkpoint_at": nox_audit_export::rfc3339_json(chains.last_checkpoint_at),
         "verification": verification_json(api.verification_interval, verification.as_ref()),
+        "streams_open": api.streams.open_count(),
     })))
 }
 
