@@ -4,6 +4,7 @@ mod admin_audit;
 mod audit;
 mod audit_logs;
 mod chain;
+mod console;
 mod deploy;
 mod disk;
 mod dropped;
