@@ -251,7 +251,7 @@
       shortTime(record.timestamp));
     open.addEventListener('click', () => openDetail(record));
     const status = text(record.status_code);
-    const row = el('tr', { 'data-id': record.id, class: record.success === false ? 'failed' : null },
+    const row = el('tr', { 'data-id': record.id, 'data-request-id': record.request_id, class: record.success === false ? 'failed' : null },
       el('td', { class: 'time' }, open),
       el('td', { class: 'user', title: text(record.user_id) }, text(record.user_name || record.user_id || '(none)')),
       el('td', { class: 'narrow-hide' }, text(record.http_method)),
@@ -357,6 +357,13 @@
     button.setAttribute('aria-pressed', live.paused ? 'true' : 'false');
   }
 
+  // The tail's state ("connecting", "live", "paused", "retrying") is also
+  // the status line's data-state, for tests and styles.
+  function liveStatus(state, message) {
+    setStatus('live-status', message, state === 'retrying');
+    $('live-status').dataset.state = state;
+  }
+
   // Reads the stream with fetch (an EventSource cannot send the bearer
   // header) and parses the server-sent events itself.
   async function startLive() {
@@ -367,12 +374,12 @@
     live.controller = controller;
     const params = filterParams();
     if (live.lastId !== null) params.set('after', String(live.lastId));
-    setStatus('live-status', live.lastId === null ? 'Connecting…' : 'Resuming after record ' + live.lastId + '…');
+    liveStatus('connecting', live.lastId === null ? 'Connecting…' : 'Resuming after record ' + live.lastId + '…');
     let restartAfter = 2000;
     try {
       const response = await call('/admin/audit/stream', params,
         { accept: 'text/event-stream', signal: controller.signal });
-      setStatus('live-status', 'Live: new records appear at the top.');
+      liveStatus('live', 'Live: new records appear at the top.');
       const reader = response.body.getReader();
       const decoder = new TextDecoder();
       let buffer = '';
@@ -387,11 +394,11 @@
           if (liveEvent(block) === 'lagged') restartAfter = 0;
         }
       }
-      if (restartAfter !== 0) setStatus('live-status', 'The server closed the stream; reconnecting…');
+      if (restartAfter !== 0) liveStatus('connecting', 'The server closed the stream; reconnecting…');
     } catch (error) {
       if (controller.signal.aborted) return;
       if (error.status === 401) return;
-      setStatus('live-status', 'Live tail: ' + error.message + '. Retrying…', true);
+      liveStatus('retrying', 'Live tail: ' + error.message + '. Retrying…');
       restartAfter = error.status === 404 || error.status === 403 ? 10000 : 2000;
     }
     if (live.controller !== controller) return;
@@ -429,7 +436,7 @@
       while (body.rows.length > LIVE_ROWS) body.deleteRow(body.rows.length - 1);
     } else if (type === 'lagged') {
       if (payload && payload.last_id !== null && payload.last_id !== undefined) live.lastId = payload.last_id;
-      setStatus('live-status', 'The tail fell behind; catching up from record ' + text(live.lastId) + '…');
+      liveStatus('connecting', 'The tail fell behind; catching up from record ' + text(live.lastId) + '…');
     }
     return type;
   }
@@ -845,7 +852,7 @@
       updateLiveButton();
       if (live.paused) {
         stopLive();
-        setStatus('live-status', 'Paused' + (live.lastId !== null ? ' after record ' + live.lastId : '')
+        liveStatus('paused', 'Paused' + (live.lastId !== null ? ' after record ' + live.lastId : '')
           + '; Resume continues from there.');
       } else {
         startLive();
