@@ -681,16 +681,18 @@ async fn docs_screenshot() {
     let audrey = auditor(&app, "audrey").await;
     let alice = app.new_user("alice").await;
     let bob = app.new_user("bob").await;
-    for (user, path) in [
-        (&alice, "/me"),
-        (&alice, "/ls?path=."),
-        (&bob, "/cat?path=notes.txt"),
-        (&alice, "/ls?path=projects"),
-        (&bob, "/me"),
-        (&alice, "/cat?path=report.csv"),
-        (&bob, "/ls?path=."),
+    for (user, method, path) in [
+        (&alice, Method::GET, "/me"),
+        (&alice, Method::PUT, "/write?path=notes/todo.txt"),
+        (&alice, Method::GET, "/ls?path=notes"),
+        (&bob, Method::GET, "/cat?path=report.csv"),
+        (&alice, Method::GET, "/cat?path=notes/todo.txt"),
+        (&bob, Method::PUT, "/write?path=report.csv"),
+        (&bob, Method::GET, "/cat?path=report.csv"),
+        (&alice, Method::DELETE, "/delete?path=notes"),
+        (&bob, Method::GET, "/ls?path=."),
     ] {
-        request_as(&app, user, path, Uuid::new_v4()).await;
+        send(app.request(method, path, &user.token).body("a line\n")).await;
     }
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/console.png");
     run("docs_screenshot", &app, async |page: &Session| {
@@ -704,6 +706,9 @@ async fn docs_screenshot() {
             }
         })
         .await;
+        // Folded filters leave room for the records.
+        page.click("#filters-panel > summary").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let png = page.client.screenshot().await.expect("screenshot");
         std::fs::create_dir_all(out.parent().expect("docs")).expect("docs/");
         std::fs::write(&out, png).expect("write the screenshot");

@@ -224,7 +224,13 @@
     for (const name of FILTERS) form.elements[name].value = values[name] || '';
   }
 
+  function countFilters() {
+    const count = Array.from(filterParams().keys()).length;
+    $('filters-count').textContent = count ? count + ' applied' : '';
+  }
+
   function filtersChanged() {
+    countFilters();
     search.loaded = false;
     if (currentView === 'search') runSearch();
     if (currentView === 'live') {
@@ -237,6 +243,7 @@
   // or the users list).
   function searchFor(values) {
     setFilters(values);
+    countFilters();
     if ($('detail').open) $('detail').close();
     search.loaded = false;
     if (location.hash !== '#search') location.hash = '#search';
@@ -585,7 +592,8 @@
       clear(writer);
       for (const name of ['audit_system', 'mode', 'database_status', 'queue_depth', 'rows_written',
         'spool_rows', 'rows_reduced', 'rejected_rows', 'last_write_at', 'last_checkpoint_at', 'last_error']) {
-        writer.append(el('div', {}, el('dt', {}, name), el('dd', { 'data-field': name }, text(status[name]) || '–')));
+        const value = name.endsWith('_at') ? shortTime(status[name]) : text(status[name]);
+        writer.append(el('div', {}, el('dt', {}, name), el('dd', { 'data-field': name }, value || '–')));
       }
       setStatus('integrity-status', 'Updated ' + new Date().toISOString().slice(11, 19) + ' UTC; refreshes every '
         + INTEGRITY_REFRESH_MS / 1000 + ' s while shown.');
@@ -600,6 +608,7 @@
     const summary = $('verify-summary');
     const body = $('verify-chains').tBodies[0];
     clear(body);
+    $('verify-chains').hidden = !verification || !(verification.chains || []).length;
     if (!verification) {
       summary.textContent = 'This server does not report continuous verification.';
       summary.dataset.outcome = 'unknown';
@@ -814,6 +823,8 @@
   }
 
   function start() {
+    // On a phone the filters start folded away.
+    if (window.matchMedia('(max-width: 700px)').matches) $('filters-panel').open = false;
     fillDatalist('action-type-options', ACTION_TYPES);
     fillDatalist('action-category-options', ACTION_CATEGORIES);
 
