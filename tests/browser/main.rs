@@ -15,6 +15,7 @@ mod harness;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use fantoccini::key::Key;
 use harness::{Session, run, wait_for};
 use nox_api::Config;
 use nox_testkit::{TEST_ADMIN_TOKEN, TestApp, TestUser, send, spawn_app, spawn_app_with};
@@ -133,7 +134,16 @@ async fn sign_in_filter_by_user_and_action_type_and_open_a_record() {
             if error.is_empty() { Err(error) } else { Ok(()) }
         })
         .await;
-        page.sign_in(&audrey.token).await;
+        // By keyboard: the token, then Enter.
+        page.type_into("#token", &format!("{}{}", audrey.token, Key::Enter))
+            .await;
+        wait_for("the console after signing in", || async {
+            match page.displayed("#app").await {
+                true => Ok(()),
+                false => Err(page.text("#signin-error").await),
+            }
+        })
+        .await;
         assert!(page.text("#whoami").await.contains("audrey (auditor)"));
         let kept = page
             .js("return sessionStorage.getItem('nox-console-token');", vec![])
@@ -166,14 +176,39 @@ async fn sign_in_filter_by_user_and_action_type_and_open_a_record() {
             if rows.len() == 1 { Ok(()) } else { Err(format!("{rows:?}")) }
         })
         .await;
-        page.click("#records tbody tr td.time button").await;
-        wait_for("the detail", || async {
+        // Opened by keyboard, closed with Escape, opened again.
+        let open_detail = || async {
+            page.find("#records tbody tr td.time button")
+                .await
+                .send_keys(&Key::Enter.to_string())
+                .await
+                .expect("Enter on the record");
+            wait_for("the detail", || async {
+                match page.displayed("#detail").await {
+                    true => Ok(()),
+                    false => Err("closed".to_owned()),
+                }
+            })
+            .await;
+        };
+        open_detail().await;
+        let focused = page.js("return document.activeElement.id;", vec![]).await;
+        assert_eq!(focused, json!("detail-close"), "focus moves into the detail");
+        page.client
+            .active_element()
+            .await
+            .expect("focus")
+            .send_keys(&Key::Escape.to_string())
+            .await
+            .expect("Escape");
+        wait_for("the detail to close", || async {
             match page.displayed("#detail").await {
-                true => Ok(()),
-                false => Err("closed".to_owned()),
+                false => Ok(()),
+                true => Err("open".to_owned()),
             }
         })
         .await;
+        open_detail().await;
         let record = logs(&app, &format!("request_id={encoded}")).await.remove(0);
         let fields: BTreeSet<String> = page
             .attributes("#detail-fields > div", "data-field")
