@@ -379,11 +379,19 @@
     live.running = true;
     const controller = new AbortController();
     live.controller = controller;
-    const params = filterParams();
-    if (live.lastId !== null) params.set('after', String(live.lastId));
     liveStatus('connecting', live.lastId === null ? 'Connecting…' : 'Resuming after record ' + live.lastId + '…');
     let restartAfter = 2000;
     try {
+      if (live.lastId === null) {
+        // Start from the chain's head, so that a pause before the first
+        // record still resumes without a gap.
+        const status = await callJson('/admin/audit/status');
+        const head = status.chains && status.chains.audit_actions;
+        if (controller.signal.aborted) return;
+        if (head && typeof head.seq === 'number') live.lastId = head.seq;
+      }
+      const params = filterParams();
+      if (live.lastId !== null) params.set('after', String(live.lastId));
       const response = await call('/admin/audit/stream', params,
         { accept: 'text/event-stream', signal: controller.signal });
       liveStatus('live', 'Live: new records appear at the top.');
