@@ -252,6 +252,15 @@ async fn sign_in_filter_by_user_and_action_type_and_open_a_record() {
             .await;
         assert_eq!(kept, Value::Null);
         assert!(page.displayed("#signin").await);
+        assert!(page.attributes("#records tbody tr", "data-id").await.is_empty());
+        // Signing in again (same page) searches afresh.
+        page.type_into("#token", &format!("{}{}", audrey.token, Key::Enter))
+            .await;
+        wait_for("the records after signing in again", || async {
+            let rows = page.search_rows().await;
+            if rows.is_empty() { Err("none".to_owned()) } else { Ok(()) }
+        })
+        .await;
     })
     .await;
 }

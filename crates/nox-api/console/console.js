@@ -159,8 +159,11 @@
   }
 
   function signOut(message) {
-    stopLive();
+    resetLive();
     stopIntegrityRefresh();
+    search.loaded = false;
+    search.generation += 1;
+    currentView = null;
     sessionStorage.removeItem(TOKEN_KEY);
     token = null;
     me = null;
