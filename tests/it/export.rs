@@ -323,7 +323,8 @@ async fn an_empty_csv_export_still_has_its_header() {
 async fn eventually_count(app: &TestApp, sql: &str, expected: i64) {
     let client = app.db.client().await;
     let mut count = -1;
-    for _ in 0..50 {
+    // Patient: the whole suite shares two cores.
+    for _ in 0..300 {
         count = client.query_one(sql, &[]).await.expect("count").get(0);
         if count == expected {
             return;

@@ -3,6 +3,7 @@
 mod admin_audit;
 mod audit;
 mod audit_logs;
+mod audit_stream;
 mod chain;
 mod console;
 mod deploy;

@@ -30,7 +30,9 @@ pub fn api(state: &AppState) -> web::Data<AuditApi> {
     .clock(Arc::clone(&state.audit_config.clock))
     .exports(Arc::clone(&state.exports))
     .work_runtime(state.work_runtime.clone())
-    .user_names(users);
+    .user_names(users)
+    .commit_feed(state.commit_feed.clone())
+    .stream_limits(state.stream_limits.clone());
     web::Data::new(api)
 }
 

@@ -295,6 +295,16 @@ pub struct Config {
     #[arg(long, env = "NOX_EXPORT_CONCURRENCY", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub export_concurrency: u32,
 
+    /// Live audit streams (`/admin/audit/stream`) open at once; more get
+    /// 503. Each holds a request slot (`NOX_MAX_INFLIGHT`) while open.
+    #[arg(long, env = "NOX_AUDIT_STREAM_MAX", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub audit_stream_max: u32,
+
+    /// Seconds a live stream's client may leave its full buffer unread
+    /// before it is cut off with a `lagged` event.
+    #[arg(long, env = "NOX_AUDIT_STREAM_STALL_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub audit_stream_stall_secs: u64,
+
     /// `durable`: a response is sent only once its audit record is committed
     /// (or spooled to disk); `buffered`: responses do not wait for the
     /// record; `off`: no audit records at all (benchmarks only).

@@ -36,6 +36,7 @@ pub const MIGRATIONS: &[Migration] = &[
     nox_audit_store::schema::AUDIT_CHAIN_ADVANCE,
     nox_audit_store::schema::AUDIT_COMMAND_TEXT,
     RUN_UIDS,
+    nox_audit_store::schema::AUDIT_COMMIT_NOTIFY,
 ];
 
 #[cfg(test)]

@@ -227,12 +227,14 @@ impl ShutdownSignals {
     /// Waits for a signal, then stops the server gracefully: it stops
     /// accepting and lets in-flight requests finish within the shutdown
     /// timeout.
-    pub async fn stop_server_on_signal(mut self, handle: ServerHandle) {
+    pub async fn stop_server_on_signal(mut self, handle: ServerHandle, state: web::Data<AppState>) {
         let name = tokio::select! {
             _ = self.term.recv() => "SIGTERM",
             _ = self.int.recv() => "SIGINT",
         };
         tracing::info!(signal = name, "shutting down gracefully");
+        // Live audit streams never end on their own.
+        state.commit_feed.close();
         handle.stop(true).await;
     }
 }
@@ -272,7 +274,7 @@ pub async fn run_server(config: Config, metrics: Option<PrometheusHandle>) -> an
     let address = listener.local_addr()?;
     let server = serve(listener, state.clone(), &config)?;
     tracing::info!("listening on http://{address}");
-    tokio::spawn(signals.stop_server_on_signal(server.handle()));
+    tokio::spawn(signals.stop_server_on_signal(server.handle(), state.clone()));
     server.await.context("the HTTP server failed")?;
 
     // Write every queued audit record (and replay the spool if possible)

@@ -21,6 +21,8 @@ use nox_sandbox::Workspaces;
 use crate::admission::InFlight;
 use crate::config::Config;
 use crate::db::Database;
+use nox_audit_store::commit_feed::CommitFeed;
+use nox_audit_web::StreamLimits;
 use crate::free_space::FreeSpaceFloor;
 use crate::openapi;
 use crate::routes::health;
@@ -64,6 +66,11 @@ pub struct AppState {
     pub openapi: String,
     /// `GET /health`'s database probe, one at a time.
     pub health_probe: health::DatabaseProbe,
+    /// Commits of the audit trail as any server makes them, for the live
+    /// stream (one connection of its own; closed at shutdown).
+    pub commit_feed: CommitFeed,
+    /// `NOX_AUDIT_STREAM_MAX`, `NOX_AUDIT_STREAM_STALL_SECS`.
+    pub stream_limits: StreamLimits,
 }
 
 impl AppState {
@@ -161,6 +168,12 @@ impl AppState {
             checkpointer,
             openapi: openapi::render(),
             health_probe: health::DatabaseProbe::default(),
+            commit_feed: start_commit_feed(database),
+            stream_limits: StreamLimits {
+                max_streams: config.audit_stream_max as usize,
+                stall: std::time::Duration::from_secs(config.audit_stream_stall_secs),
+                ..StreamLimits::default()
+            },
         };
         Ok((
             state,
@@ -171,6 +184,18 @@ impl AppState {
             },
         ))
     }
+}
+
+/// How often the commit feed reads the chain's head besides listening: the
+/// longest a lost notification delays the live stream.
+const COMMIT_FEED_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn start_commit_feed(database: &Database) -> CommitFeed {
+    let mut pg_config = database.pg_config.clone();
+    if pg_config.get_application_name().is_none() {
+        pg_config.application_name("nox-commit-feed");
+    }
+    CommitFeed::start(pg_config, COMMIT_FEED_POLL)
 }
 
 /// The writer needs one connection; a second lets a spool replay and a

@@ -239,11 +239,18 @@ where
                 Ok(bytes) => (bytes.clone(), BoxBody::new(bytes)),
                 Err(body) if is_head || body.size() == BodySize::Sized(0) => (Bytes::new(), body),
                 Err(body) => {
+                    // A client knows a chunked body is complete by its end
+                    // marker, sent after the commit; a sized one (or any
+                    // body to HTTP/1.0, read to the close) by its bytes.
+                    let hold_last = durable
+                        && (matches!(body.size(), BodySize::Sized(_))
+                            || http_request.version() < actix_web::http::Version::HTTP_11);
                     let body = AuditBody {
                         inner: body,
                         pending: Some(pending),
                         sink,
                         durable,
+                        hold_last,
                         sent: 0,
                         held: None,
                         committing: None,
@@ -401,14 +408,18 @@ impl Drop for Unfinished {
 }
 
 /// A streamed response body: counts what is sent and completes the record
-/// when the body ends. In durable mode the last chunk is held back until the
-/// record is committed, so a client never has the whole response of a
-/// request that left no record.
+/// when the body ends. In durable mode the end of the response waits for
+/// the commit, so a client never has the whole response of a request that
+/// left no record: the end marker of a chunked body, or the last chunk of a
+/// sized one. Chunks before flow at once (a live stream's events are not
+/// held back until the next one).
 struct AuditBody {
     inner: BoxBody,
     pending: Option<PendingRecord>,
     sink: AuditSink,
     durable: bool,
+    /// Hold each chunk until the next one shows it was not the last.
+    hold_last: bool,
     sent: u64,
     held: Option<Bytes>,
     committing: Option<LocalBoxFuture<'static, Result<(), SinkError>>>,
@@ -450,7 +461,7 @@ impl MessageBody for AuditBody {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(chunk))) => {
                     this.sent += chunk.len() as u64;
-                    if !this.durable {
+                    if !this.hold_last {
                         return Poll::Ready(Some(Ok(chunk)));
                     }
                     if let Some(previous) = this.held.replace(chunk) {

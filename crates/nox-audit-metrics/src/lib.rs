@@ -78,6 +78,8 @@ pub const AUDIT_SPOOL_ROWS: &str = "nox_audit_spool_rows";
 pub const AUDIT_DROPPED_TOTAL: &str = "nox_audit_dropped_total";
 pub const AUDIT_ROWS_REDUCED_TOTAL: &str = "nox_audit_rows_reduced_total";
 pub const AUDIT_REJECTED_TOTAL: &str = "nox_audit_rejected_total";
+pub const AUDIT_STREAMS_OPEN: &str = "nox_audit_streams_open";
+pub const AUDIT_STREAM_LAGGED_TOTAL: &str = "nox_audit_stream_lagged_total";
 
 /// Every audit family, with its type. (A service exports its own families
 /// beside these: Nox's are in `nox_api::metrics`.)
@@ -96,6 +98,8 @@ pub const FAMILIES: &[(&str, &str)] = &[
     (AUDIT_DROPPED_TOTAL, "counter"),
     (AUDIT_ROWS_REDUCED_TOTAL, "counter"),
     (AUDIT_REJECTED_TOTAL, "counter"),
+    (AUDIT_STREAMS_OPEN, "gauge"),
+    (AUDIT_STREAM_LAGGED_TOTAL, "counter"),
 ];
 
 /// Buckets for durations in seconds (audit writes; Nox uses them for HTTP and
@@ -160,6 +164,11 @@ pub fn describe() {
         AUDIT_DROPPED_TOTAL,
         "Audit records lost: buffered records neither the database nor the spool could take. Must stay 0."
     );
+    describe_gauge!(AUDIT_STREAMS_OPEN, "Live audit streams open.");
+    describe_counter!(
+        AUDIT_STREAM_LAGGED_TOTAL,
+        "Live audit streams cut off because their client stopped reading."
+    );
     counter!(AUDIT_DROPPED_TOTAL).absolute(0);
     counter!(AUDIT_REJECTED_TOTAL).absolute(0);
     counter!(AUDIT_ROWS_REDUCED_TOTAL).absolute(0);
@@ -168,6 +177,8 @@ pub fn describe() {
     counter!(AUDIT_ROWS_WRITTEN_TOTAL).absolute(0);
     gauge!(AUDIT_QUEUE_DEPTH).set(0.0);
     gauge!(AUDIT_SPOOL_ROWS).set(0.0);
+    gauge!(AUDIT_STREAMS_OPEN).set(0.0);
+    counter!(AUDIT_STREAM_LAGGED_TOTAL).absolute(0);
 }
 
 /// The per-record audit series, with their handles resolved once per label

@@ -47,6 +47,7 @@ mod filter;
 mod json_time;
 mod logs;
 mod stats;
+mod stream;
 
 pub use activity::{
     ActivityQuery, AdminActionRow, AdminActionsQuery, DailySummary, EndpointCount, SummariesQuery,
@@ -57,6 +58,7 @@ pub use error::{ErrorKind, QueryError};
 pub use export::{ByteStream, EXPORT_PARAMS, ExportQuery, Statement};
 pub use filter::{FILTERS, Filters, Param, days_back, parse_bool, refuse_nul};
 pub use logs::{LogsPage, LogsQuery, PAGING, logs};
+pub use stream::{SCAN_SPAN, STREAM_PARAMS, StreamPage, StreamQuery};
 pub use stats::{
     ChainHead, ChainState, TodayStats, chain_state, checkpoint_limit, checkpoints, today,
 };

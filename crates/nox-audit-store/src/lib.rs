@@ -83,6 +83,7 @@
 
 pub mod admin_actions;
 pub mod checkpoints;
+pub mod commit_feed;
 pub mod migrate;
 pub mod pool;
 pub mod retention;

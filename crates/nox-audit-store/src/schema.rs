@@ -40,6 +40,12 @@ pub const AUDIT_COMMAND_TEXT: Migration = Migration {
     sql: include_str!("../migrations/0008_audit_command_text.sql"),
 };
 
+pub const AUDIT_COMMIT_NOTIFY: Migration = Migration {
+    version: 10,
+    name: "audit_commit_notify",
+    sql: include_str!("../migrations/0010_audit_commit_notify.sql"),
+};
+
 /// Every audit migration, in version order.
 pub const MIGRATIONS: &[Migration] = &[
     ADMIN_ACTIONS,
@@ -48,4 +54,5 @@ pub const MIGRATIONS: &[Migration] = &[
     AUDIT_SESSION_INDEX,
     AUDIT_CHAIN_ADVANCE,
     AUDIT_COMMAND_TEXT,
+    AUDIT_COMMIT_NOTIFY,
 ];

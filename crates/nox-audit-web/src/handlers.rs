@@ -50,6 +50,7 @@ pub async fn status(
         "last_error": sink.last_error(),
         "chains": chains.heads,
         "last_checkpoint_at": nox_audit_export::rfc3339_json(chains.last_checkpoint_at),
+        "streams_open": api.streams.open_count(),
     })))
 }
 

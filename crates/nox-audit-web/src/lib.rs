@@ -41,6 +41,7 @@ mod error;
 pub mod export;
 pub mod handlers;
 mod query_params;
+pub mod stream;
 
 use std::sync::Arc;
 
@@ -50,11 +51,13 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use nox_audit_model::{Clock, SystemClock};
 use nox_audit_query::UserNames;
 use nox_audit_store::checkpoints::Checkpointer;
+use nox_audit_store::commit_feed::CommitFeed;
 use nox_audit_store::{AuditMode, AuditSink};
 use tokio::sync::Semaphore;
 
 pub use authorize::{Access, Authorize, Reader};
 pub use error::{ErrorBody, WebError};
+pub use stream::StreamLimits;
 
 /// Everything the endpoints use, shared by every worker (add it as
 /// `web::Data<AuditApi>`).
@@ -70,6 +73,7 @@ pub struct AuditApi {
     exports: Arc<Semaphore>,
     work_runtime: Option<tokio::runtime::Handle>,
     user_names: Option<UserNames>,
+    streams: stream::Streams,
 }
 
 impl std::fmt::Debug for AuditApi {
@@ -103,6 +107,7 @@ impl AuditApi {
             exports: Arc::new(Semaphore::new(2)),
             work_runtime: None,
             user_names: None,
+            streams: stream::Streams::new(None, StreamLimits::default()),
         }
     }
 
@@ -143,6 +148,27 @@ impl AuditApi {
         self
     }
 
+    /// The live stream's source of commits; without one the stream
+    /// endpoint answers 503.
+    pub fn commit_feed(mut self, feed: CommitFeed) -> Self {
+        self.streams = stream::Streams::new(Some(feed), self.streams.limits().clone());
+        self
+    }
+
+    /// The live stream's bounds (set before [`AuditApi::commit_feed`] or
+    /// after; both are kept).
+    pub fn stream_limits(mut self, limits: StreamLimits) -> Self {
+        self.streams = stream::Streams::new(self.streams.feed().cloned(), limits);
+        self
+    }
+
+    /// Ends every open live stream and refuses new ones: call when the
+    /// server starts shutting down (a stream otherwise never ends, and a
+    /// graceful shutdown would wait for it).
+    pub fn close_streams(&self) {
+        self.streams.close_all();
+    }
+
     /// The embedder's user table, for names beside user ids.
     pub fn user_names(mut self, users: UserNames) -> Self {
         self.user_names = Some(users);
@@ -157,6 +183,7 @@ pub fn services(config: &mut web::ServiceConfig) {
     config
         .service(logs)
         .service(export::export)
+        .service(stream::stream)
         .service(status)
         .service(checkpoints)
         .service(stats)
