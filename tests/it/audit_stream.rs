@@ -100,7 +100,8 @@ impl Events {
             match tokio::time::timeout_at(deadline, self.body.next()).await {
                 Ok(Some(chunk)) => {
                     let chunk = chunk.expect("the stream continues");
-                    self.pending.push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
+                    self.pending
+                        .push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
                 }
                 Ok(None) => return None,
                 Err(_) => panic!("no event within {PATIENCE:?}"),
@@ -173,7 +174,12 @@ async fn matching_records_arrive_once_committed_and_others_do_not() {
     for _ in 0..3 {
         let response = app.get_as("/ls", &alice.token).await;
         assert_eq!(response.status(), StatusCode::OK);
-        request_ids.push(response.headers()["x-request-id"].to_str().unwrap().to_owned());
+        request_ids.push(
+            response.headers()["x-request-id"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
         // Durable: the row is committed before the response; it reaches the
         // stream without any further request.
         let event = stream.records(1).await.remove(0);
@@ -224,7 +230,12 @@ async fn a_subscriber_on_one_server_sees_what_another_server_writes() {
     let mut expected = Vec::new();
     for _ in 0..5 {
         let response = writer.get_as("/me", ADMIN).await;
-        expected.push(response.headers()["x-request-id"].to_str().unwrap().to_owned());
+        expected.push(
+            response.headers()["x-request-id"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
     let events = stream.records(5).await;
     let got: Vec<String> = events
@@ -323,7 +334,8 @@ async fn a_client_that_stops_reading_is_cut_off_with_lagged_and_can_resume() {
     assert_eq!(lagged["last_id"].as_i64(), received.last().copied());
 
     // Resuming from there yields the rest, in order.
-    let mut resumed = Events::open(&app, &format!("user_id={marker}"), received.last().copied()).await;
+    let mut resumed =
+        Events::open(&app, &format!("user_id={marker}"), received.last().copied()).await;
     let rest = resumed.records(written - received.len()).await;
     assert_eq!(record_ids(&rest), ids[received.len()..]);
 }
@@ -352,7 +364,11 @@ async fn users_are_refused_and_bad_resume_points_are_400() {
             request = request.header("Last-Event-ID", header);
         }
         let response = request.send().await.unwrap();
-        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{query} {header:?}");
+        assert_eq!(
+            response.status(),
+            StatusCode::BAD_REQUEST,
+            "{query} {header:?}"
+        );
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["code"], "invalid_parameter", "{body}");
     }
@@ -369,8 +385,8 @@ async fn opening_and_closing_a_stream_are_audited_but_events_are_not() {
     let text = read_until(&mut socket, "event: record", 2).await;
     let last_id: i64 = text
         .lines()
-        .filter_map(|line| line.strip_prefix("id: ")?.parse().ok())
-        .last()
+        .rev()
+        .find_map(|line| line.strip_prefix("id: ")?.parse().ok())
         .unwrap();
     // A reset, which the server notices at once (a FIN only at the next
     // write: the keep-alive comment).

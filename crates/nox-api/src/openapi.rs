@@ -51,6 +51,7 @@ use crate::state::AppState;
         crate::routes::quotas::admin_reset,
         nox_audit_web::handlers::logs,
         nox_audit_web::export::export,
+        nox_audit_web::stream::stream,
         nox_audit_web::handlers::status,
         nox_audit_web::handlers::checkpoints,
         nox_audit_web::handlers::stats,

@@ -21,8 +21,6 @@ use nox_sandbox::Workspaces;
 use crate::admission::InFlight;
 use crate::config::Config;
 use crate::db::Database;
-use nox_audit_store::commit_feed::CommitFeed;
-use nox_audit_web::StreamLimits;
 use crate::free_space::FreeSpaceFloor;
 use crate::openapi;
 use crate::routes::health;
@@ -31,6 +29,8 @@ use crate::run_service::RunService;
 use crate::server::{Background, CheckpointTask, start_quota_book, start_rate_limits};
 use crate::taxonomy::NOX_TAXONOMY;
 use crate::telemetry::Console;
+use nox_audit_store::commit_feed::CommitFeed;
+use nox_audit_web::StreamLimits;
 
 /// State shared by every worker.
 #[derive(Debug)]

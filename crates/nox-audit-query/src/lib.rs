@@ -58,10 +58,10 @@ pub use error::{ErrorKind, QueryError};
 pub use export::{ByteStream, EXPORT_PARAMS, ExportQuery, Statement};
 pub use filter::{FILTERS, Filters, Param, days_back, parse_bool, refuse_nul};
 pub use logs::{LogsPage, LogsQuery, PAGING, logs};
-pub use stream::{SCAN_SPAN, STREAM_PARAMS, StreamPage, StreamQuery};
 pub use stats::{
     ChainHead, ChainState, TodayStats, chain_state, checkpoint_limit, checkpoints, today,
 };
+pub use stream::{SCAN_SPAN, STREAM_PARAMS, StreamPage, StreamQuery};
 
 /// The embedder's user table, for the names beside user ids (`/logs`'
 /// `user_name`, the activity's `name`). Without one those are null.

@@ -173,9 +173,86 @@ mod tests {
     fn only_the_actions_chain_s_announcements_count() {
         assert_eq!(announced_seq("audit_actions 5 9"), Some(9));
         assert_eq!(announced_seq("audit_admin_actions 5 9"), None);
-        for hostile in ["", "audit_actions", "audit_actions 5", "audit_actions 5 x", "audit_actions 5 9 1"] {
+        for hostile in [
+            "",
+            "audit_actions",
+            "audit_actions 5",
+            "audit_actions 5 x",
+            "audit_actions 5 9 1",
+        ] {
             assert_eq!(announced_seq(hostile), None, "{hostile:?}");
         }
+    }
+
+    /// Commits `n` records through a writer, as any server would.
+    async fn commit(db: &nox_testkit::TestDb, n: usize) {
+        let dir = tempfile::tempdir().unwrap();
+        // (Not the testkit's writer: that one is of another build of this
+        // crate.)
+        let pool = crate::build_pool(db.config.clone(), &crate::PoolOptions::default()).unwrap();
+        let writer = crate::AuditWriter::start(
+            pool,
+            crate::Spool::open(dir.path()).unwrap(),
+            Arc::new(nox_audit_model::SystemClock),
+            crate::WriterConfig::default(),
+        );
+        for _ in 0..n {
+            let record = nox_audit_model::ActionRecord::arrived(
+                uuid::Uuid::now_v7(),
+                time::OffsetDateTime::now_utc(),
+                "GET",
+                "/",
+            );
+            writer.sink().submit(record, true).await.unwrap();
+        }
+        writer.shutdown().await;
+    }
+
+    async fn wait_for(feed: &CommitFeed, seq: i64) {
+        let mut head = feed.subscribe();
+        let reached = head.wait_for(|head| head.is_some_and(|head| head >= seq));
+        tokio::time::timeout(Duration::from_secs(30), reached)
+            .await
+            .unwrap_or_else(|_| panic!("the feed never reached {seq}: {:?}", feed.head()))
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn commits_are_announced_and_a_lost_connection_only_delays() {
+        let db = nox_testkit::TestDb::new().await;
+        let mut pg_config = db.config.clone();
+        pg_config.application_name("commit-feed-test");
+        // Polling once an hour: only a notification can move the head.
+        let feed = CommitFeed::start(pg_config.clone(), Duration::from_secs(3600));
+        wait_for(&feed, 0).await;
+        commit(&db, 3).await;
+        wait_for(&feed, 3).await;
+
+        // The feed's connection dies; what commits meanwhile is found when
+        // it reconnects (and reads the head).
+        let client = db.client().await;
+        let killed: i64 = client
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE application_name = 'commit-feed-test'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(killed, 1);
+        commit(&db, 2).await;
+        wait_for(&feed, 5).await;
+
+        // Closing ends every receiver.
+        let mut receiver = feed.subscribe();
+        feed.close();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while receiver.changed().await.is_ok() {}
+        })
+        .await
+        .expect("receivers see the feed close");
+        assert!(feed.is_closed());
     }
 
     #[test]
