@@ -77,6 +77,8 @@ fn the_alert_rules_use_only_exported_metrics_and_cover_the_essentials() {
         "nox_audit_dropped_total",
         "nox_http_requests_total",
         "nox_quota_violations_total",
+        "nox_audit_verify_failures_total",
+        "nox_audit_verify_last_success_timestamp_seconds",
     ] {
         assert!(watched.contains(essential), "no alert on {essential}");
     }

@@ -23,4 +23,5 @@ mod run;
 mod run_isolation;
 mod run_leaks;
 mod run_limits;
+mod verification;
 mod writer;

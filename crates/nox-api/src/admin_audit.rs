@@ -32,7 +32,8 @@ pub fn api(state: &AppState) -> web::Data<AuditApi> {
     .work_runtime(state.work_runtime.clone())
     .user_names(users)
     .commit_feed(state.commit_feed.clone())
-    .stream_limits(state.stream_limits.clone());
+    .stream_limits(state.stream_limits.clone())
+    .verification_interval(state.audit_verify_interval);
     web::Data::new(api)
 }
 

@@ -290,6 +290,13 @@ pub struct Config {
     #[arg(long, env = "NOX_AUDIT_CHECKPOINT_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub audit_checkpoint_secs: u64,
 
+    /// Seconds between continuous verifications of the audit hash chains
+    /// (the first at start): each chain from the last checkpoint a pass
+    /// verified to its head, one server at a time; results in
+    /// GET /admin/audit/status. 0: this server never verifies.
+    #[arg(long, env = "NOX_AUDIT_VERIFY_SECS", default_value_t = 300)]
+    pub audit_verify_secs: u64,
+
     /// Audit exports that may run at once (each holds a database connection
     /// while it streams); more get 503.
     #[arg(long, env = "NOX_EXPORT_CONCURRENCY", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -383,6 +390,11 @@ impl Config {
         Duration::from_millis(self.auth_cache_ttl_ms)
     }
 
+    /// `NOX_AUDIT_VERIFY_SECS`, none when 0 (off).
+    pub fn audit_verify_interval(&self) -> Option<Duration> {
+        (self.audit_verify_secs > 0).then(|| Duration::from_secs(self.audit_verify_secs))
+    }
+
     /// A configuration for tests and embedding: defaults, a free port and
     /// the given database.
     pub fn for_database(database_url: &str, data_dir: PathBuf) -> Config {
@@ -407,6 +419,17 @@ mod tests {
         assert_eq!(config.log_format, LogFormat::Text);
         assert!(!config.no_migrate);
         assert_eq!(config.cgroup_parent, PathBuf::from("/sys/fs/cgroup/nox"));
+        assert_eq!(
+            config.audit_verify_interval(),
+            Some(Duration::from_secs(300))
+        );
+    }
+
+    #[test]
+    fn a_verification_interval_of_zero_turns_it_off() {
+        let config =
+            Config::try_parse_from(["nox-server", "--audit-verify-secs", "0"]).expect("parses");
+        assert_eq!(config.audit_verify_interval(), None);
     }
 
     #[test]

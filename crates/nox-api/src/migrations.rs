@@ -37,6 +37,7 @@ pub const MIGRATIONS: &[Migration] = &[
     nox_audit_store::schema::AUDIT_COMMAND_TEXT,
     RUN_UIDS,
     nox_audit_store::schema::AUDIT_COMMIT_NOTIFY,
+    nox_audit_store::schema::AUDIT_VERIFICATIONS,
 ];
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The server's lifecycle: [`serve`], [`run_server`] (database, migrations,
 //! state, serving, shutdown), the shutdown signals, and the background tasks
 //! that outlive requests (audit writer, quota flushes, rate-limit upkeep,
-//! metrics upkeep, checkpoints).
+//! metrics upkeep, checkpoints, continuous verification).
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -16,6 +16,7 @@ use nox_audit_actix::Audit;
 use nox_audit_model::{Clock, SystemClock};
 use nox_audit_store::AuditWriter;
 use nox_audit_store::checkpoints::Checkpointer;
+use nox_audit_store::verify::ContinuousVerifier;
 use nox_quota::{QuotaBook, Rate, RateLimits};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
@@ -35,10 +36,17 @@ pub struct Background {
     pub audit_writer: AuditWriter,
     pub quotas: Arc<QuotaBook>,
     pub checkpoints: CheckpointTask,
+    /// The continuous verification (`NOX_AUDIT_VERIFY_SECS`), unless off.
+    pub verifier: Option<ContinuousVerifier>,
 }
 
 impl Background {
     pub async fn shutdown(self) {
+        // First: a pass under way is abandoned, not left reading while the
+        // database goes away.
+        if let Some(verifier) = self.verifier {
+            verifier.shutdown().await;
+        }
         if let Err(error) = self.quotas.flush().await {
             tracing::error!(%error, "the last quota counts could not be written");
         }

@@ -13,6 +13,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use nox_audit_actix::AuditConfig;
 use nox_audit_model::Clock;
 use nox_audit_store::checkpoints::Checkpointer;
+use nox_audit_store::verify::Verifier;
 use nox_audit_store::{AuditMode, AuditSink, AuditWriter, Spool, WriterConfig};
 use nox_auth::{Authenticator, Secret};
 use nox_quota::{QuotaBook, RateLimits};
@@ -62,6 +63,8 @@ pub struct AppState {
     pub exports: Arc<tokio::sync::Semaphore>,
     /// Signs checkpoints of the audit hash chains.
     pub checkpointer: Arc<Checkpointer>,
+    /// `NOX_AUDIT_VERIFY_SECS` (none: off), shown by the status endpoint.
+    pub audit_verify_interval: Option<std::time::Duration>,
     /// The OpenAPI document, rendered once.
     pub openapi: String,
     /// `GET /health`'s database probe, one at a time.
@@ -132,6 +135,13 @@ impl AppState {
             Arc::clone(&checkpointer),
             config.audit_checkpoint_secs,
         );
+        // Checkpoint signatures are checked against this server's own key.
+        let verifier = config.audit_verify_interval().map(|every| {
+            Ok::<_, anyhow::Error>(
+                Verifier::new(database.pool(1)?, checkpointer.public_key()).start(every),
+            )
+        });
+        let verifier = verifier.transpose()?;
         let audit_config = AuditConfig {
             taxonomy: NOX_TAXONOMY,
             // The console's files are never audited (its API calls are).
@@ -166,6 +176,7 @@ impl AppState {
                 config.export_concurrency as usize,
             )),
             checkpointer,
+            audit_verify_interval: config.audit_verify_interval(),
             openapi: openapi::render(),
             health_probe: health::DatabaseProbe::default(),
             commit_feed: start_commit_feed(database),
@@ -181,6 +192,7 @@ impl AppState {
                 audit_writer,
                 quotas,
                 checkpoints,
+                verifier,
             },
         ))
     }

@@ -11,7 +11,8 @@
 //! [`describe`] registers the HELP text (and the series that must read 0
 //! from the start); [`AuditMetrics::record`] counts one audited request
 //! (`nox-audit-store`'s sink calls it for every record submitted); the
-//! `record_*` and `set_*` functions are the writer's. [`FAMILIES`]
+//! `record_*` and `set_*` functions are the writer's and (`*verif*`) the
+//! continuous verification's. [`FAMILIES`]
 //! lists every family with its type, and [`SECONDS_BUCKETS`] and
 //! [`BATCH_ROWS_BUCKETS`] are the buckets Nox gives its histograms.
 //!
@@ -78,6 +79,10 @@ pub const AUDIT_SPOOL_ROWS: &str = "nox_audit_spool_rows";
 pub const AUDIT_DROPPED_TOTAL: &str = "nox_audit_dropped_total";
 pub const AUDIT_ROWS_REDUCED_TOTAL: &str = "nox_audit_rows_reduced_total";
 pub const AUDIT_REJECTED_TOTAL: &str = "nox_audit_rejected_total";
+pub const AUDIT_VERIFY_RUNS_TOTAL: &str = "nox_audit_verify_runs_total";
+pub const AUDIT_VERIFY_FAILURES_TOTAL: &str = "nox_audit_verify_failures_total";
+pub const AUDIT_VERIFY_LAST_SUCCESS: &str = "nox_audit_verify_last_success_timestamp_seconds";
+pub const AUDIT_VERIFY_INTERVAL: &str = "nox_audit_verify_interval_seconds";
 pub const AUDIT_STREAMS_OPEN: &str = "nox_audit_streams_open";
 pub const AUDIT_STREAM_LAGGED_TOTAL: &str = "nox_audit_stream_lagged_total";
 
@@ -98,9 +103,16 @@ pub const FAMILIES: &[(&str, &str)] = &[
     (AUDIT_DROPPED_TOTAL, "counter"),
     (AUDIT_ROWS_REDUCED_TOTAL, "counter"),
     (AUDIT_REJECTED_TOTAL, "counter"),
+    (AUDIT_VERIFY_RUNS_TOTAL, "counter"),
+    (AUDIT_VERIFY_FAILURES_TOTAL, "counter"),
+    (AUDIT_VERIFY_LAST_SUCCESS, "gauge"),
+    (AUDIT_VERIFY_INTERVAL, "gauge"),
     (AUDIT_STREAMS_OPEN, "gauge"),
     (AUDIT_STREAM_LAGGED_TOTAL, "counter"),
 ];
+
+/// The outcomes `nox_audit_verify_runs_total` counts passes by.
+pub const VERIFY_OUTCOMES: [&str; 4] = ["ok", "failed", "error", "skipped"];
 
 /// Buckets for durations in seconds (audit writes; Nox uses them for HTTP and
 /// runs too).
@@ -163,6 +175,24 @@ pub fn describe() {
     describe_counter!(
         AUDIT_DROPPED_TOTAL,
         "Audit records lost: buffered records neither the database nor the spool could take. Must stay 0."
+    );
+    describe_counter!(
+        AUDIT_VERIFY_RUNS_TOTAL,
+        "Continuous verification passes by outcome: ok, failed (a chain does not verify), error, skipped (another server held the lock)."
+    );
+    describe_counter!(
+        AUDIT_VERIFY_FAILURES_TOTAL,
+        "Continuous verification passes that found the chain broken, by chain."
+    );
+    describe_gauge!(
+        AUDIT_VERIFY_LAST_SUCCESS,
+        Unit::Seconds,
+        "Unix time when every chain last verified, whichever server verified it (0: not yet)."
+    );
+    describe_gauge!(
+        AUDIT_VERIFY_INTERVAL,
+        Unit::Seconds,
+        "Seconds between this server's verification passes (absent when it does not verify)."
     );
     describe_gauge!(AUDIT_STREAMS_OPEN, "Live audit streams open.");
     describe_counter!(
@@ -361,6 +391,34 @@ pub fn set_queue_depth(depth: usize) {
 
 pub fn set_spool_rows(rows: u64) {
     gauge!(AUDIT_SPOOL_ROWS).set(rows as f64);
+}
+
+/// A continuous verification starts: its interval, and every series at 0
+/// (`increase()` misses a series' first count), the last success unknown.
+pub fn verification_started(chains: &[&str], interval_secs: f64) {
+    gauge!(AUDIT_VERIFY_INTERVAL).set(interval_secs);
+    gauge!(AUDIT_VERIFY_LAST_SUCCESS).set(0.0);
+    for outcome in VERIFY_OUTCOMES {
+        counter!(AUDIT_VERIFY_RUNS_TOTAL, "outcome" => outcome).absolute(0);
+    }
+    for chain in chains {
+        counter!(AUDIT_VERIFY_FAILURES_TOTAL, "chain" => chain.to_string()).absolute(0);
+    }
+}
+
+/// One verification pass ended (or was skipped): one of [`VERIFY_OUTCOMES`].
+pub fn record_verification_run(outcome: &'static str) {
+    counter!(AUDIT_VERIFY_RUNS_TOTAL, "outcome" => outcome).increment(1);
+}
+
+/// A verification pass found `chain` broken.
+pub fn record_verification_failure(chain: &str) {
+    counter!(AUDIT_VERIFY_FAILURES_TOTAL, "chain" => chain.to_owned()).increment(1);
+}
+
+/// When every chain last verified, in Unix seconds.
+pub fn set_last_verified_at(unix_secs: f64) {
+    gauge!(AUDIT_VERIFY_LAST_SUCCESS).set(unix_secs);
 }
 
 #[cfg(test)]

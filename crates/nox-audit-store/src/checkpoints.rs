@@ -148,25 +148,29 @@ impl Checkpoint {
     ) -> Result<Vec<Checkpoint>, tokio_postgres::Error> {
         let rows = client
             .query(
-                &format!(
-                    "SELECT chain, seq, row_hash, \"timestamp\", reason, public_key, signature
-                     FROM audit_checkpoints {order}"
-                ),
+                &format!("SELECT {} FROM audit_checkpoints {order}", Self::COLUMNS),
                 params,
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|row| Checkpoint {
-                chain: row.get(0),
-                seq: row.get(1),
-                row_hash: hash32(row.get(2)),
-                timestamp: row.get(3),
-                reason: row.get(4),
-                public_key: row.get::<_, &[u8]>(5).try_into().unwrap_or([0; 32]),
-                signature: row.get::<_, &[u8]>(6).try_into().unwrap_or([0; 64]),
-            })
-            .collect())
+        Ok(rows.iter().map(Checkpoint::from_row).collect())
+    }
+
+    /// The columns [`Checkpoint::from_row`] reads, in its order.
+    pub(crate) const COLUMNS: &str =
+        "chain, seq, row_hash, \"timestamp\", reason, public_key, signature";
+
+    /// A row of [`Checkpoint::COLUMNS`] (a field of the wrong length, which
+    /// the writer never stores, reads as zeros and so never verifies).
+    pub(crate) fn from_row(row: &tokio_postgres::Row) -> Checkpoint {
+        Checkpoint {
+            chain: row.get(0),
+            seq: row.get(1),
+            row_hash: hash32(row.get(2)),
+            timestamp: row.get(3),
+            reason: row.get(4),
+            public_key: row.get::<_, &[u8]>(5).try_into().unwrap_or([0; 32]),
+            signature: row.get::<_, &[u8]>(6).try_into().unwrap_or([0; 64]),
+        }
     }
 
     /// Reads a `checkpoints.log` file: one JSON checkpoint per line.

@@ -9,7 +9,9 @@
 //! - [`admin_actions`]: recording admin mutations inside the caller's
 //!   transaction.
 //! - [`checkpoints`]: the hash chains' heads and signed checkpoints;
-//!   [`verify`] recomputes the chains.
+//!   [`verify`] recomputes the chains, whole or continuously
+//!   ([`verify::Verifier`]: one server at a time, from the last verified
+//!   checkpoint, results in `audit_verifications`).
 //! - [`writer`]: the batched, never-dropping writer of `audit_actions`, with
 //!   its [`spool`] and [`sessions`] tracking.
 //! - [`summaries`]: rebuilding and checking the daily rollups.

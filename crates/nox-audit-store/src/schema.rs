@@ -46,6 +46,12 @@ pub const AUDIT_COMMIT_NOTIFY: Migration = Migration {
     sql: include_str!("../migrations/0010_audit_commit_notify.sql"),
 };
 
+pub const AUDIT_VERIFICATIONS: Migration = Migration {
+    version: 11,
+    name: "audit_verifications",
+    sql: include_str!("../migrations/0011_audit_verifications.sql"),
+};
+
 /// Every audit migration, in version order.
 pub const MIGRATIONS: &[Migration] = &[
     ADMIN_ACTIONS,
@@ -55,4 +61,5 @@ pub const MIGRATIONS: &[Migration] = &[
     AUDIT_CHAIN_ADVANCE,
     AUDIT_COMMAND_TEXT,
     AUDIT_COMMIT_NOTIFY,
+    AUDIT_VERIFICATIONS,
 ];

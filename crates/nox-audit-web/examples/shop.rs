@@ -1,7 +1,7 @@
 //! A small service of its own that keeps a Nox audit trail and serves it:
 //! two routes of its own, the audit middleware with its own taxonomy, and
 //! the admin audit endpoints (search, statistics, export) behind its own
-//! authorization hook.
+//! authorization hook, and the continuous verification of its hash chains.
 //!
 //! ```sh
 //! DATABASE_URL=postgres://postgres@127.0.0.1/postgres SHOP_AUDITOR_TOKEN=s3cret-auditor-token \
@@ -18,6 +18,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::{HttpRequest, HttpResponse, get, post, web};
 use anyhow::Context;
@@ -25,6 +26,7 @@ use nox_audit_actix::{Audit, AuditConfig, record};
 use nox_audit_model::SystemClock;
 use nox_audit_model::taxonomy::{ActionKind, RouteMatch, Rule, Taxonomy};
 use nox_audit_store::checkpoints::Checkpointer;
+use nox_audit_store::verify::{ContinuousVerifier, Verifier};
 use nox_audit_store::{
     AuditWriter, Migrator, PoolOptions, Spool, WriterConfig, build_pool, schema,
 };
@@ -111,11 +113,15 @@ impl Authorize for Auditors {
     }
 }
 
-/// The running pieces: the writer (shut it down last), the middleware and
-/// the audit endpoints' state.
+/// How often the hash chains are verified (the first time at start).
+const VERIFY_EVERY: Duration = Duration::from_secs(60);
+
+/// The running pieces: the writer (shut it down last), the verification,
+/// the middleware and the audit endpoints' state.
 #[derive(Debug)]
 pub struct Shop {
     pub writer: AuditWriter,
+    pub verifier: ContinuousVerifier,
     pub audit: Audit,
     pub api: web::Data<AuditApi>,
 }
@@ -160,9 +166,12 @@ pub async fn start(
     let auditors = Auditors {
         token_sha256: sha256(&auditor_token),
     };
-    let api = AuditApi::new(pool, writer.sink(), Arc::new(checkpointer), auditors);
+    let verifier = Verifier::new(pool.clone(), checkpointer.public_key()).start(VERIFY_EVERY);
+    let api = AuditApi::new(pool, writer.sink(), Arc::new(checkpointer), auditors)
+        .verification_interval(Some(VERIFY_EVERY));
     Ok(Shop {
         writer,
+        verifier,
         audit,
         api: web::Data::new(api),
     })
@@ -194,6 +203,7 @@ async fn main() -> anyhow::Result<()> {
     .bind(("127.0.0.1", 8090))?
     .run()
     .await?;
+    shop.verifier.shutdown().await;
     shop.writer.shutdown().await;
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use actix_web::{HttpRequest, HttpResponse, get, web};
 use nox_audit_query::{ActivityQuery, LogsQuery, checkpoint_limit};
+use nox_audit_store::verify::{Outcome, VerificationStatus};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -25,13 +26,21 @@ pub async fn status(
 ) -> actix_web::Result<HttpResponse> {
     api.authorize.authorize(&request, Access::Read)?;
     let sink = api.sink.status();
-    let chains = match api.pool.get().await {
-        Ok(client) => nox_audit_query::chain_state(&client).await.ok(),
-        Err(_) => None,
+    let (chains, verification) = match api.pool.get().await {
+        Ok(client) => (
+            nox_audit_query::chain_state(&client).await.ok(),
+            VerificationStatus::read(&client).await.ok(),
+        ),
+        Err(_) => (None, None),
     };
     let connected = chains.is_some();
     let chains = chains.unwrap_or_default();
-    let healthy = connected && !sink.is_down() && sink.database_up() && sink.rejected_files() == 0;
+    let verified = verification.as_ref().map(VerificationStatus::outcome);
+    let healthy = connected
+        && !sink.is_down()
+        && sink.database_up()
+        && sink.rejected_files() == 0
+        && verified != Some(Outcome::Failed.as_str());
     Ok(HttpResponse::Ok().json(json!({
         "audit_system": if healthy { "active" } else { "degraded" },
         "version": api.version,
@@ -50,8 +59,42 @@ pub async fn status(
         "last_error": sink.last_error(),
         "chains": chains.heads,
         "last_checkpoint_at": nox_audit_export::rfc3339_json(chains.last_checkpoint_at),
+        "verification": verification_json(api.verification_interval, verification.as_ref()),
         "streams_open": api.streams.open_count(),
     })))
+}
+
+/// The continuous verification: this server's interval (null: it does not
+/// verify), and each chain's newest result, whoever verified; `outcome` is
+/// the worst chain's, `never` before any result, `unknown` when the
+/// database cannot be read.
+fn verification_json(
+    interval: Option<std::time::Duration>,
+    results: Option<&VerificationStatus>,
+) -> Value {
+    let chains: Vec<Value> = results
+        .map(|s| s.chains.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|c| {
+            json!({
+                "chain": c.chain,
+                "from_seq": c.from_seq,
+                "to_seq": c.to_seq,
+                "outcome": c.outcome.as_str(),
+                "first_bad_seq": c.first_bad_seq,
+                "problem_kind": c.problem_kind,
+                "problem": c.problem,
+                "finished_at": nox_audit_export::rfc3339_json(c.finished_at),
+            })
+        })
+        .collect();
+    json!({
+        "interval_secs": interval.map(|i| i.as_secs()),
+        "last_run_at": nox_audit_export::rfc3339_json(results.and_then(VerificationStatus::last_run_at)),
+        "outcome": results.map_or("unknown", VerificationStatus::outcome),
+        "chains": chains,
+    })
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

@@ -73,6 +73,7 @@ pub struct AuditApi {
     exports: Arc<Semaphore>,
     work_runtime: Option<tokio::runtime::Handle>,
     user_names: Option<UserNames>,
+    verification_interval: Option<std::time::Duration>,
     streams: stream::Streams,
 }
 
@@ -82,13 +83,15 @@ impl std::fmt::Debug for AuditApi {
             .field("mode", &self.mode)
             .field("version", &self.version)
             .field("user_names", &self.user_names)
+            .field("verification_interval", &self.verification_interval)
             .finish_non_exhaustive()
     }
 }
 
 impl AuditApi {
     /// Defaults: durable mode, this crate's version, no metrics, the system
-    /// clock, two exports at once on the worker's runtime, no user names.
+    /// clock, two exports at once on the worker's runtime, no user names, no
+    /// continuous verification here.
     pub fn new(
         pool: Pool,
         sink: AuditSink,
@@ -107,6 +110,7 @@ impl AuditApi {
             exports: Arc::new(Semaphore::new(2)),
             work_runtime: None,
             user_names: None,
+            verification_interval: None,
             streams: stream::Streams::new(None, StreamLimits::default()),
         }
     }
@@ -172,6 +176,15 @@ impl AuditApi {
     /// The embedder's user table, for names beside user ids.
     pub fn user_names(mut self, users: UserNames) -> Self {
         self.user_names = Some(users);
+        self
+    }
+
+    /// The interval of this service's continuous verification
+    /// (`nox_audit_store::verify::Verifier::start`), shown by the status
+    /// endpoint; `None`: it does not verify (the status still shows results
+    /// other servers recorded).
+    pub fn verification_interval(mut self, interval: Option<std::time::Duration>) -> Self {
+        self.verification_interval = interval;
         self
     }
 }

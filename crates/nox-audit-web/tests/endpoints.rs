@@ -187,6 +187,10 @@ async fn valid_input_reaches_the_database_and_only_a_503_comes_back() {
     let (status, body) = call(&fixture, Some("reader"), "/admin/audit/status").await;
     assert_eq!(status, 200);
     assert_eq!(body["database_status"], "disconnected");
+    assert_eq!(
+        body["verification"],
+        serde_json::json!({"interval_secs": null, "last_run_at": null, "outcome": "unknown", "chains": []})
+    );
     // No recorder: no metrics.
     let (status, body) = call(&fixture, Some("reader"), "/admin/audit/metrics").await;
     assert_eq!((status, &body["code"]), (404, &Value::from("not_found")));

@@ -1,6 +1,7 @@
 //! The embedding example (`examples/shop.rs`) as a real service against
 //! PostgreSQL: its requests are audited by its own taxonomy, read back
-//! through the mounted audit endpoints behind its own hook, and exported.
+//! through the mounted audit endpoints behind its own hook, and exported;
+//! its chains are verified.
 
 #[path = "../examples/shop.rs"]
 #[allow(dead_code)]
@@ -151,7 +152,22 @@ async fn the_shop_audits_its_requests_and_serves_them_back() {
         "the formula is neutralised: {csv}"
     );
 
+    // The verification's first pass runs at start.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let verification = loop {
+        let status = read(&http, &format!("{base}/admin/audit/status")).await;
+        if status["verification"]["outcome"] != "never" {
+            break status["verification"].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "{status}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(verification["outcome"], "ok", "{verification}");
+    assert_eq!(verification["interval_secs"], 60);
+    assert_eq!(verification["chains"].as_array().map(Vec::len), Some(2));
+
     handle.stop(true).await;
+    shop.verifier.shutdown().await;
     shop.writer.shutdown().await;
     let chained = db
         .scalar("SELECT count(*) FROM audit_actions WHERE seq IS NOT NULL")
