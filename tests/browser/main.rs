@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use fantoccini::key::Key;
 use harness::{Session, run, wait_for};
-use nox_api::Config;
 use nox_testkit::{TEST_ADMIN_TOKEN, TestApp, TestUser, send, spawn_app, spawn_app_with};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -69,38 +68,6 @@ fn ids(rows: &[Value]) -> BTreeSet<String> {
     rows.iter()
         .map(|row| row["id"].as_str().expect("id").to_owned())
         .collect()
-}
-
-/// Turns on the continuous verifier every `secs` seconds, through the
-/// setting whose environment variable is `NOX_AUDIT_VERIFY_SECS` (its flag
-/// is found from the configuration's own description).
-fn verify_every(config: &mut Config, secs: u64) {
-    use clap::{CommandFactory, Parser};
-    let command = Config::command();
-    let Some(flag) = command
-        .get_arguments()
-        .find(|arg| {
-            arg.get_env()
-                .is_some_and(|env| env == "NOX_AUDIT_VERIFY_SECS")
-        })
-        .and_then(|arg| arg.get_long())
-    else {
-        panic!("this server has no NOX_AUDIT_VERIFY_SECS setting (continuous verification)");
-    };
-    // A fresh parse with the flag, then the test's settings put back.
-    let mut parsed =
-        Config::try_parse_from(["nox-server", &format!("--{flag}"), &secs.to_string()])
-            .expect("the verifier's interval parses");
-    parsed.port = config.port;
-    parsed.storage = config.storage.clone();
-    parsed.admin_token = config.admin_token.clone();
-    parsed.workers = config.workers;
-    parsed.sandbox_exec = config.sandbox_exec.clone();
-    parsed.rate_limit_per_user = config.rate_limit_per_user;
-    parsed.rate_limit_per_ip = config.rate_limit_per_ip;
-    parsed.shutdown_timeout_secs = config.shutdown_timeout_secs;
-    parsed.audit_checkpoint_secs = config.audit_checkpoint_secs;
-    *config = parsed;
 }
 
 #[tokio::test]
@@ -483,7 +450,8 @@ fn hex(bytes: &[u8]) -> String {
 
 #[tokio::test]
 async fn a_tampered_row_shows_in_the_integrity_panel_after_the_next_verification() {
-    let app = spawn_app_with(|config| verify_every(config, 1)).await;
+    // A verification pass every second (NOX_AUDIT_VERIFY_SECS=1).
+    let app = spawn_app_with(|config| config.audit_verify_secs = 1).await;
     let audrey = auditor(&app, "audrey").await;
     let alice = app.new_user("alice").await;
     for _ in 0..3 {

@@ -602,7 +602,8 @@
       const writer = $('writer');
       clear(writer);
       for (const name of ['audit_system', 'mode', 'database_status', 'queue_depth', 'rows_written',
-        'spool_rows', 'rows_reduced', 'rejected_rows', 'last_write_at', 'last_checkpoint_at', 'last_error']) {
+        'spool_rows', 'rows_reduced', 'rejected_rows', 'streams_open', 'last_write_at', 'last_checkpoint_at',
+        'last_error']) {
         const value = name.endsWith('_at') ? shortTime(status[name]) : text(status[name]);
         writer.append(el('div', {}, el('dt', {}, name), el('dd', { 'data-field': name }, value || '–')));
       }
@@ -632,6 +633,7 @@
       failed: 'FAILED: the trail does not verify.',
       error: 'Error: the verification could not run to the end.',
       never: 'No verification has run yet.',
+      unknown: 'Unknown: the verification results could not be read.',
     };
     let line = words[outcome] || outcome;
     if (verification.last_run_at) line += ' Last run ' + shortTime(verification.last_run_at) + ' UTC (' + age(verification.last_run_at) + ').';
