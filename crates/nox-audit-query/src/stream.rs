@@ -10,7 +10,6 @@
 use std::collections::HashMap;
 
 use nox_audit_export::{Columns, RowJson};
-use serde_json::Value;
 
 use crate::UserNames;
 use crate::error::{QueryError, invalid};
@@ -35,8 +34,8 @@ pub struct StreamQuery {
 /// The matching records of one read, and how far it looked.
 #[derive(Debug)]
 pub struct StreamPage {
-    /// `(seq, the row as /logs shows it)`, in `seq` order.
-    pub records: Vec<(i64, Value)>,
+    /// `(seq, the row as /logs shows it, as JSON text)`, in `seq` order.
+    pub records: Vec<(i64, String)>,
     /// Every row up to this `seq` has been considered: the next read
     /// starts after it.
     pub scanned_to: i64,
@@ -91,7 +90,8 @@ impl StreamQuery {
         let mut records = Vec::with_capacity(rows.len());
         for row in &rows {
             let seq: i64 = row.try_get("seq")?;
-            let json = serde_json::to_value(RowJson {
+            // Straight to text: one pass, no intermediate `Value`.
+            let json = serde_json::to_string(&RowJson {
                 columns: &columns,
                 row,
             })

@@ -67,7 +67,7 @@ impl Default for StreamLimits {
             buffer_events: 256,
             stall: Duration::from_secs(10),
             heartbeat: Duration::from_secs(15),
-            min_read_interval: Duration::from_millis(100),
+            min_read_interval: Duration::from_millis(250),
         }
     }
 }
@@ -213,7 +213,7 @@ struct Event {
     text: Bytes,
 }
 
-fn record_event(seq: i64, record: &Value) -> Event {
+fn record_event(seq: i64, record: &str) -> Event {
     Event {
         seq: Some(seq),
         text: Bytes::from(format!("id: {seq}\nevent: record\ndata: {record}\n\n")),
