@@ -5,6 +5,7 @@ mod audit;
 mod audit_logs;
 mod audit_stream;
 mod chain;
+mod console;
 mod deploy;
 mod disk;
 mod dropped;

@@ -39,11 +39,11 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 /// Never limited nor shed, and never the cause of a token lookup: health
-/// checks and scrapes.
+/// checks, scrapes, and the console's files (`crate::routes::console`).
 const EXEMPT: &[&str] = &["/health", "/metrics"];
 
 pub(crate) fn is_exempt(request: &ServiceRequest) -> bool {
-    EXEMPT.contains(&request.path())
+    EXEMPT.contains(&request.path()) || crate::routes::console::is_asset(request.path())
 }
 
 /// The per-user rate limit, for requests whose identity resolved to a

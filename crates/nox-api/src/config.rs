@@ -328,7 +328,8 @@ pub struct Config {
     #[arg(long, env = "NOX_SESSION_IDLE_SECS", default_value_t = 1800)]
     pub session_idle_secs: u64,
 
-    /// Paths that are not audited (comma-separated, exact).
+    /// Paths that are not audited (comma-separated, exact); the console's
+    /// files (`/console`, `/console/*.js`, …) are never audited besides.
     #[arg(
         long,
         env = "NOX_AUDIT_SKIP_PATHS",

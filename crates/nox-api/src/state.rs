@@ -144,7 +144,13 @@ impl AppState {
         let verifier = verifier.transpose()?;
         let audit_config = AuditConfig {
             taxonomy: NOX_TAXONOMY,
-            skip_paths: config.audit_skip_paths.clone(),
+            // The console's files are never audited (its API calls are).
+            skip_paths: config
+                .audit_skip_paths
+                .iter()
+                .cloned()
+                .chain(crate::routes::console::asset_paths().map(String::from))
+                .collect(),
             trusted_proxies: config.trusted_proxies.clone(),
             mode: config.audit_mode,
             clock,

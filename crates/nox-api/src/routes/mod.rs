@@ -5,6 +5,7 @@
 
 use actix_web::web;
 
+pub mod console;
 pub mod files;
 pub mod health;
 pub mod me;
@@ -24,5 +25,6 @@ pub fn routes(config: &mut web::ServiceConfig) {
         .configure(files::routes)
         .configure(run::routes)
         .configure(quotas::routes)
+        .configure(console::routes)
         .configure(nox_audit_web::services);
 }
