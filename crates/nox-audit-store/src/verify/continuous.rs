@@ -22,8 +22,9 @@
 //! 4. deletes rows older than [`KEEP_DAYS`] or past the newest
 //!    [`KEEP_ROWS`], except each chain's newest `ok` row (the next start).
 //!
-//! Rows before the starting checkpoint are not read again: a later edit
-//! there is for `nox-migrate verify` (whole chains) to find. Nor are the
+//! Rows before the starting checkpoint are not read again by an
+//! incremental pass: a later edit there is found by the full pass each
+//! server runs first and every [`FULL_PASS_EVERY`], or `nox-migrate verify`. Nor are the
 //! results signed: someone who can write the database could record an `ok`
 //! past an edit; against a database writer the proof stays `nox-migrate
 //! verify` with the checkpoint log kept off the host.
@@ -44,6 +45,9 @@ use crate::checkpoints::{CHAINS, hash32};
 pub const VERIFY_LOCK_KEY: i64 = 0x6e6f_785f_7665_7269;
 /// Results are kept this many days (each chain's newest `ok` row longer)...
 pub const KEEP_DAYS: i64 = 30;
+/// How often a server's pass reads whole chains (its first pass does too):
+/// incremental passes never re-read rows behind their starting checkpoint.
+pub const FULL_PASS_EVERY: Duration = Duration::from_secs(24 * 3600);
 /// ...and at most this many rows.
 pub const KEEP_ROWS: i64 = 10_000;
 
@@ -216,6 +220,17 @@ impl Verifier {
     /// Each chain's result is recorded, and returned; a result that could
     /// not be recorded is logged.
     pub async fn run_once(&self) -> Result<Pass, PassError> {
+        self.pass(false).await
+    }
+
+    /// A pass that reads every chain from its beginning, like `nox-migrate
+    /// verify`: it also finds edits behind the checkpoints incremental
+    /// passes start from.
+    pub async fn run_full(&self) -> Result<Pass, PassError> {
+        self.pass(true).await
+    }
+
+    async fn pass(&self, full: bool) -> Result<Pass, PassError> {
         // A connection of its own, closed when it is dropped: no pooled
         // connection ever keeps the lock.
         let mut client = deadpool_postgres::Object::take(self.pool.get().await?);
@@ -229,7 +244,11 @@ impl Verifier {
         let mut chains = Vec::new();
         for chain in CHAINS {
             let started_at = OffsetDateTime::now_utc();
-            let (summary, result) = match start_of(&client, chain).await {
+            let start = match full {
+                true => Ok(Start::Beginning),
+                false => start_of(&client, chain).await,
+            };
+            let (summary, result) = match start {
                 Ok(start) => verify_chain(&mut client, chain, start, &self.public_key).await,
                 Err(error) => (ChainSummary::new(chain), Err(error.into())),
             };
@@ -250,32 +269,40 @@ impl Verifier {
     }
 
     /// Runs a pass now and then every `every` (a pass that overruns delays
-    /// the next), recording metrics, until shut down.
+    /// the next), recording metrics, until shut down. The first pass this
+    /// process runs, and one every [`FULL_PASS_EVERY`] after, is full.
     pub fn start(self, every: Duration) -> ContinuousVerifier {
         nox_audit_metrics::verification_started(&CHAINS, every.as_secs_f64());
         let task = tokio::spawn(async move {
             let mut ticks = tokio::time::interval(every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_full: Option<tokio::time::Instant> = None;
             loop {
                 ticks.tick().await;
-                self.round().await;
+                let full = last_full.is_none_or(|at| at.elapsed() >= FULL_PASS_EVERY);
+                if self.round(full).await && full {
+                    last_full = Some(tokio::time::Instant::now());
+                }
             }
         });
         ContinuousVerifier { task }
     }
 
     /// A pass, logged and counted, then the last success read from the
-    /// table, whoever verified.
-    pub(crate) async fn round(&self) {
+    /// table, whoever verified. Whether this server ran one.
+    pub(crate) async fn round(&self, full: bool) -> bool {
         self.show_last_success().await;
-        match self.run_once().await {
+        let ran = match self.pass(full).await {
             Ok(Pass::Skipped) => {
                 tracing::debug!("audit verification skipped: another server is verifying");
                 nox_audit_metrics::record_verification_run("skipped");
+                false
             }
             Ok(pass @ Pass::Ran(_)) => {
                 let outcome = pass.outcome().unwrap_or(Outcome::Ok);
-                let Pass::Ran(chains) = pass else { return };
+                let Pass::Ran(chains) = pass else {
+                    return false;
+                };
                 for chain in &chains {
                     log(chain);
                     if chain.outcome == Outcome::Failed {
@@ -283,13 +310,16 @@ impl Verifier {
                     }
                 }
                 nox_audit_metrics::record_verification_run(outcome.as_str());
+                true
             }
             Err(error) => {
                 tracing::warn!(%error, "audit verification did not run; retrying at the next interval");
                 nox_audit_metrics::record_verification_run(Outcome::Error.as_str());
+                false
             }
-        }
+        };
         self.show_last_success().await;
+        ran
     }
 
     async fn show_last_success(&self) {

@@ -187,7 +187,7 @@ async fn counted_round(verifier: &Verifier) -> String {
     // happens on it.
     let _local = metrics::set_default_local_recorder(&recorder);
     nox_audit_metrics::verification_started(&CHAINS, 300.0);
-    verifier.round().await;
+    verifier.round(false).await;
     handle.render()
 }
 
@@ -551,4 +551,28 @@ fn the_worst_chain_decides_a_pass_and_the_status() {
         chains: vec![of(Outcome::Ok), of(Outcome::Error)],
     };
     assert_eq!(status.outcome(), "error");
+}
+
+#[tokio::test]
+async fn an_edit_behind_the_verified_checkpoint_escapes_incremental_passes_not_a_full_one() {
+    let trail = Trail::new(10).await;
+    trail.pass().await;
+    trail.append(5).await;
+    trail.checkpoint().await;
+    assert_eq!(result(&trail.pass().await, ACTIONS_CHAIN).0, Outcome::Ok);
+    // Row 3 now lies behind the checkpoint the next pass starts from.
+    trail
+        .sql("UPDATE audit_actions SET user_agent = 'edited' WHERE seq = 3")
+        .await;
+    let incremental = trail.pass().await;
+    assert_eq!(result(&incremental, ACTIONS_CHAIN).0, Outcome::Ok);
+    assert!(chain(&incremental, ACTIONS_CHAIN).from_seq > 3);
+    let full = match trail.verifier().run_full().await.expect("a pass") {
+        Pass::Ran(chains) => chains,
+        Pass::Skipped => panic!("skipped"),
+    };
+    assert_eq!(
+        result(&full, ACTIONS_CHAIN),
+        failed(1, 2, 3, "hash_mismatch")
+    );
 }
