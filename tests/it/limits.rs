@@ -289,7 +289,10 @@ async fn requests_beyond_the_in_flight_cap_are_shed_and_audited() {
     let alice = app.new_user("alice").await;
     // Alice's token resolved once, so the uploads below take it from memory:
     // no lookup of theirs can land after `lookups_before` is read.
-    assert_eq!(app.get_as("/me", &alice.token).await.status(), StatusCode::OK);
+    assert_eq!(
+        app.get_as("/me", &alice.token).await.status(),
+        StatusCode::OK
+    );
     until("idle", || app.state.in_flight.current() == 0).await;
 
     let mut slow = vec![
