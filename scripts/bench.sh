@@ -26,6 +26,7 @@ step "durable latency and RSS" env DURATION=3 scripts/bench-durable-latency.sh
 step "token flood against a valid user" scripts/bench-abuse.sh
 step "3x overload: shedding and RSS" env DURATION=4 RUNS=1 CAPS=default scripts/bench-overload.sh
 step "/run overhead" scripts/bench-run-overhead.sh
+step "live streams: 100 idle, 10 following" env DURATION=4 RUNS=1 scripts/bench-stream.sh
 step "/logs and export on 5M rows" env DURATION=2 scripts/bench-audit-queries.sh
 
 echo "== wall time per step"
