@@ -319,6 +319,18 @@ impl Session {
         value.as_bool().unwrap_or(false)
     }
 
+    /// Waits until `css` is shown (`shown`) or hidden.
+    pub async fn wait_shown(&self, css: &str, shown: bool) {
+        let what = format!("{css} {}", if shown { "shown" } else { "hidden" });
+        wait_for(&what, || async {
+            match self.displayed(css).await == shown {
+                true => Ok(()),
+                false => Err(format!("still {}", if shown { "hidden" } else { "shown" })),
+            }
+        })
+        .await;
+    }
+
     /// Goes to a view through its link in the navigation.
     pub async fn view(&self, name: &str) {
         self.click(&format!("nav.views a[data-view='{name}']"))

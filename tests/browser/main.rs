@@ -150,13 +150,7 @@ async fn sign_in_filter_by_user_and_action_type_and_open_a_record() {
                 .send_keys(&Key::Enter.to_string())
                 .await
                 .expect("Enter on the record");
-            wait_for("the detail", || async {
-                match page.displayed("#detail").await {
-                    true => Ok(()),
-                    false => Err("closed".to_owned()),
-                }
-            })
-            .await;
+            page.wait_shown("#detail", true).await;
         };
         open_detail().await;
         let focused = page.js("return document.activeElement.id;", vec![]).await;
@@ -168,13 +162,7 @@ async fn sign_in_filter_by_user_and_action_type_and_open_a_record() {
             .send_keys(&Key::Escape.to_string())
             .await
             .expect("Escape");
-        wait_for("the detail to close", || async {
-            match page.displayed("#detail").await {
-                false => Ok(()),
-                true => Err("open".to_owned()),
-            }
-        })
-        .await;
+        page.wait_shown("#detail", false).await;
         open_detail().await;
         let record = logs(&app, &format!("request_id={encoded}")).await.remove(0);
         let fields: BTreeSet<String> = page
