@@ -6,13 +6,14 @@
 //! shutdown, background tasks), [`routes`] (the handlers, by endpoint
 //! group; the audit read endpoints are `nox-audit-web`'s, given Nox's
 //! access rules and state by [`admin_audit`]), [`admission`] (shedding, rate limits, request quotas),
-//! [`auth`] (identity), [`metrics`] (Nox's metric families), [`taxonomy`]
+//! [`auth`] (identity), [`cluster`] (the servers sharing the database), [`metrics`] (Nox's metric families), [`taxonomy`]
 //! (Nox's audit taxonomy), [`migrations`] (the ordered schema).
 
 pub mod admin_audit;
 pub mod admission;
 pub mod auth;
 mod blocking;
+pub mod cluster;
 pub mod config;
 mod connection;
 pub mod db;

@@ -22,6 +22,7 @@ pub const QUOTA_VIOLATIONS_TOTAL: &str = "nox_quota_violations_total";
 pub const RATE_LIMITED_TOTAL: &str = "nox_rate_limited_total";
 pub const HTTP_SHED_TOTAL: &str = "nox_http_shed_total";
 pub const BUILD_INFO: &str = "nox_build_info";
+pub const SERVERS_LIVE: &str = "nox_servers_live";
 
 /// Nox's own families, with their type (the audit families:
 /// [`nox_audit_metrics::FAMILIES`]; both: [`families`]).
@@ -37,6 +38,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     (RATE_LIMITED_TOTAL, "counter"),
     (HTTP_SHED_TOTAL, "counter"),
     (BUILD_INFO, "gauge"),
+    (SERVERS_LIVE, "gauge"),
 ];
 
 /// Every family `/metrics` serves: the audit families, then Nox's.
@@ -83,6 +85,10 @@ pub fn describe() {
         "Requests answered 503 at once because NOX_MAX_INFLIGHT requests were in flight."
     );
     describe_gauge!(BUILD_INFO, "Always 1; the version is in the label.");
+    describe_gauge!(
+        SERVERS_LIVE,
+        "Nox servers sharing the database, seen by the last heartbeat (this one included)."
+    );
     counter!(HTTP_SHED_TOTAL).absolute(0);
     gauge!(BUILD_INFO, "version" => crate::VERSION).set(1.0);
 }
@@ -119,6 +125,10 @@ pub fn record_rate_limited(scope: &'static str) {
 }
 
 /// A request shed by the in-flight cap.
+pub fn set_servers_live(servers: u32) {
+    gauge!(SERVERS_LIVE).set(f64::from(servers));
+}
+
 pub fn record_shed() {
     counter!(HTTP_SHED_TOTAL).increment(1);
 }

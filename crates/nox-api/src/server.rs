@@ -22,6 +22,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::admission::{enforce_request_quota, rate_limit, shed_overload};
 use crate::auth::resolve_identity;
+use crate::cluster::Membership;
 use crate::config::Config;
 use crate::db::Database;
 use crate::error::{configure_extractors, json_error_handlers, not_found};
@@ -38,11 +39,15 @@ pub struct Background {
     pub checkpoints: CheckpointTask,
     /// The continuous verification (`NOX_AUDIT_VERIFY_SECS`), unless off.
     pub verifier: Option<ContinuousVerifier>,
+    /// The heartbeat in `servers`.
+    pub membership: Membership,
 }
 
 impl Background {
     pub async fn shutdown(self) {
-        // First: a pass under way is abandoned, not left reading while the
+        // The other servers take over this one's share of the rate limits.
+        self.membership.shutdown().await;
+        // A pass under way is abandoned, not left reading while the
         // database goes away.
         if let Some(verifier) = self.verifier {
             verifier.shutdown().await;
@@ -58,7 +63,8 @@ impl Background {
 }
 
 /// Signs a checkpoint of each chain whose head moved, every
-/// `NOX_AUDIT_CHECKPOINT_SECS`, and once more at shutdown.
+/// `NOX_AUDIT_CHECKPOINT_SECS`, and once more at shutdown; one server at a
+/// time, and about once an interval for all servers together.
 #[derive(Debug)]
 pub struct CheckpointTask {
     pool: Pool,
@@ -73,13 +79,17 @@ impl CheckpointTask {
         every_secs: u64,
     ) -> CheckpointTask {
         let (task_pool, signer) = (pool.clone(), Arc::clone(&checkpointer));
+        let interval = std::time::Duration::from_secs(every_secs);
         let task = tokio::spawn(async move {
-            let mut every = tokio::time::interval(std::time::Duration::from_secs(every_secs));
+            let mut every = tokio::time::interval(interval);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             every.tick().await;
             loop {
                 every.tick().await;
-                checkpoint(&task_pool, &signer, "interval").await;
+                // Another server's checkpoint in the last ~interval will do:
+                // with the slack, servers whose ticks drift still sign one
+                // per interval rather than skipping alternate ones.
+                checkpoint(&task_pool, &signer, "interval", interval.mul_f64(0.9)).await;
             }
         });
         CheckpointTask {
@@ -91,22 +101,37 @@ impl CheckpointTask {
 
     async fn shutdown(self) {
         self.task.abort();
-        checkpoint(&self.pool, &self.checkpointer, "shutdown").await;
+        checkpoint(
+            &self.pool,
+            &self.checkpointer,
+            "shutdown",
+            std::time::Duration::ZERO,
+        )
+        .await;
     }
 }
 
-async fn checkpoint(pool: &Pool, checkpointer: &Checkpointer, reason: &str) {
+/// Checkpoints under the cluster-wide lock. The periodic one skips when
+/// another server holds it; the shutdown one (`min_age` zero) waits, since
+/// it must cover this server's last rows.
+async fn checkpoint(
+    pool: &Pool,
+    checkpointer: &Checkpointer,
+    reason: &str,
+    min_age: std::time::Duration,
+) {
+    let wait = min_age.is_zero();
     let result = async {
-        let client = pool.get().await.map_err(|e| e.to_string())?;
+        let mut client = pool.get().await.map_err(|e| e.to_string())?;
         checkpointer
-            .checkpoint_heads(&**client, reason, false)
+            .checkpoint_heads_exclusive(&mut client, reason, wait, min_age)
             .await
             .map_err(|e| e.to_string())
     }
     .await;
     match result {
         Ok(written) => {
-            for checkpoint in written {
+            for checkpoint in written.unwrap_or_default() {
                 tracing::info!(chain = %checkpoint.chain, seq = checkpoint.seq, reason, "audit checkpoint signed");
             }
         }

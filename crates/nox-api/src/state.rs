@@ -20,6 +20,7 @@ use nox_quota::{QuotaBook, RateLimits};
 use nox_sandbox::Workspaces;
 
 use crate::admission::InFlight;
+use crate::cluster::Membership;
 use crate::config::Config;
 use crate::db::Database;
 use crate::free_space::FreeSpaceFloor;
@@ -48,7 +49,8 @@ pub struct AppState {
     pub max_upload_bytes: u64,
     /// Running commands (`POST /run`).
     pub runs: Arc<RunService>,
-    /// Shared by every worker, so each limit holds for the whole process.
+    /// Shared by every worker, so each limit holds for the whole process;
+    /// the per-user rate is divided among the live servers.
     pub rate_limits: Arc<RateLimits>,
     /// Requests in flight, all workers together (`NOX_MAX_INFLIGHT`).
     pub in_flight: Arc<InFlight>,
@@ -155,6 +157,8 @@ impl AppState {
             mode: config.audit_mode,
             clock,
         };
+        let rate_limits = start_rate_limits(config);
+        let membership = Membership::start(database.pool(1)?, Arc::clone(&rate_limits));
         let state = AppState {
             pool,
             authenticator: Authenticator::new(config.auth_cache_ttl()),
@@ -164,7 +168,7 @@ impl AppState {
             free_space: FreeSpaceFloor::new(&config.storage.data_dir, config.min_free_mb),
             max_upload_bytes: config.max_upload_mb * 1024 * 1024,
             runs: Arc::new(RunService::start(config).await?),
-            rate_limits: start_rate_limits(config),
+            rate_limits,
             in_flight: InFlight::new(config.max_inflight()),
             quotas: Arc::clone(&quotas),
             metrics: MetricsEndpoint {
@@ -193,6 +197,7 @@ impl AppState {
                 quotas,
                 checkpoints,
                 verifier,
+                membership,
             },
         ))
     }

@@ -6,6 +6,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use nox_audit_model::chain::{ACTIONS_CHAIN, ADMIN_CHAIN, CheckpointClaim, to_micros};
@@ -330,17 +331,67 @@ impl Checkpointer {
         reason: &str,
         always: bool,
     ) -> Result<Vec<Checkpoint>, CheckpointError> {
-        let mut written = Vec::new();
-        for chain in CHAINS {
-            let (seq, row_hash) = head(client, chain).await?;
-            let newest: Option<i64> = client
+        self.checkpoint_moved_heads(client, reason, always, Duration::ZERO)
+            .await
+    }
+
+    /// A server's periodic or shutdown checkpoint, one server at a time
+    /// across every server sharing the database ([`CHECKPOINT_LOCK_KEY`],
+    /// held for the transaction). A chain whose newest checkpoint, whoever
+    /// signed it, is younger than `min_age` is left for later, so N servers
+    /// ticking every interval sign about one checkpoint per interval, not
+    /// N. `Ok(None)`: another server is checkpointing and `wait` is off.
+    pub async fn checkpoint_heads_exclusive(
+        &self,
+        client: &mut tokio_postgres::Client,
+        reason: &str,
+        wait: bool,
+        min_age: Duration,
+    ) -> Result<Option<Vec<Checkpoint>>, CheckpointError> {
+        let transaction = client.transaction().await?;
+        if wait {
+            transaction
+                .execute("SELECT pg_advisory_xact_lock($1)", &[&CHECKPOINT_LOCK_KEY])
+                .await?;
+        } else {
+            let locked: bool = transaction
                 .query_one(
-                    "SELECT max(seq) FROM audit_checkpoints WHERE chain = $1",
-                    &[&chain],
+                    "SELECT pg_try_advisory_xact_lock($1)",
+                    &[&CHECKPOINT_LOCK_KEY],
                 )
                 .await?
                 .get(0);
-            if seq == 0 || (!always && newest.is_some_and(|n| n >= seq)) {
+            if !locked {
+                return Ok(None);
+            }
+        }
+        let written = self
+            .checkpoint_moved_heads(&transaction, reason, false, min_age)
+            .await?;
+        transaction.commit().await?;
+        Ok(Some(written))
+    }
+
+    async fn checkpoint_moved_heads<C: GenericClient>(
+        &self,
+        client: &C,
+        reason: &str,
+        always: bool,
+        min_age: Duration,
+    ) -> Result<Vec<Checkpoint>, CheckpointError> {
+        let mut written = Vec::new();
+        for chain in CHAINS {
+            let (seq, row_hash) = head(client, chain).await?;
+            // The age on the database's clock, the one all servers share.
+            let newest = client
+                .query_one(
+                    "SELECT max(seq), coalesce(max(\"timestamp\") > now() - make_interval(secs => $2), false)
+                       FROM audit_checkpoints WHERE chain = $1",
+                    &[&chain, &min_age.as_secs_f64()],
+                )
+                .await?;
+            let (newest_seq, too_recent): (Option<i64>, bool) = (newest.get(0), newest.get(1));
+            if seq == 0 || (!always && (newest_seq.is_some_and(|n| n >= seq) || too_recent)) {
                 continue;
             }
             written.push(self.sign(client, chain, seq, row_hash, reason).await?);
@@ -348,6 +399,10 @@ impl Checkpointer {
         Ok(written)
     }
 }
+
+/// The advisory lock held while a server checkpoints (`"nox_chpt"` in
+/// ASCII).
+pub const CHECKPOINT_LOCK_KEY: i64 = 0x6e6f_785f_6368_7074;
 
 #[cfg(test)]
 mod tests {

@@ -6,7 +6,10 @@
 //! day, memory per run, storage and files.
 //!
 //! Build one [`RateLimits`] and one [`book::QuotaBook`] per process and share
-//! them: every worker must see the same counters.
+//! them: every worker must see the same counters. With several servers
+//! behind one balancer, tell the limits how many are live
+//! ([`RateLimits::set_servers`]): each then admits its share of a user's
+//! rate, so the user's total stays the configured one.
 
 pub mod book;
 pub mod limits;
@@ -18,6 +21,7 @@ pub use limits::{Limits, Violation, tier_limits};
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::{RwLock, RwLockReadGuard};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -61,50 +65,97 @@ pub struct Limited {
 
 #[derive(Debug)]
 pub struct RateLimits {
-    per_user: Option<(Keyed<Uuid>, Rate)>,
+    /// The per-user rate for all servers together.
+    per_user_rate: Rate,
+    /// This server's share of it.
+    per_user: RwLock<UserShare>,
     per_ip: Option<(Keyed<IpAddr>, Rate)>,
     clock: DefaultClock,
 }
 
-fn limiter<K: Hash + Eq + Clone>(rate: Rate) -> Option<(Keyed<K>, Rate)> {
-    let per_minute = NonZeroU32::new(rate.per_minute)?;
-    let burst = NonZeroU32::new(rate.burst.max(1)).unwrap_or(NonZeroU32::MIN);
-    Some((
-        RateLimiter::dashmap(Quota::per_minute(per_minute).allow_burst(burst)),
-        rate,
-    ))
+#[derive(Debug)]
+struct UserShare {
+    servers: u32,
+    limiter: Option<Keyed<Uuid>>,
+}
+
+/// A limiter admitting `1/servers` of `rate`: the period between requests
+/// `servers` times longer, the burst divided and rounded up (so the
+/// servers together allow at most `servers - 1` more than the burst).
+fn shared_limiter<K: Hash + Eq + Clone>(rate: Rate, servers: u32) -> Option<Keyed<K>> {
+    NonZeroU32::new(rate.per_minute)?;
+    let servers = servers.max(1);
+    let period = Duration::from_secs(60) * servers / rate.per_minute;
+    let burst = rate.burst.max(1).div_ceil(servers);
+    let quota =
+        Quota::with_period(period)?.allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
+    Some(RateLimiter::dashmap(quota))
 }
 
 impl RateLimits {
     pub fn new(per_user: Rate, per_ip: Rate) -> Self {
         RateLimits {
-            per_user: limiter(per_user),
-            per_ip: limiter(per_ip),
+            per_user_rate: per_user,
+            per_user: RwLock::new(UserShare {
+                servers: 1,
+                limiter: shared_limiter(per_user, 1),
+            }),
+            per_ip: shared_limiter(per_ip, 1).map(|limiter| (limiter, per_ip)),
             clock: DefaultClock::default(),
         }
     }
 
+    fn user_share(&self) -> RwLockReadGuard<'_, UserShare> {
+        self.per_user.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets how many servers share the per-user rate. A change starts every
+    /// user's bucket afresh (full), which happens only when servers come
+    /// or go. Returns whether the share changed.
+    pub fn set_servers(&self, servers: u32) -> bool {
+        let servers = servers.max(1);
+        if self.user_share().servers == servers {
+            return false;
+        }
+        let mut share = self.per_user.write().unwrap_or_else(|p| p.into_inner());
+        *share = UserShare {
+            servers,
+            limiter: shared_limiter(self.per_user_rate, servers),
+        };
+        true
+    }
+
+    /// How many servers the per-user rate is shared by.
+    pub fn servers(&self) -> u32 {
+        self.user_share().servers
+    }
+
     pub fn check_user(&self, user: Uuid) -> Result<(), Limited> {
-        self.check(self.per_user.as_ref(), &user, Scope::User)
+        let share = self.user_share();
+        let Some(limiter) = &share.limiter else {
+            return Ok(());
+        };
+        self.check(limiter, self.per_user_rate, &user, Scope::User)
     }
 
     /// Charges `ip`'s limit: an IPv4 address's own, an IPv6 address's /64's.
     pub fn check_ip(&self, ip: IpAddr) -> Result<(), Limited> {
-        self.check(self.per_ip.as_ref(), &address_key(ip), Scope::Ip)
+        let Some((limiter, rate)) = &self.per_ip else {
+            return Ok(());
+        };
+        self.check(limiter, *rate, &address_key(ip), Scope::Ip)
     }
 
     fn check<K: Hash + Eq + Clone>(
         &self,
-        limiter: Option<&(Keyed<K>, Rate)>,
+        limiter: &Keyed<K>,
+        rate: Rate,
         key: &K,
         scope: Scope,
     ) -> Result<(), Limited> {
-        let Some((limiter, rate)) = limiter else {
-            return Ok(());
-        };
         limiter.check_key(key).map_err(|not_until| Limited {
             scope,
-            rate: *rate,
+            rate,
             retry_after: not_until.wait_time_from(self.clock.now()),
         })
     }
@@ -112,7 +163,7 @@ impl RateLimits {
     /// Forgets keys whose state is back to full; call periodically so idle
     /// users and addresses do not accumulate.
     pub fn retain_recent(&self) {
-        if let Some((limiter, _)) = &self.per_user {
+        if let Some(limiter) = &self.user_share().limiter {
             limiter.retain_recent();
         }
         if let Some((limiter, _)) = &self.per_ip {
@@ -171,6 +222,42 @@ mod tests {
                 "0 switches it off"
             );
         }
+    }
+
+    #[test]
+    fn servers_share_a_users_rate_and_burst() {
+        let limits = RateLimits::new(
+            Rate {
+                per_minute: 60,
+                burst: 10,
+            },
+            Rate {
+                per_minute: 0,
+                burst: 0,
+            },
+        );
+        assert!(!limits.set_servers(1), "one server is the default");
+        assert!(limits.set_servers(3));
+        assert_eq!(limits.servers(), 3);
+        let user = Uuid::new_v4();
+        // ⌈10 / 3⌉ = 4 here; the three servers together admit 12.
+        for _ in 0..4 {
+            assert!(limits.check_user(user).is_ok());
+        }
+        let refused = limits
+            .check_user(user)
+            .expect_err("over this server's share");
+        // One request per 3 s here: 60 a minute over the three servers.
+        assert!(refused.retry_after > Duration::from_secs(2));
+        assert!(refused.retry_after <= Duration::from_secs(3));
+        assert_eq!(
+            refused.rate.per_minute, 60,
+            "the configured rate is reported"
+        );
+        assert!(!limits.set_servers(3), "no change, no fresh buckets");
+        assert!(limits.check_user(user).is_err());
+        assert!(limits.set_servers(0), "at least this server");
+        assert_eq!(limits.servers(), 1);
     }
 
     fn ip(text: &str) -> IpAddr {
