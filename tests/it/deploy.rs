@@ -100,10 +100,10 @@ fn unit_settings(text: &str) -> Vec<(String, String, String)> {
         }
         let (key, value) = line
             .split_once('=')
-            .unwrap_or_else(|| panic!("nox.service:{}: not Key=value: {line}", number + 1));
+            .unwrap_or_else(|| panic!("unit line {}: not Key=value: {line}", number + 1));
         assert!(
             !section.is_empty(),
-            "nox.service:{}: outside a section",
+            "unit line {}: outside a section",
             number + 1
         );
         settings.push((
@@ -117,8 +117,55 @@ fn unit_settings(text: &str) -> Vec<(String, String, String)> {
 
 #[test]
 fn the_systemd_unit_delegates_its_cgroup_and_spares_the_launcher() {
-    let path = format!("{}/../deploy/nox.service", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    check_unit("nox.service", "system.slice/nox.service");
+}
+
+#[test]
+fn the_template_for_several_servers_is_hardened_like_the_single_unit() {
+    check_unit(
+        "nox@.service",
+        "system.slice/system-nox.slice/nox@%i.service",
+    );
+    let single = unit_settings(&read_unit("nox.service"));
+    let template = unit_settings(&read_unit("nox@.service"));
+    // Where an instance must differ: its port, data directory, shared
+    // environment file, and the schema applied once by nox-migrate.
+    let differs = [
+        "ExecStart",
+        "Environment",
+        "EnvironmentFile",
+        "StateDirectory",
+    ];
+    let service = |settings: &[(String, String, String)]| -> BTreeSet<(String, String)> {
+        settings
+            .iter()
+            .filter(|(s, k, _)| s == "Service" && !differs.contains(&k.as_str()))
+            .map(|(_, k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    assert_eq!(service(&template), service(&single));
+    let template_text = read_unit("nox@.service");
+    assert!(template_text.contains("ExecStart=/usr/local/bin/nox-server --no-migrate"));
+    for shared in [
+        "DATABASE_URL",
+        "NOX_SANDBOX_DIR",
+        "NOX_AUDIT_SIGNING_KEY_FILE",
+    ] {
+        assert!(template_text.contains(shared), "{shared} is documented");
+    }
+}
+
+fn read_unit(name: &str) -> String {
+    let path = format!("{}/../deploy/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// `name`'s sections, its cgroup delegation to `cgroup` under
+/// /sys/fs/cgroup, no setting that breaks the launcher, and no complaint
+/// from systemd's own parser where it is installed.
+fn check_unit(name: &str, cgroup: &str) {
+    let path = format!("deploy/{name}");
+    let text = read_unit(name);
     let settings = unit_settings(&text);
     let values = |section: &str, key: &str| -> Vec<&str> {
         settings
@@ -136,9 +183,9 @@ fn the_systemd_unit_delegates_its_cgroup_and_spares_the_launcher() {
     assert_eq!(values("Service", "Delegate"), ["yes"]);
     assert_eq!(values("Service", "ExecStart").len(), 1);
     // The parent is this unit's own cgroup: named after the file.
+    let parent = format!("NOX_CGROUP_PARENT=/sys/fs/cgroup/{cgroup}");
     assert!(
-        values("Service", "Environment")
-            .contains(&"NOX_CGROUP_PARENT=/sys/fs/cgroup/system.slice/nox.service"),
+        values("Service", "Environment").contains(&parent.as_str()),
         "{path}"
     );
     // Settings that would break the launcher's namespaces, mounts, cgroups
@@ -164,8 +211,12 @@ fn the_systemd_unit_delegates_its_cgroup_and_spares_the_launcher() {
     // systemd's own parser, where installed: no complaint about a line of
     // the unit (its output about the host is not the unit's business).
     let dir = tempfile::tempdir().expect("tempdir");
-    let copy = dir.path().join("nox.service");
-    let runnable = text.replace(values("Service", "ExecStart")[0], "/bin/true");
+    // A template is checked as one of its instances.
+    let copy = dir.path().join(name.replace('@', "-8081"));
+    let runnable = text
+        .replace(values("Service", "ExecStart")[0], "/bin/true")
+        .replace("EnvironmentFile=/etc/nox/nox.env", "")
+        .replace("%i", "8081");
     std::fs::write(&copy, runnable).expect("copy");
     match std::process::Command::new("systemd-analyze")
         .arg("verify")

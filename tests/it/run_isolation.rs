@@ -312,3 +312,34 @@ async fn a_data_directory_under_a_system_directory_stays_hidden() {
         "the host still has it"
     );
 }
+
+#[tokio::test]
+async fn workspaces_kept_outside_the_data_directory_stay_hidden() {
+    // Several servers share one NOX_SANDBOX_DIR; it must hide like the data
+    // directory does.
+    let shared = tempfile::Builder::new()
+        .prefix("nox-workspaces-")
+        .tempdir_in("/opt")
+        .ok();
+    let Some(shared) = shared else {
+        eprintln!("skipped: cannot make a directory under /opt");
+        return;
+    };
+    let sandbox_dir = shared.path().to_path_buf();
+    let Some(app) = app_with_runs(|config| config.storage.sandbox_dir = Some(sandbox_dir)).await
+    else {
+        return;
+    };
+    let (alice, bob) = (app.new_user("alice").await, app.new_user("bob").await);
+    run_ok(&app, &bob, "echo secret > note.txt").await;
+    assert!(shared.path().join(&bob.id).join("note.txt").exists());
+    let body = run_ok(
+        &app,
+        &alice,
+        &format!("ls -A {}; pwd", shared.path().display()),
+    )
+    .await;
+    let lines: Vec<&str> = stdout(&body).lines().collect();
+    assert_eq!(lines.len(), 2, "only her own workspace shows: {body}");
+    assert_eq!(lines[0], alice.id, "{body}");
+}

@@ -105,6 +105,11 @@ pub struct StorageConfig {
     /// (default <NOX_DATA_DIR>/checkpoints).
     #[arg(long, env = "NOX_AUDIT_CHECKPOINT_DIR")]
     pub audit_checkpoint_dir: Option<PathBuf>,
+
+    /// The users' workspaces (default <NOX_DATA_DIR>/sandboxes). Servers
+    /// behind one balancer need it on a filesystem they all mount here.
+    #[arg(long, env = "NOX_SANDBOX_DIR")]
+    pub sandbox_dir: Option<PathBuf>,
 }
 
 impl StorageConfig {
@@ -112,6 +117,12 @@ impl StorageConfig {
         self.audit_signing_key_file
             .clone()
             .unwrap_or_else(|| self.data_dir.join("audit-signing.key"))
+    }
+
+    pub fn sandbox_dir(&self) -> PathBuf {
+        self.sandbox_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("sandboxes"))
     }
 
     pub fn checkpoint_dir(&self) -> PathBuf {

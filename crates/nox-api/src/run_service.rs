@@ -82,6 +82,8 @@ impl RunService {
         let data_dir = std::fs::canonicalize(&config.storage.data_dir)?;
         let report_dir = data_dir.join("run-reports");
         std::fs::create_dir_all(&report_dir)?;
+        // It must exist to be hidden from runs.
+        std::fs::create_dir_all(config.storage.sandbox_dir())?;
         let uid_range = if nix::unistd::Uid::effective().is_root() {
             Some(checked_uid_range(config)?)
         } else {
@@ -304,16 +306,21 @@ impl Drop for RunSlot {
     }
 }
 
-/// What runs must not see: the data directory, and the checkpoint and
-/// signing-key directories wherever they are configured. A system
+/// What runs must not see: the data directory, and the workspaces',
+/// checkpoint and signing-key directories wherever they are configured
+/// (a run's own workspace is mounted for it apart). A system
 /// directory itself (`/etc`, say) cannot be covered without breaking runs:
 /// a key kept directly there rests on its file permissions, as warned.
 fn hidden_from_runs(storage: &crate::config::StorageConfig, data_dir: PathBuf) -> Vec<PathBuf> {
     let key_dir = storage.signing_key_file().parent().map(PathBuf::from);
     let mut hidden = vec![data_dir];
-    for dir in [Some(storage.checkpoint_dir()), key_dir]
-        .into_iter()
-        .flatten()
+    for dir in [
+        Some(storage.sandbox_dir()),
+        Some(storage.checkpoint_dir()),
+        key_dir,
+    ]
+    .into_iter()
+    .flatten()
     {
         let Ok(dir) = std::fs::canonicalize(&dir) else {
             continue;
@@ -322,8 +329,8 @@ fn hidden_from_runs(storage: &crate::config::StorageConfig, data_dir: PathBuf) -
         if depth <= 2 {
             tracing::warn!(
                 dir = %dir.display(),
-                "a checkpoint or signing-key directory directly under / cannot be hidden from runs: \
-                 only its files' permissions protect them"
+                "a workspaces, checkpoint or signing-key directory directly under / cannot be hidden \
+                 from runs: only its files' permissions protect them"
             );
         } else if !hidden.iter().any(|shown| dir.starts_with(shown)) {
             hidden.push(dir);

@@ -42,7 +42,7 @@ pub struct AppState {
     /// Where audit records go.
     pub audit: AuditSink,
     pub audit_config: AuditConfig,
-    /// Every user's workspace, under `<NOX_DATA_DIR>/sandboxes`.
+    /// Every user's workspace, under `NOX_SANDBOX_DIR`.
     pub workspaces: Workspaces,
     /// `NOX_MIN_FREE_MB` on the data directory's filesystem.
     pub free_space: FreeSpaceFloor,
@@ -164,7 +164,7 @@ impl AppState {
             authenticator: Authenticator::new(config.auth_cache_ttl()),
             audit: audit_writer.sink(),
             audit_config,
-            workspaces: Workspaces::new(config.storage.data_dir.join("sandboxes")),
+            workspaces: Workspaces::new(config.storage.sandbox_dir()),
             free_space: FreeSpaceFloor::new(&config.storage.data_dir, config.min_free_mb),
             max_upload_bytes: config.max_upload_mb * 1024 * 1024,
             runs: Arc::new(RunService::start(config).await?),
