@@ -264,3 +264,59 @@ fn signer(data_dir: &Path) -> Checkpointer {
     )
     .expect("the server's signing key")
 }
+
+#[tokio::test]
+async fn the_storage_quota_counts_what_other_servers_wrote_to_a_shared_workspace() {
+    let shared = tempfile::tempdir().expect("a shared workspace directory");
+    let dir = shared.path().to_path_buf();
+    let apps = three_servers(|config| config.storage.sandbox_dir = Some(dir.clone())).await;
+    until_each_counts(&apps, 3).await;
+    let alice = apps[0].new_user("alice").await;
+    let quota = send(
+        apps[0]
+            .request(
+                Method::PUT,
+                &format!("/quotas/admin/users/{}/quotas", alice.id),
+                ADMIN,
+            )
+            .json(&json!({"storage_mb": 1})),
+    )
+    .await;
+    assert_eq!(quota.status(), StatusCode::OK);
+    let put = |app: &TestApp, path: &str, bytes: usize| {
+        send(
+            app.request(Method::PUT, &format!("/write?path={path}"), &alice.token)
+                .body(vec![b'x'; bytes]),
+        )
+    };
+    // Server B knows the workspace first, nearly empty.
+    assert_eq!(
+        put(&apps[1], "b.bin", 600_000).await.status(),
+        StatusCode::OK
+    );
+    // Then A fills most of the rest.
+    assert_eq!(
+        put(&apps[0], "a.bin", 400_000).await.status(),
+        StatusCode::OK
+    );
+    // B's own count says b.bin alone: replacing it fits. Once B measures
+    // the workspace again, A's file counts and the same write is refused.
+    let start = Instant::now();
+    loop {
+        let response = put(&apps[1], "b.bin", 700_000).await;
+        if response.status() == StatusCode::FORBIDDEN {
+            let body: serde_json::Value = response.json().await.expect("json");
+            assert_eq!(body["code"], "quota_exceeded", "{body}");
+            break;
+        }
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(
+            start.elapsed() < PATIENCE,
+            "server B never counted what A wrote"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for app in &apps {
+        app.stop().await;
+    }
+}

@@ -1,8 +1,10 @@
 //! The servers sharing one database. Each writes a heartbeat row to
 //! `servers` every [`HEARTBEAT`] and counts the rows seen within
-//! [`LIVE_WITHIN`]; the count is this server's divisor of the per-user rate
+//! [`LIVE_WITHIN`]. The count is this server's divisor of the per-user rate
 //! limit ([`RateLimits::set_servers`]), so a user's rate holds for all
-//! servers together when the balancer spreads their requests.
+//! servers together when the balancer spreads their requests; and with
+//! others about, workspace usage is measured again every
+//! [`WORKSPACE_REMEASURE`], since they write to the same workspaces.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -10,6 +12,7 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use nox_quota::RateLimits;
+use nox_sandbox::Workspaces;
 use uuid::Uuid;
 
 /// How often each server says it is alive.
@@ -17,6 +20,10 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// A server not heard from for this long no longer counts: three missed
 /// heartbeats.
 pub const LIVE_WITHIN: Duration = Duration::from_secs(6);
+/// With other servers about, a workspace's usage is walked again when this
+/// old: the storage and files quotas can be overrun by what the user writes
+/// through the other servers within it.
+pub const WORKSPACE_REMEASURE: Duration = Duration::from_secs(5);
 /// Rows of servers gone this long are deleted (a server removes its own
 /// row at shutdown; one killed leaves it behind).
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
@@ -33,7 +40,11 @@ pub struct Membership {
 impl Membership {
     /// Starts the heartbeat. Until its first beat, this server counts
     /// itself alone.
-    pub fn start(pool: Pool, rate_limits: Arc<RateLimits>) -> Membership {
+    pub fn start(
+        pool: Pool,
+        rate_limits: Arc<RateLimits>,
+        workspaces: Arc<Workspaces>,
+    ) -> Membership {
         let id = Uuid::now_v7();
         let live = Arc::new(AtomicU32::new(1));
         let (task_pool, task_live) = (pool.clone(), Arc::clone(&live));
@@ -52,6 +63,7 @@ impl Membership {
                                 "live servers changed: each admits 1/{servers} of a user's rate"
                             );
                         }
+                        workspaces.remeasure_every((servers > 1).then_some(WORKSPACE_REMEASURE));
                     }
                     // The last count stays in force: the others are most
                     // likely still there.

@@ -43,7 +43,7 @@ pub struct AppState {
     pub audit: AuditSink,
     pub audit_config: AuditConfig,
     /// Every user's workspace, under `NOX_SANDBOX_DIR`.
-    pub workspaces: Workspaces,
+    pub workspaces: Arc<Workspaces>,
     /// `NOX_MIN_FREE_MB` on the data directory's filesystem.
     pub free_space: FreeSpaceFloor,
     pub max_upload_bytes: u64,
@@ -158,13 +158,18 @@ impl AppState {
             clock,
         };
         let rate_limits = start_rate_limits(config);
-        let membership = Membership::start(database.pool(1)?, Arc::clone(&rate_limits));
+        let workspaces = Arc::new(Workspaces::new(config.storage.sandbox_dir()));
+        let membership = Membership::start(
+            database.pool(1)?,
+            Arc::clone(&rate_limits),
+            Arc::clone(&workspaces),
+        );
         let state = AppState {
             pool,
             authenticator: Authenticator::new(config.auth_cache_ttl()),
             audit: audit_writer.sink(),
             audit_config,
-            workspaces: Workspaces::new(config.storage.sandbox_dir()),
+            workspaces,
             free_space: FreeSpaceFloor::new(&config.storage.data_dir, config.min_free_mb),
             max_upload_bytes: config.max_upload_mb * 1024 * 1024,
             runs: Arc::new(RunService::start(config).await?),

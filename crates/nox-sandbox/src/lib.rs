@@ -12,6 +12,8 @@ pub mod workspace;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
@@ -54,7 +56,26 @@ pub struct Usage {
 #[derive(Debug)]
 pub struct Workspaces {
     base: PathBuf,
-    usage: Mutex<HashMap<Uuid, Usage>>,
+    usage: Mutex<HashMap<Uuid, Known>>,
+    /// Milliseconds after which a usage is measured again (0: never), for
+    /// workspaces other servers write too ([`Workspaces::remeasure_every`]).
+    remeasure_after_ms: AtomicU64,
+}
+
+/// A user's usage, and when the workspace was last walked.
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    usage: Usage,
+    measured_at: Instant,
+}
+
+impl Known {
+    fn now(usage: Usage) -> Known {
+        Known {
+            usage,
+            measured_at: Instant::now(),
+        }
+    }
 }
 
 impl Workspaces {
@@ -62,6 +83,23 @@ impl Workspaces {
         Workspaces {
             base: base.into(),
             usage: Mutex::new(HashMap::new()),
+            remeasure_after_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// With several servers on one shared base directory, each one's count
+    /// misses the others' writes: `Some(every)` walks a workspace again
+    /// when its count is older than that (`None`: this process is the only
+    /// writer, and its count is kept current without walks).
+    pub fn remeasure_every(&self, every: Option<Duration>) {
+        let ms = every.map_or(0, |every| every.as_millis().max(1) as u64);
+        self.remeasure_after_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn fresh(&self, known: &Known) -> bool {
+        match self.remeasure_after_ms.load(Ordering::Relaxed) {
+            0 => true,
+            ms => known.measured_at.elapsed() < Duration::from_millis(ms),
         }
     }
 
@@ -70,24 +108,32 @@ impl Workspaces {
         Workspace::open(&self.base.join(user.to_string()))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Usage>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Known>> {
         self.usage.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The user's usage; the first call walks the workspace once. Blocking.
+    /// The user's usage; the first call walks the workspace once (and, on
+    /// a shared base directory, again once the count is stale). Blocking.
     pub fn usage(&self, user: Uuid, workspace: &Workspace) -> Result<Usage, SandboxError> {
-        if let Some(usage) = self.lock().get(&user) {
-            return Ok(*usage);
+        if let Some(known) = self.lock().get(&user)
+            && self.fresh(known)
+        {
+            return Ok(known.usage);
         }
         let usage = workspace.usage()?;
-        Ok(*self.lock().entry(user).or_insert(usage))
+        let mut usages = self.lock();
+        let known = usages.entry(user).or_insert(Known::now(usage));
+        if !self.fresh(known) {
+            *known = Known::now(usage);
+        }
+        Ok(known.usage)
     }
 
     /// Walks the workspace again and keeps what it finds: after a command,
     /// which may have changed anything in it. Blocking.
     pub fn remeasure(&self, user: Uuid, workspace: &Workspace) -> Result<Usage, SandboxError> {
         let usage = workspace.usage()?;
-        self.lock().insert(user, usage);
+        self.lock().insert(user, Known::now(usage));
         Ok(usage)
     }
 
@@ -112,13 +158,13 @@ impl Workspaces {
         }
         upload.sync()?;
         let mut usages = self.lock();
-        let current = usages.get(&user).copied().unwrap_or(measured);
+        let current = usages.get(&user).map_or(measured, |known| known.usage);
         if let Err(refusal) = fits(current, upload.replacing()?) {
             return Ok(Err(refusal));
         }
         let replaced = upload.commit()?;
         // Forgotten meanwhile (`invalidate`): the next walk counts the file.
-        if let Some(usage) = usages.get_mut(&user) {
+        if let Some(Known { usage, .. }) = usages.get_mut(&user) {
             match replaced.previous_size {
                 Some(previous) => usage.bytes = (usage.bytes + size).saturating_sub(previous),
                 None => {
@@ -135,10 +181,10 @@ impl Workspaces {
         let mut usages = self.lock();
         match usages.get_mut(&user) {
             // What was not counted may be what was deleted: walk again.
-            Some(usage) if usage.incomplete => {
+            Some(known) if known.usage.incomplete => {
                 usages.remove(&user);
             }
-            Some(usage) => {
+            Some(Known { usage, .. }) => {
                 usage.files = usage.files.saturating_sub(files);
                 usage.bytes = usage.bytes.saturating_sub(bytes);
             }
@@ -156,6 +202,7 @@ impl Workspaces {
     pub fn totals(&self) -> Usage {
         self.lock()
             .values()
+            .map(|known| known.usage)
             .fold(Usage::default(), |total, usage| Usage {
                 bytes: total.bytes + usage.bytes,
                 files: total.files + usage.files,
@@ -226,6 +273,34 @@ mod tests {
         assert_eq!(kept, workspace.usage().expect("rescan"));
         assert_eq!(kept, usage(1, 1));
         assert_eq!(workspaces.totals(), kept);
+    }
+
+    #[test]
+    fn a_shared_base_is_measured_again_so_other_servers_writes_count() {
+        let base = tempfile::tempdir().expect("tempdir");
+        // Two servers on one base directory.
+        let (here, there) = (Workspaces::new(base.path()), Workspaces::new(base.path()));
+        let user = Uuid::new_v4();
+        let workspace = here.open(user).expect("open");
+        assert_eq!(here.usage(user, &workspace).expect("walk"), usage(0, 0));
+        write(&there, user, "elsewhere.txt", b"12345");
+        assert_eq!(
+            here.usage(user, &workspace).expect("cached"),
+            usage(0, 0),
+            "alone, this server's count is trusted"
+        );
+        here.remeasure_every(Some(Duration::from_millis(1)));
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            here.usage(user, &workspace).expect("walked again"),
+            usage(5, 1)
+        );
+        here.remeasure_every(Some(Duration::from_secs(3600)));
+        write(&there, user, "more.txt", b"1");
+        assert_eq!(
+            here.usage(user, &workspace).expect("fresh enough"),
+            usage(5, 1)
+        );
     }
 
     #[test]
