@@ -18,6 +18,7 @@
 # starts its own PostgreSQL cluster from the system binaries under /tmp.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/haproxy.sh
 ROOT=$PWD
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 case $TARGET_DIR in /*) ;; *) TARGET_DIR=$ROOT/$TARGET_DIR ;; esac
@@ -96,12 +97,7 @@ for i in 1 2 3; do
 done
 
 step "haproxy with deploy/haproxy.cfg on :$LB_PORT (servers ${SERVER_PORTS[*]})"
-sed -e "s/^\( *bind \):8000/\1127.0.0.1:$LB_PORT/" \
-    -e "s/^\( *server nox1 \)[^ ]*/\1127.0.0.1:${SERVER_PORTS[0]}/" \
-    -e "s/^\( *server nox2 \)[^ ]*/\1127.0.0.1:${SERVER_PORTS[1]}/" \
-    -e "s/^\( *server nox3 \)[^ ]*/\1127.0.0.1:${SERVER_PORTS[2]}/" \
-    deploy/haproxy.cfg >"$WORK/haproxy.cfg"
-grep -q "127.0.0.1:${SERVER_PORTS[2]}" "$WORK/haproxy.cfg" || { echo "deploy/haproxy.cfg: server lines not found"; exit 1; }
+haproxy_config "$LB_PORT" "${SERVER_PORTS[@]}" >"$WORK/haproxy.cfg"
 haproxy -c -q -f "$WORK/haproxy.cfg"
 haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
 PIDS+=($!)
