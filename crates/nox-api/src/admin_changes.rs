@@ -7,10 +7,11 @@
 //! notice: the token's or user's cached callers are forgotten (the next
 //! request checks the database), and a user's overrides are read and put in
 //! force. Notices are applied one at a time, in commit order, so an older
-//! read of a user's overrides never replaces a newer one. Whenever the
-//! connection is (re)established, notices may have been missed: every
+//! read of a user's overrides never replaces a newer one. When the
+//! connection is re-established, notices may have been missed: every
 //! cached token and override is dropped. The cache TTLs stay as the
-//! fallback for the time no connection listens.
+//! fallback, for what was cached before the first connection listened
+//! (the server's first moments) and for the time no connection listens.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -132,21 +133,21 @@ impl AdminChanges {
     }
 }
 
-/// One connection's life (already listening): drop what may be stale, then
-/// apply each notice. Returns when the connection closes.
+/// One connection's life (already listening): after a reconnect, drop what
+/// may be stale; then apply each notice. Returns when the connection closes.
 async fn follow(connection: Connection, appliers: Appliers) -> Result<(), tokio_postgres::Error> {
     let Connection {
         client: _client,
         mut notices,
         number,
     } = connection;
-    appliers.authenticator.forget_all();
-    appliers.quotas.expire_overrides();
-    appliers.counts.connections.fetch_add(1, Ordering::SeqCst);
     if number > 1 {
+        appliers.authenticator.forget_all();
+        appliers.quotas.expire_overrides();
         crate::metrics::record_admin_changes_reconnect();
         tracing::info!("listening for admin changes again; cached tokens and quotas dropped");
     }
+    appliers.counts.connections.fetch_add(1, Ordering::SeqCst);
     while let Some(note) = notices.recv().await {
         match Change::parse(note.payload()) {
             Some(change) => appliers.apply(change).await,
