@@ -1,6 +1,7 @@
 //! Integration tests against a real PostgreSQL and the real app over HTTP.
 
 mod admin_audit;
+mod admin_changes;
 mod audit;
 mod audit_logs;
 mod audit_stream;

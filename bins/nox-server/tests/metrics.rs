@@ -181,6 +181,8 @@ async fn metrics_are_complete_exact_and_bounded() {
         ("nox_quota_violations_total", &["quota_type"]),
         ("nox_rate_limited_total", &["scope"]),
         ("nox_build_info", &["version"]),
+        ("nox_admin_changes_applied_total", &["kind"]),
+        ("nox_admin_changes_reconnects_total", &[]),
     ];
     let run_families: &[(&str, &[&str])] = &[
         ("nox_run_total", &["outcome"]),

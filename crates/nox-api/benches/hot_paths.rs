@@ -1,6 +1,7 @@
 //! The audit model's hot paths, per call, each beside a reference measured
 //! in the same run: building a request's record, encoding it for the spool,
-//! classifying a route, and hashing a row into the chain.
+//! classifying a route, hashing a row into the chain, and a user's rate
+//! limit shared by three servers against one server's.
 //!
 //! `cargo bench -p nox-api --bench hot_paths` (plain harness: no
 //! dependency; medians of `NOX_BENCH_RUNS` runs, default 5).
@@ -60,6 +61,22 @@ fn main() {
     let built = record();
     let encoding_len = built.canonical(1).bytes().len();
     let spool_line = serde_json::to_vec(&built).expect("json");
+    let rate = nox_quota::Rate {
+        per_minute: 1_000_000_000,
+        burst: 1_000_000,
+    };
+    let off = nox_quota::Rate {
+        per_minute: 0,
+        burst: 0,
+    };
+    let (alone, shared) = (
+        nox_quota::RateLimits::new(rate, off),
+        nox_quota::RateLimits::new(rate, off),
+    );
+    shared.set_servers(3);
+    let users: Vec<Uuid> = (0..1000).map(|_| Uuid::now_v7()).collect();
+    let mut next_user = users.iter().cycle();
+    let mut next_shared_user = users.iter().cycle();
     let rows = [
         (
             "build a record (arrived + outcome + details)",
@@ -104,6 +121,18 @@ fn main() {
                 hasher.update(GENESIS);
                 hasher.update(black_box(&spool_line[..encoding_len.min(spool_line.len())]));
                 black_box(hasher.finalize());
+            }),
+        ),
+        (
+            "a user's rate limit, shared by 3 servers",
+            per_call(runs, 1_000_000, || {
+                let user = *next_shared_user.next().expect("cycles");
+                black_box(shared.check_user(black_box(user)).is_ok());
+            }),
+            "the same on one server alone",
+            per_call(runs, 1_000_000, || {
+                let user = *next_user.next().expect("cycles");
+                black_box(alone.check_user(black_box(user)).is_ok());
             }),
         ),
     ];

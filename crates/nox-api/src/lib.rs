@@ -10,6 +10,7 @@
 //! (Nox's audit taxonomy), [`migrations`] (the ordered schema).
 
 pub mod admin_audit;
+pub mod admin_changes;
 pub mod admission;
 pub mod auth;
 mod blocking;

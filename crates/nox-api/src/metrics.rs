@@ -1,5 +1,5 @@
 //! Nox's own metric families (HTTP, runs, workspaces, quota and rate-limit
-//! refusals, shedding, build info), their descriptions and record helpers,
+//! refusals, shedding, admin changes applied, build info), their descriptions and record helpers,
 //! and the HTTP metrics middleware. The audit families are
 //! `nox-audit-metrics`'; [`describe`] registers both. Like that crate, this
 //! never installs a recorder: the server binary does.
@@ -23,6 +23,8 @@ pub const RATE_LIMITED_TOTAL: &str = "nox_rate_limited_total";
 pub const HTTP_SHED_TOTAL: &str = "nox_http_shed_total";
 pub const BUILD_INFO: &str = "nox_build_info";
 pub const SERVERS_LIVE: &str = "nox_servers_live";
+pub const ADMIN_CHANGES_APPLIED_TOTAL: &str = "nox_admin_changes_applied_total";
+pub const ADMIN_CHANGES_RECONNECTS_TOTAL: &str = "nox_admin_changes_reconnects_total";
 
 /// Nox's own families, with their type (the audit families:
 /// [`nox_audit_metrics::FAMILIES`]; both: [`families`]).
@@ -39,6 +41,8 @@ pub const FAMILIES: &[(&str, &str)] = &[
     (HTTP_SHED_TOTAL, "counter"),
     (BUILD_INFO, "gauge"),
     (SERVERS_LIVE, "gauge"),
+    (ADMIN_CHANGES_APPLIED_TOTAL, "counter"),
+    (ADMIN_CHANGES_RECONNECTS_TOTAL, "counter"),
 ];
 
 /// Every family `/metrics` serves: the audit families, then Nox's.
@@ -89,7 +93,19 @@ pub fn describe() {
         SERVERS_LIVE,
         "Nox servers sharing the database, seen by the last heartbeat (this one included)."
     );
+    describe_counter!(
+        ADMIN_CHANGES_APPLIED_TOTAL,
+        "Admin changes announced by any server and applied here, by kind (token, user, quota)."
+    );
+    describe_counter!(
+        ADMIN_CHANGES_RECONNECTS_TOTAL,
+        "Times the admin-change listener connected again (each drops every cached token and quota override)."
+    );
     counter!(HTTP_SHED_TOTAL).absolute(0);
+    for kind in crate::admin_changes::KINDS {
+        counter!(ADMIN_CHANGES_APPLIED_TOTAL, "kind" => kind).absolute(0);
+    }
+    counter!(ADMIN_CHANGES_RECONNECTS_TOTAL).absolute(0);
     gauge!(BUILD_INFO, "version" => crate::VERSION).set(1.0);
 }
 
@@ -131,6 +147,16 @@ pub fn set_servers_live(servers: u32) {
 
 pub fn record_shed() {
     counter!(HTTP_SHED_TOTAL).increment(1);
+}
+
+/// An admin change notice applied; `kind` is one of
+/// [`crate::admin_changes::KINDS`].
+pub fn record_admin_change(kind: &'static str) {
+    counter!(ADMIN_CHANGES_APPLIED_TOTAL, "kind" => kind).increment(1);
+}
+
+pub fn record_admin_changes_reconnect() {
+    counter!(ADMIN_CHANGES_RECONNECTS_TOTAL).increment(1);
 }
 
 /// Counts every request by route template (never the raw path).

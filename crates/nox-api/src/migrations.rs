@@ -24,6 +24,12 @@ const RUN_UIDS: Migration = Migration {
     sql: include_str!("../../../migrations/0009_run_uids.sql"),
 };
 
+const ADMIN_CHANGE_NOTIFY: Migration = Migration {
+    version: 14,
+    name: "admin_change_notify",
+    sql: include_str!("../../../migrations/0014_admin_change_notify.sql"),
+};
+
 const SERVERS: Migration = Migration {
     version: 15,
     name: "servers",
@@ -44,6 +50,7 @@ pub const MIGRATIONS: &[Migration] = &[
     RUN_UIDS,
     nox_audit_store::schema::AUDIT_COMMIT_NOTIFY,
     nox_audit_store::schema::AUDIT_VERIFICATIONS,
+    ADMIN_CHANGE_NOTIFY,
     SERVERS,
 ];
 

@@ -268,6 +268,7 @@ impl ShutdownSignals {
         tracing::info!(signal = name, "shutting down gracefully");
         // Live audit streams never end on their own.
         state.commit_feed.close();
+        state.admin_changes.close();
         handle.stop(true).await;
     }
 }

@@ -19,6 +19,7 @@ use nox_auth::{Authenticator, Secret};
 use nox_quota::{QuotaBook, RateLimits};
 use nox_sandbox::Workspaces;
 
+use crate::admin_changes::AdminChanges;
 use crate::admission::InFlight;
 use crate::cluster::Membership;
 use crate::config::Config;
@@ -74,6 +75,9 @@ pub struct AppState {
     /// Commits of the audit trail as any server makes them, for the live
     /// stream (one connection of its own; closed at shutdown).
     pub commit_feed: CommitFeed,
+    /// Admin changes made on any server, applied here at once (one
+    /// connection of its own; closed at shutdown).
+    pub admin_changes: AdminChanges,
     /// `NOX_AUDIT_STREAM_MAX`, `NOX_AUDIT_STREAM_STALL_SECS`.
     pub stream_limits: StreamLimits,
 }
@@ -164,9 +168,15 @@ impl AppState {
             Arc::clone(&rate_limits),
             Arc::clone(&workspaces),
         );
+        let authenticator = Authenticator::new(config.auth_cache_ttl());
+        let admin_changes = AdminChanges::start(
+            listener_config(database, "nox-admin-changes"),
+            authenticator.clone(),
+            Arc::clone(&quotas),
+        );
         let state = AppState {
             pool,
-            authenticator: Authenticator::new(config.auth_cache_ttl()),
+            authenticator,
             audit: audit_writer.sink(),
             audit_config,
             workspaces,
@@ -188,7 +198,11 @@ impl AppState {
             audit_verify_interval: config.audit_verify_interval(),
             openapi: openapi::render(),
             health_probe: health::DatabaseProbe::default(),
-            commit_feed: start_commit_feed(database),
+            commit_feed: CommitFeed::start(
+                listener_config(database, "nox-commit-feed"),
+                COMMIT_FEED_POLL,
+            ),
+            admin_changes,
             stream_limits: StreamLimits {
                 max_streams: config.audit_stream_max as usize,
                 stall: std::time::Duration::from_secs(config.audit_stream_stall_secs),
@@ -212,12 +226,14 @@ impl AppState {
 /// longest a lost notification delays the live stream.
 const COMMIT_FEED_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 
-fn start_commit_feed(database: &Database) -> CommitFeed {
+/// The database's settings for a listening connection, named `name` in
+/// `pg_stat_activity` unless the operator named the connections.
+fn listener_config(database: &Database, name: &str) -> tokio_postgres::Config {
     let mut pg_config = database.pg_config.clone();
     if pg_config.get_application_name().is_none() {
-        pg_config.application_name("nox-commit-feed");
+        pg_config.application_name(name);
     }
-    CommitFeed::start(pg_config, COMMIT_FEED_POLL)
+    pg_config
 }
 
 /// The writer needs one connection; a second lets a spool replay and a

@@ -3,21 +3,19 @@
 //!
 //! Migration 0010's trigger announces every move of a chain's head with
 //! `NOTIFY nox_audit_commit, '<chain> <first seq> <last seq>'`, delivered
-//! only when the writing transaction commits. A [`CommitFeed`] keeps one
-//! connection of its own (outside the pool: a pooled connection's
-//! notifications are discarded) listening on that channel, and also reads
-//! the head every `poll_every`, so a notification lost with a dropped
+//! only when the writing transaction commits. A [`CommitFeed`] listens on
+//! that channel with a connection of its own ([`crate::listen`]), and also
+//! reads the head every `poll_every`, so a notification lost with a dropped
 //! connection only delays readers. The rows up to the published head are
 //! all committed, because `seq` is assigned in commit order.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use nox_audit_model::chain::ACTIONS_CHAIN;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, NoTls};
+
+use crate::listen::{self, Connection, Listener};
 
 /// The channel migration 0010's trigger notifies.
 pub const COMMIT_CHANNEL: &str = "nox_audit_commit";
@@ -27,16 +25,7 @@ pub const COMMIT_CHANNEL: &str = "nox_audit_commit";
 #[derive(Debug, Clone)]
 pub struct CommitFeed {
     head: watch::Receiver<Option<i64>>,
-    task: Arc<StopOnDrop>,
-}
-
-#[derive(Debug)]
-struct StopOnDrop(JoinHandle<()>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    listener: Arc<Listener>,
 }
 
 impl CommitFeed {
@@ -44,10 +33,15 @@ impl CommitFeed {
     /// whenever the connection fails). Call on a Tokio runtime.
     pub fn start(pg_config: tokio_postgres::Config, poll_every: Duration) -> CommitFeed {
         let (sender, head) = watch::channel(None);
-        let task = tokio::spawn(follow(pg_config, poll_every, sender));
+        let listener = listen::spawn(
+            pg_config,
+            &[COMMIT_CHANNEL],
+            "audit commit feed",
+            move |connection| follow(connection, poll_every, sender.clone()),
+        );
         CommitFeed {
             head,
-            task: Arc::new(StopOnDrop(task)),
+            listener: Arc::new(listener),
         }
     }
 
@@ -66,30 +60,12 @@ impl CommitFeed {
     /// Stops following (for every clone): receivers' `changed()` fail, so
     /// live readers end. For shutdown.
     pub fn close(&self) {
-        self.task.0.abort();
+        self.listener.close();
     }
 
     /// Whether [`CommitFeed::close`] was called (or the task ended).
     pub fn is_closed(&self) -> bool {
         self.head.has_changed().is_err()
-    }
-}
-
-async fn follow(
-    pg_config: tokio_postgres::Config,
-    poll_every: Duration,
-    head: watch::Sender<Option<i64>>,
-) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match listen(&pg_config, poll_every, &head).await {
-            Ok(()) => backoff = Duration::from_millis(100),
-            Err(error) => {
-                tracing::warn!(%error, "the audit commit feed lost its connection; reconnecting")
-            }
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -116,52 +92,35 @@ fn announced_seq(payload: &str) -> Option<i64> {
     }
 }
 
-/// One connection's life: `LISTEN`, then the head read now and every
-/// `poll_every` while notifications raise it in between. Returns when the
+/// One connection's life (already listening): the head read now and every
+/// `poll_every`, raised by notifications in between. Returns when the
 /// connection fails.
-async fn listen(
-    pg_config: &tokio_postgres::Config,
+async fn follow(
+    connection: Connection,
     poll_every: Duration,
-    head: &watch::Sender<Option<i64>>,
+    head: watch::Sender<Option<i64>>,
 ) -> Result<(), tokio_postgres::Error> {
-    let (client, mut connection) = pg_config.connect(NoTls).await?;
-    let notices = head.clone();
-    let mut driver = tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(message) = messages.next().await {
-            match message {
-                Ok(AsyncMessage::Notification(note)) => {
-                    if let Some(seq) = announced_seq(note.payload()) {
-                        advance(&notices, seq);
-                    }
+    let Connection {
+        client,
+        mut notices,
+        ..
+    } = connection;
+    let statement = client
+        .prepare("SELECT seq FROM audit_chain_heads WHERE chain = $1")
+        .await?;
+    let mut every = tokio::time::interval(poll_every);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {
+                let row = client.query_opt(&statement, &[&ACTIONS_CHAIN]).await?;
+                advance(&head, row.map_or(0, |row| row.get(0)));
+            }
+            Some(note) = notices.recv() => {
+                if let Some(seq) = announced_seq(note.payload()) {
+                    advance(&head, seq);
                 }
-                Ok(_) => {}
-                Err(error) => return Err(error),
             }
         }
-        Ok(())
-    });
-    // Listening first, then reading: no commit falls between the two.
-    let reads = async {
-        client
-            .batch_execute(&format!("LISTEN {COMMIT_CHANNEL}"))
-            .await?;
-        let statement = client
-            .prepare("SELECT seq FROM audit_chain_heads WHERE chain = $1")
-            .await?;
-        let mut every = tokio::time::interval(poll_every);
-        loop {
-            every.tick().await;
-            let row = client.query_opt(&statement, &[&ACTIONS_CHAIN]).await?;
-            advance(head, row.map_or(0, |row| row.get(0)));
-        }
-    };
-    tokio::select! {
-        result = reads => result,
-        ended = &mut driver => match ended {
-            Ok(result) => result,
-            Err(_) => Ok(()),
-        },
     }
 }
 

@@ -86,6 +86,7 @@
 pub mod admin_actions;
 pub mod checkpoints;
 pub mod commit_feed;
+pub mod listen;
 pub mod migrate;
 pub mod pool;
 pub mod retention;

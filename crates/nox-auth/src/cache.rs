@@ -2,9 +2,10 @@
 //!
 //! A resolved token is trusted for `ttl` (default 4 s). After that the next
 //! request re-checks it against the database (which also records
-//! `last_used_at`), so a revocation or deactivation made on another server
-//! instance takes effect within `ttl` plus one check; the instance that
-//! makes the change drops its entries at once. One request at a time
+//! `last_used_at`). Changes are applied at once by forgetting entries: the
+//! instance that makes a change does so itself, the others when its notice
+//! reaches them (`nox_api::admin_changes`); `ttl` bounds how long a change
+//! whose notice was lost goes unnoticed. One request at a time
 //! re-checks a token: requests arriving meanwhile use the cached caller
 //! instead of each waiting for a check of their own (a busy token would
 //! otherwise send a burst of checks, and of `last_used_at` updates queued
@@ -189,8 +190,8 @@ impl Authenticator {
         self.0.checks.load(Ordering::Relaxed)
     }
 
-    /// Forgets every cached token of `user_id` (after a role change or
-    /// deactivation on this instance).
+    /// Forgets every cached token of `user_id` (after a change of its role,
+    /// tier or activity).
     pub fn forget_user(&self, user_id: Uuid) {
         self.0.generation.fetch_add(1, Ordering::SeqCst);
         self.0
@@ -201,12 +202,20 @@ impl Authenticator {
         self.0.lock_rejected().clear();
     }
 
-    /// Forgets one token (after revoking it on this instance).
+    /// Forgets one token (after revoking it).
     pub fn forget_token(&self, token_id: Uuid) {
         self.0.generation.fetch_add(1, Ordering::SeqCst);
         self.0
             .lock()
             .retain(|_, entry| entry.caller.token_id != token_id);
+    }
+
+    /// Forgets every token, accepted or refused (when changes may have
+    /// been missed): each is checked against the database again.
+    pub fn forget_all(&self) {
+        self.0.generation.fetch_add(1, Ordering::SeqCst);
+        self.0.lock().clear();
+        self.0.lock_rejected().clear();
     }
 }
 
@@ -396,6 +405,23 @@ mod tests {
         let mut bytes = [0u8; 32];
         getrandom::fill(&mut bytes).expect("random");
         bytes
+    }
+
+    #[test]
+    fn forgetting_all_forgets_accepted_and_refused_tokens() {
+        let authenticator = Authenticator::new(Duration::from_secs(300));
+        let cache = &authenticator.0;
+        let (accepted, refused) = ([1u8; 32], [2u8; 32]);
+        cache.insert(accepted, caller());
+        cache.reject(refused);
+        let generation = cache.generation.load(Ordering::SeqCst);
+        authenticator.forget_all();
+        assert!(cache.cached(&accepted).is_none());
+        assert!(!cache.recently_rejected(&refused));
+        assert!(
+            cache.generation.load(Ordering::SeqCst) > generation,
+            "a check under way does not cache what it read before"
+        );
     }
 
     #[test]

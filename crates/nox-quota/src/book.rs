@@ -488,6 +488,16 @@ impl QuotaBook {
             entry.overrides_read_started = None;
         }
     }
+
+    /// Has every user's overrides read again at their next request (when
+    /// changes may have been missed); a read under way is not installed.
+    pub fn expire_overrides(&self) {
+        self.overrides_generation.fetch_add(1, Ordering::SeqCst);
+        for entry in self.lock().values_mut() {
+            entry.overrides_read = None;
+            entry.overrides_read_started = None;
+        }
+    }
 }
 
 async fn read(

@@ -83,6 +83,7 @@ impl TestApp {
     /// Stops the server gracefully, then drains the audit writer.
     pub async fn stop(&self) {
         self.state.commit_feed.close();
+        self.state.admin_changes.close();
         self.handle.stop(true).await;
         if let Some(background) = self.background.lock().await.take() {
             background.shutdown().await;
