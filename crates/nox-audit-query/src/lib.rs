@@ -46,6 +46,7 @@ mod export;
 mod filter;
 mod json_time;
 mod logs;
+mod replica;
 mod stats;
 mod stream;
 
@@ -58,6 +59,7 @@ pub use error::{ErrorKind, QueryError};
 pub use export::{ByteStream, EXPORT_PARAMS, ExportQuery, Statement};
 pub use filter::{FILTERS, Filters, Param, days_back, parse_bool, refuse_nul};
 pub use logs::{LogsPage, LogsQuery, PAGING, logs};
+pub use replica::{replayed_head, replica_lag};
 pub use stats::{
     ChainHead, ChainState, TodayStats, chain_state, checkpoint_limit, checkpoints, today,
 };
