@@ -18,6 +18,7 @@ mod identity;
 mod limits;
 mod migrations;
 mod quotas;
+mod replica;
 mod rollups;
 mod run;
 mod run_isolation;
