@@ -175,6 +175,7 @@ async fn metrics_are_complete_exact_and_bounded() {
         ("nox_audit_verify_interval_seconds", &[]),
         ("nox_audit_streams_open", &[]),
         ("nox_audit_stream_lagged_total", &[]),
+        ("nox_audit_read_fallback_total", &["reason"]),
         ("nox_http_shed_total", &[]),
         ("nox_sandbox_files", &[]),
         ("nox_sandbox_bytes", &[]),

@@ -161,3 +161,28 @@ pub async fn connect(pg_config: &tokio_postgres::Config) -> anyhow::Result<tokio
     });
     Ok(client)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn storage(read_url: Option<&str>) -> StorageConfig {
+        let mut config = crate::Config::for_database("host=/nowhere", "/nonexistent".into());
+        config.storage.database_read_url = read_url.map(nox_auth::Secret::new);
+        config.storage
+    }
+
+    #[test]
+    fn a_bad_read_url_is_refused_without_echoing_it() {
+        let error = read_replica_pool(&storage(Some("postgres://nox:s3cret@db:port/nox")))
+            .expect_err("not a URL");
+        let shown = format!("{error:#}");
+        assert!(shown.contains("NOX_DATABASE_READ_URL"), "{shown}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+    }
+
+    #[test]
+    fn no_read_url_means_no_replica_pool() {
+        assert!(read_replica_pool(&storage(None)).expect("fine").is_none());
+    }
+}

@@ -215,6 +215,9 @@ pub fn describe() {
     gauge!(AUDIT_SPOOL_ROWS).set(0.0);
     gauge!(AUDIT_STREAMS_OPEN).set(0.0);
     counter!(AUDIT_STREAM_LAGGED_TOTAL).absolute(0);
+    for reason in ReadFallback::ALL {
+        counter!(AUDIT_READ_FALLBACK_TOTAL, "reason" => reason.as_str()).absolute(0);
+    }
 }
 
 /// The per-record audit series, with their handles resolved once per label
@@ -417,14 +420,6 @@ impl ReadFallback {
             ReadFallback::Unavailable => "unavailable",
             ReadFallback::Lagging => "lagging",
         }
-    }
-}
-
-/// A read replica is in use: every fallback series at 0 (`increase()`
-/// misses a series' first count).
-pub fn read_replica_configured() {
-    for reason in ReadFallback::ALL {
-        counter!(AUDIT_READ_FALLBACK_TOTAL, "reason" => reason.as_str()).absolute(0);
     }
 }
 

@@ -1,7 +1,8 @@
 //! The read side of the Nox audit trail, for any service that writes one
 //! with `nox-audit-store`: filters validated into parameterised SQL, keyset
 //! paging, today's statistics, activity per user, the daily rollups, the
-//! admin actions, the chains' state and the export query.
+//! admin actions, the chains' state and the export query; and what a
+//! streaming replica says of its freshness ([`replica_lag`]).
 //!
 //! Each request is validated first (`*Query::parse`/`new`, no IO; errors are
 //! [`QueryError::InvalidParameter`] with a message for the client), then run

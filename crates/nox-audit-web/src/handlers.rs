@@ -1,5 +1,8 @@
 //! The read endpoints: status, checkpoints, statistics, per-user activity,
 //! daily rollups, admin actions, the audit metrics and the rows themselves.
+//! The statistics, activity, rollups, admin actions and rows are read
+//! where `reads.rs` says (a replica, or the primary); the status and
+//! checkpoints always from the primary.
 //! (The handlers carry no doc comments: utoipa would put them in the
 //! OpenAPI document, whose text embedders keep stable.)
 

@@ -7,7 +7,8 @@
 //!
 //! The embedder builds one [`AuditApi`] (a pool, the writer's sink, the
 //! checkpoint signer and an [`Authorize`] hook), adds it as app data and
-//! registers [`services`]. Every endpoint asks the hook first; errors are
+//! registers [`services`]; [`AuditApi::read_replica`] sends the reads to a
+//! streaming replica. Every endpoint asks the hook first; errors are
 //! JSON `{"detail","code"}` ([`ErrorBody`]). The handlers ([`handlers`],
 //! [`export`]) carry their `#[utoipa::path]` annotations: list them in the
 //! embedder's `OpenApi` (`paths(nox_audit_web::handlers::logs, …)`).

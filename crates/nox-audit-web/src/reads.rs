@@ -85,7 +85,6 @@ impl Reads {
     }
 
     pub(crate) fn with_replica(self, pool: Pool, max_lag: Duration) -> Reads {
-        nox_audit_metrics::read_replica_configured();
         Reads {
             replica: Some(Arc::new(Replica {
                 pool,
