@@ -24,9 +24,9 @@ const PATIENCE: Duration = Duration::from_secs(20);
 
 /// One server-sent event.
 #[derive(Debug, Clone, PartialEq)]
-struct Event {
-    id: Option<i64>,
-    kind: String,
+pub(crate) struct Event {
+    pub(crate) id: Option<i64>,
+    pub(crate) kind: String,
     data: String,
 }
 
@@ -37,14 +37,14 @@ impl Event {
 }
 
 /// Parses `text/event-stream` as it arrives (comments skipped).
-struct Events {
+pub(crate) struct Events {
     body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
     pending: String,
     comments: usize,
 }
 
 impl Events {
-    async fn open(app: &TestApp, query: &str, last_event_id: Option<i64>) -> Events {
+    pub(crate) async fn open(app: &TestApp, query: &str, last_event_id: Option<i64>) -> Events {
         let mut request = app
             .client
             .get(app.url(&format!("/admin/audit/stream?{query}")))
@@ -66,7 +66,7 @@ impl Events {
     }
 
     /// The next event, or `None` when the server ended the stream.
-    async fn next(&mut self) -> Option<Event> {
+    pub(crate) async fn next(&mut self) -> Option<Event> {
         // Keep-alive comments do not extend the wait.
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {

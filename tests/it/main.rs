@@ -20,6 +20,7 @@ mod limits;
 mod migrations;
 mod multi_server;
 mod quotas;
+mod replica;
 mod rollups;
 mod run;
 mod run_isolation;

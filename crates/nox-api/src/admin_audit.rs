@@ -34,6 +34,10 @@ pub fn api(state: &AppState) -> web::Data<AuditApi> {
     .commit_feed(state.commit_feed.clone())
     .stream_limits(state.stream_limits.clone())
     .verification_interval(state.audit_verify_interval);
+    let api = match &state.read_pool {
+        Some(pool) => api.read_replica(pool.clone(), state.read_max_lag),
+        None => api,
+    };
     web::Data::new(api)
 }
 

@@ -94,6 +94,18 @@ pub struct StorageConfig {
     #[arg(long, env = "NOX_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: usize,
 
+    /// A streaming replica of the database, for the audit read endpoints
+    /// (searches, export, statistics, summaries, the live stream's reads);
+    /// they fall back to DATABASE_URL when it is down or lags. Pooled like
+    /// DATABASE_URL (NOX_DB_POOL_SIZE connections).
+    #[arg(long, env = "NOX_DATABASE_READ_URL", hide_env_values = true)]
+    pub database_read_url: Option<Secret>,
+
+    /// The most the read replica may lag, in milliseconds, for a read to be
+    /// served there; a read past it goes to the primary.
+    #[arg(long, env = "NOX_READ_MAX_LAG_MS", default_value_t = 5000)]
+    pub read_max_lag_ms: u64,
+
     /// The Ed25519 key that signs audit checkpoints (64 hex digits; default
     /// <NOX_DATA_DIR>/audit-signing.key, generated with mode 0600 on first
     /// start).
@@ -430,6 +442,8 @@ mod tests {
         assert_eq!(config.log_format, LogFormat::Text);
         assert!(!config.no_migrate);
         assert_eq!(config.cgroup_parent, PathBuf::from("/sys/fs/cgroup/nox"));
+        assert!(config.storage.database_read_url.is_none());
+        assert_eq!(config.storage.read_max_lag_ms, 5000);
         assert_eq!(
             config.audit_verify_interval(),
             Some(Duration::from_secs(300))
@@ -505,14 +519,20 @@ mod tests {
     }
 
     #[test]
-    fn database_url_is_redacted_in_debug_output() {
+    fn database_urls_are_redacted_in_debug_output() {
         let config = Config::try_parse_from([
             "nox-server",
             "--database-url",
             "postgres://nox:s3cret@db/nox",
+            "--database-read-url",
+            "postgres://nox:r3plica@replica/nox",
         ])
         .expect("parses");
-        assert!(!format!("{config:?}").contains("s3cret"));
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("r3plica"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -122,6 +122,32 @@ impl Database {
     }
 }
 
+/// The read replica's pool (`NOX_DATABASE_READ_URL`), when one is set.
+/// Its connections open lazily and are named `nox-read` in
+/// `pg_stat_activity`; its short timeouts keep a dead or saturated replica
+/// cheap, since reads then go to the primary.
+pub fn read_replica_pool(storage: &StorageConfig) -> anyhow::Result<Option<Pool>> {
+    let Some(url) = &storage.database_read_url else {
+        return Ok(None);
+    };
+    // The parse error never echoes the URL, which may hold a password.
+    let mut pg_config = tokio_postgres::Config::from_str(url.expose())
+        .map_err(|_| anyhow::anyhow!("NOX_DATABASE_READ_URL is not a valid PostgreSQL URL"))?;
+    if pg_config.get_application_name().is_none() {
+        pg_config.application_name(READ_APPLICATION_NAME);
+    }
+    let options = PoolOptions {
+        max_size: storage.db_pool_size,
+        wait_timeout: std::time::Duration::from_secs(1),
+        connect_timeout: std::time::Duration::from_secs(1),
+    };
+    let pool = build_pool(pg_config, &options).context("building the read replica's pool")?;
+    Ok(Some(pool))
+}
+
+/// The read replica pool's `application_name`, unless its URL sets one.
+pub const READ_APPLICATION_NAME: &str = "nox-read";
+
 /// One dedicated connection (not pooled), for migrations and maintenance.
 pub async fn connect(pg_config: &tokio_postgres::Config) -> anyhow::Result<tokio_postgres::Client> {
     let (client, connection) = pg_config
@@ -134,4 +160,29 @@ pub async fn connect(pg_config: &tokio_postgres::Config) -> anyhow::Result<tokio
         }
     });
     Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn storage(read_url: Option<&str>) -> StorageConfig {
+        let mut config = crate::Config::for_database("host=/nowhere", "/nonexistent".into());
+        config.storage.database_read_url = read_url.map(nox_auth::Secret::new);
+        config.storage
+    }
+
+    #[test]
+    fn a_bad_read_url_is_refused_without_echoing_it() {
+        let error = read_replica_pool(&storage(Some("postgres://nox:s3cret@db:port/nox")))
+            .expect_err("not a URL");
+        let shown = format!("{error:#}");
+        assert!(shown.contains("NOX_DATABASE_READ_URL"), "{shown}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+    }
+
+    #[test]
+    fn no_read_url_means_no_replica_pool() {
+        assert!(read_replica_pool(&storage(None)).expect("fine").is_none());
+    }
 }

@@ -39,6 +39,10 @@ use nox_audit_web::StreamLimits;
 #[derive(Debug)]
 pub struct AppState {
     pub pool: Pool,
+    /// `NOX_DATABASE_READ_URL`'s pool, for the audit read endpoints.
+    pub read_pool: Option<Pool>,
+    /// `NOX_READ_MAX_LAG_MS`.
+    pub read_max_lag: std::time::Duration,
     pub authenticator: Authenticator,
     /// Where audit records go.
     pub audit: AuditSink,
@@ -174,8 +178,17 @@ impl AppState {
             authenticator.clone(),
             Arc::clone(&quotas),
         );
+        let read_pool = crate::db::read_replica_pool(&config.storage)?;
+        if read_pool.is_some() {
+            tracing::info!(
+                max_lag_ms = config.storage.read_max_lag_ms,
+                "audit reads go to the read replica (NOX_DATABASE_READ_URL) while it is within the lag"
+            );
+        }
         let state = AppState {
             pool,
+            read_pool,
+            read_max_lag: std::time::Duration::from_millis(config.storage.read_max_lag_ms),
             authenticator,
             audit: audit_writer.sink(),
             audit_config,

@@ -85,6 +85,7 @@ pub const AUDIT_VERIFY_LAST_SUCCESS: &str = "nox_audit_verify_last_success_times
 pub const AUDIT_VERIFY_INTERVAL: &str = "nox_audit_verify_interval_seconds";
 pub const AUDIT_STREAMS_OPEN: &str = "nox_audit_streams_open";
 pub const AUDIT_STREAM_LAGGED_TOTAL: &str = "nox_audit_stream_lagged_total";
+pub const AUDIT_READ_FALLBACK_TOTAL: &str = "nox_audit_read_fallback_total";
 
 /// Every audit family, with its type. (A service exports its own families
 /// beside these: Nox's are in `nox_api::metrics`.)
@@ -109,6 +110,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     (AUDIT_VERIFY_INTERVAL, "gauge"),
     (AUDIT_STREAMS_OPEN, "gauge"),
     (AUDIT_STREAM_LAGGED_TOTAL, "counter"),
+    (AUDIT_READ_FALLBACK_TOTAL, "counter"),
 ];
 
 /// The outcomes `nox_audit_verify_runs_total` counts passes by.
@@ -199,6 +201,10 @@ pub fn describe() {
         AUDIT_STREAM_LAGGED_TOTAL,
         "Live audit streams cut off because their client stopped reading."
     );
+    describe_counter!(
+        AUDIT_READ_FALLBACK_TOTAL,
+        "Audit reads meant for the read replica that the primary served, by reason: unavailable (no connection, or it failed) or lagging (behind by more than the allowed lag)."
+    );
     counter!(AUDIT_DROPPED_TOTAL).absolute(0);
     counter!(AUDIT_REJECTED_TOTAL).absolute(0);
     counter!(AUDIT_ROWS_REDUCED_TOTAL).absolute(0);
@@ -209,6 +215,9 @@ pub fn describe() {
     gauge!(AUDIT_SPOOL_ROWS).set(0.0);
     gauge!(AUDIT_STREAMS_OPEN).set(0.0);
     counter!(AUDIT_STREAM_LAGGED_TOTAL).absolute(0);
+    for reason in ReadFallback::ALL {
+        counter!(AUDIT_READ_FALLBACK_TOTAL, "reason" => reason.as_str()).absolute(0);
+    }
 }
 
 /// The per-record audit series, with their handles resolved once per label
@@ -391,6 +400,32 @@ pub fn set_queue_depth(depth: usize) {
 
 pub fn set_spool_rows(rows: u64) {
     gauge!(AUDIT_SPOOL_ROWS).set(rows as f64);
+}
+
+/// Why a read meant for the read replica went to the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadFallback {
+    /// No connection could be had, or the replica failed to answer.
+    Unavailable,
+    /// The replica was behind by more than the allowed lag.
+    Lagging,
+}
+
+impl ReadFallback {
+    pub const ALL: [ReadFallback; 2] = [ReadFallback::Unavailable, ReadFallback::Lagging];
+
+    /// The `reason` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadFallback::Unavailable => "unavailable",
+            ReadFallback::Lagging => "lagging",
+        }
+    }
+}
+
+/// A read meant for the replica went to the primary.
+pub fn record_read_fallback(reason: ReadFallback) {
+    counter!(AUDIT_READ_FALLBACK_TOTAL, "reason" => reason.as_str()).increment(1);
 }
 
 /// A continuous verification starts: its interval, and every series at 0

@@ -1,7 +1,8 @@
 //! The read side of the Nox audit trail, for any service that writes one
 //! with `nox-audit-store`: filters validated into parameterised SQL, keyset
 //! paging, today's statistics, activity per user, the daily rollups, the
-//! admin actions, the chains' state and the export query.
+//! admin actions, the chains' state and the export query; and what a
+//! streaming replica says of its freshness ([`replica_lag`]).
 //!
 //! Each request is validated first (`*Query::parse`/`new`, no IO; errors are
 //! [`QueryError::InvalidParameter`] with a message for the client), then run
@@ -46,6 +47,7 @@ mod export;
 mod filter;
 mod json_time;
 mod logs;
+mod replica;
 mod stats;
 mod stream;
 
@@ -58,6 +60,7 @@ pub use error::{ErrorKind, QueryError};
 pub use export::{ByteStream, EXPORT_PARAMS, ExportQuery, Statement};
 pub use filter::{FILTERS, Filters, Param, days_back, parse_bool, refuse_nul};
 pub use logs::{LogsPage, LogsQuery, PAGING, logs};
+pub use replica::{replayed_head, replica_lag};
 pub use stats::{
     ChainHead, ChainState, TodayStats, chain_state, checkpoint_limit, checkpoints, today,
 };

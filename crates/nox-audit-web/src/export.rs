@@ -5,7 +5,9 @@
 //! The query, encoding and compression run on the embedder's work runtime
 //! (not on the HTTP workers) when it gave one; chunks reach the response
 //! through a small bounded channel, so a slow client slows the query
-//! instead of filling memory. When the stream ends (completely, by a
+//! instead of filling memory. The rows come from the read replica when
+//! one is set and fresh enough (see [`crate::AuditApi::read_replica`]).
+//! When the stream ends (completely, by a
 //! failure, or because the client went away) a `log_export` admin action
 //! records the filters and the rows sent.
 
@@ -16,7 +18,7 @@ use std::sync::Arc;
 use actix_web::http::header::{ContentDisposition, DispositionParam, DispositionType};
 use actix_web::{HttpRequest, HttpResponse, get, web};
 use bytes::Bytes;
-use deadpool_postgres::Pool;
+use deadpool_postgres::{Object, Pool};
 use futures_util::StreamExt;
 use nox_audit_export::Progress;
 use nox_audit_model::{AdminAction, AdminActionType};
@@ -34,6 +36,9 @@ const CHANNEL_CHUNKS: usize = 4;
 
 /// What the spawned export needs.
 struct Job {
+    /// The read's connection (primary or replica), held for the export.
+    client: Object,
+    /// The primary, where the record is written.
     pool: Pool,
     statement: Statement,
     /// The admin action written at the end, without the outcome yet.
@@ -54,7 +59,7 @@ struct Job {
         ("start_date" = Option<String>, Query), ("end_date" = Option<String>, Query), ("search" = Option<String>, Query),
     ),
     responses(
-        (status = 200, description = "The file, streamed"),
+        (status = 200, description = "The file, streamed", headers(("X-Nox-Read-Source" = String, description = "replica or primary"), ("X-Nox-Replica-Lag-Ms" = i64, description = "How stale the answer may be, in ms (0 from the primary)"))),
         (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 503, body = ErrorBody, description = "Too many exports running"),
     ),
@@ -83,7 +88,9 @@ pub async fn export(
     record = record.new_values(query.description());
     let content_type = query.content_type();
     let (format, gzip) = (query.format, query.gzip);
+    let read = api.reads.connection().await?;
     let job = Job {
+        client: read.client,
         pool: api.pool.clone(),
         statement: query.into_statement(),
         record,
@@ -105,7 +112,9 @@ pub async fn export(
     let body = futures_util::stream::unfold(chunks_rx, |mut chunks| async move {
         chunks.recv().await.map(|chunk| (chunk, chunks))
     });
-    Ok(HttpResponse::Ok()
+    Ok(read
+        .source
+        .ok()
         .content_type(content_type)
         .insert_header(ContentDisposition {
             disposition: DispositionType::Attachment,
@@ -123,13 +132,7 @@ async fn run_export(
     chunks: mpsc::Sender<io::Result<Bytes>>,
 ) {
     let progress = Progress::default();
-    let client = match job.pool.get().await {
-        Ok(client) => client,
-        Err(error) => {
-            let _ = started.send(Err(error.into()));
-            return;
-        }
-    };
+    let client = job.client;
     let mut bytes = match job.statement.open(&client, progress.clone()).await {
         Ok(bytes) => {
             let _ = started.send(Ok(()));

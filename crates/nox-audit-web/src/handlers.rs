@@ -1,5 +1,8 @@
 //! The read endpoints: status, checkpoints, statistics, per-user activity,
 //! daily rollups, admin actions, the audit metrics and the rows themselves.
+//! The statistics, activity, rollups, admin actions and rows are read
+//! where `reads.rs` says (a replica, or the primary); the status and
+//! checkpoints always from the primary.
 //! (The handlers carry no doc comments: utoipa would put them in the
 //! OpenAPI document, whose text embedders keep stable.)
 
@@ -126,7 +129,7 @@ pub async fn checkpoints(
     })))
 }
 
-#[utoipa::path(responses((status = 200, description = "Today's totals (UTC day)"), (status = 403, body = ErrorBody)), security(("bearer" = [])), tag = "admin-audit")]
+#[utoipa::path(responses((status = 200, description = "Today's totals (UTC day)", headers(("X-Nox-Read-Source" = String, description = "replica or primary"), ("X-Nox-Replica-Lag-Ms" = i64, description = "How stale the answer may be, in ms (0 from the primary)"))), (status = 403, body = ErrorBody)), security(("bearer" = [])), tag = "admin-audit")]
 #[get("/admin/stats")]
 pub async fn stats(
     _: Authenticated,
@@ -134,11 +137,11 @@ pub async fn stats(
     api: web::Data<AuditApi>,
 ) -> actix_web::Result<HttpResponse> {
     api.authorize.authorize(&request, Access::Read)?;
-    let client = api.pool.get().await.map_err(WebError::from)?;
-    let today = nox_audit_query::today(&client)
+    let read = api.reads.connection().await?;
+    let today = nox_audit_query::today(&read.client)
         .await
         .map_err(WebError::from)?;
-    Ok(HttpResponse::Ok().json(to_json(&today)?))
+    Ok(read.source.ok().json(to_json(&today)?))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -152,7 +155,7 @@ pub struct UsersQuery {
     pub min_actions: Option<i64>,
 }
 
-#[utoipa::path(params(UsersQuery), responses((status = 200, description = "Activity per user, one query"), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)), security(("bearer" = [])), tag = "admin-audit")]
+#[utoipa::path(params(UsersQuery), responses((status = 200, description = "Activity per user, one query", headers(("X-Nox-Read-Source" = String, description = "replica or primary"), ("X-Nox-Replica-Lag-Ms" = i64, description = "How stale the answer may be, in ms (0 from the primary)"))), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)), security(("bearer" = [])), tag = "admin-audit")]
 #[get("/admin/audit/users")]
 pub async fn users(
     _: Authenticated,
@@ -162,11 +165,11 @@ pub async fn users(
 ) -> actix_web::Result<HttpResponse> {
     api.authorize.authorize(&request, Access::Read)?;
     let query = ActivityQuery::new(query.days, query.min_actions).map_err(WebError::from)?;
-    let client = api.pool.get().await.map_err(WebError::from)?;
-    let users = nox_audit_query::user_activity(&client, &query, api.user_names.as_ref())
+    let read = api.reads.connection().await?;
+    let users = nox_audit_query::user_activity(&read.client, &query, api.user_names.as_ref())
         .await
         .map_err(WebError::from)?;
-    Ok(HttpResponse::Ok().json(json!({ "users": to_json(&users)? })))
+    Ok(read.source.ok().json(json!({ "users": to_json(&users)? })))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -179,7 +182,7 @@ pub struct SummariesQuery {
     pub user_id: Option<Uuid>,
 }
 
-#[utoipa::path(params(SummariesQuery), responses((status = 200, description = "Daily rollups, newest date first"), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)), security(("bearer" = [])), tag = "admin-audit")]
+#[utoipa::path(params(SummariesQuery), responses((status = 200, description = "Daily rollups, newest date first", headers(("X-Nox-Read-Source" = String, description = "replica or primary"), ("X-Nox-Replica-Lag-Ms" = i64, description = "How stale the answer may be, in ms (0 from the primary)"))), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)), security(("bearer" = [])), tag = "admin-audit")]
 #[get("/admin/audit/daily-summaries")]
 pub async fn daily_summaries(
     _: Authenticated,
@@ -190,11 +193,14 @@ pub async fn daily_summaries(
     api.authorize.authorize(&request, Access::Read)?;
     let query =
         nox_audit_query::SummariesQuery::new(query.days, query.user_id).map_err(WebError::from)?;
-    let client = api.pool.get().await.map_err(WebError::from)?;
-    let summaries = nox_audit_query::daily_summaries(&client, &query)
+    let read = api.reads.connection().await?;
+    let summaries = nox_audit_query::daily_summaries(&read.client, &query)
         .await
         .map_err(WebError::from)?;
-    Ok(HttpResponse::Ok().json(json!({ "summaries": to_json(&summaries)? })))
+    Ok(read
+        .source
+        .ok()
+        .json(json!({ "summaries": to_json(&summaries)? })))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -211,7 +217,7 @@ pub struct AdminActionsQuery {
     pub admin_action_type: Option<String>,
 }
 
-#[utoipa::path(params(AdminActionsQuery), responses((status = 200, description = "Admin actions, newest first"), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)), security(("bearer" = [])), tag = "admin-audit")]
+#[utoipa::path(params(AdminActionsQuery), responses((status = 200, description = "Admin actions, newest first", headers(("X-Nox-Read-Source" = String, description = "replica or primary"), ("X-Nox-Replica-Lag-Ms" = i64, description = "How stale the answer may be, in ms (0 from the primary)"))), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)), security(("bearer" = [])), tag = "admin-audit")]
 #[get("/admin/audit/admin-actions")]
 pub async fn admin_actions(
     _: Authenticated,
@@ -228,11 +234,14 @@ pub async fn admin_actions(
         query.admin_action_type,
     )
     .map_err(WebError::from)?;
-    let client = api.pool.get().await.map_err(WebError::from)?;
-    let actions = nox_audit_query::admin_actions(&client, &query)
+    let read = api.reads.connection().await?;
+    let actions = nox_audit_query::admin_actions(&read.client, &query)
         .await
         .map_err(WebError::from)?;
-    Ok(HttpResponse::Ok().json(json!({ "admin_actions": to_json(&actions)? })))
+    Ok(read
+        .source
+        .ok()
+        .json(json!({ "admin_actions": to_json(&actions)? })))
 }
 
 #[utoipa::path(responses((status = 200, description = "The audit metrics (nox_audit_*) in Prometheus text", content_type = "text/plain"), (status = 403, body = ErrorBody), (status = 404, description = "This process exports no metrics")), security(("bearer" = [])), tag = "admin-audit")]
@@ -280,7 +289,7 @@ fn audit_families(text: &str) -> String {
         ("cursor" = Option<String>, Query, description = "Keyset paging: a previous next_cursor"),
         ("include_total" = Option<bool>, Query),
     ),
-    responses((status = 200, description = "Audit rows, newest first"), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses((status = 200, description = "Audit rows, newest first", headers(("X-Nox-Read-Source" = String, description = "replica or primary"), ("X-Nox-Replica-Lag-Ms" = i64, description = "How stale the answer may be, in ms (0 from the primary)"))), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)),
     security(("bearer" = [])),
     tag = "admin-audit"
 )]
@@ -293,11 +302,11 @@ pub async fn logs(
 ) -> actix_web::Result<HttpResponse> {
     api.authorize.authorize(&request, Access::Read)?;
     let query = LogsQuery::parse(&query).map_err(WebError::from)?;
-    let client = api.pool.get().await.map_err(WebError::from)?;
-    let page = nox_audit_query::logs(&client, query, api.user_names.as_ref())
+    let read = api.reads.connection().await?;
+    let page = nox_audit_query::logs(&read.client, query, api.user_names.as_ref())
         .await
         .map_err(WebError::from)?;
-    Ok(HttpResponse::Ok().json(to_json(&page)?))
+    Ok(read.source.ok().json(to_json(&page)?))
 }
 
 /// Through `serde_json::Value`, whose maps are sorted: the key order the

@@ -7,7 +7,8 @@
 //!
 //! The embedder builds one [`AuditApi`] (a pool, the writer's sink, the
 //! checkpoint signer and an [`Authorize`] hook), adds it as app data and
-//! registers [`services`]. Every endpoint asks the hook first; errors are
+//! registers [`services`]; [`AuditApi::read_replica`] sends the reads to a
+//! streaming replica. Every endpoint asks the hook first; errors are
 //! JSON `{"detail","code"}` ([`ErrorBody`]). The handlers ([`handlers`],
 //! [`export`]) carry their `#[utoipa::path]` annotations: list them in the
 //! embedder's `OpenApi` (`paths(nox_audit_web::handlers::logs, …)`).
@@ -41,6 +42,7 @@ mod error;
 pub mod export;
 pub mod handlers;
 mod query_params;
+mod reads;
 pub mod stream;
 
 use std::sync::Arc;
@@ -57,12 +59,16 @@ use tokio::sync::Semaphore;
 
 pub use authorize::{Access, Authorize, Reader};
 pub use error::{ErrorBody, WebError};
+pub use reads::{LAG_HEADER, ReadSource, SOURCE_HEADER};
 pub use stream::StreamLimits;
 
 /// Everything the endpoints use, shared by every worker (add it as
 /// `web::Data<AuditApi>`).
 pub struct AuditApi {
+    /// The primary: writes, and reads that must see them.
     pool: Pool,
+    /// The read endpoints' servers: the primary, or a replica.
+    reads: reads::Reads,
     authorize: Box<dyn Authorize>,
     sink: AuditSink,
     checkpointer: Arc<Checkpointer>,
@@ -99,6 +105,7 @@ impl AuditApi {
         authorize: impl Authorize,
     ) -> AuditApi {
         AuditApi {
+            reads: reads::Reads::primary(pool.clone()),
             pool,
             authorize: Box::new(authorize),
             sink,
@@ -171,6 +178,22 @@ impl AuditApi {
     /// graceful shutdown would wait for it).
     pub fn close_streams(&self) {
         self.streams.close_all();
+    }
+
+    /// A streaming replica of the database for the read endpoints: the
+    /// rows, export, statistics, per-user activity, daily summaries, admin
+    /// actions and the live stream's reads. A read goes there while the
+    /// replica answers and its lag (`nox_audit_query::replica_lag`) is at
+    /// most `max_lag`, else to the primary, counted by
+    /// `nox_audit_read_fallback_total{reason}`; a replica that fails is
+    /// left alone for 5 s. Responses say which served them and how stale
+    /// they may be ([`SOURCE_HEADER`], [`LAG_HEADER`]). Writes, the status
+    /// and the checkpoints stay on the primary. Give the pool short
+    /// connect and wait timeouts: a wait past its wait timeout also reads
+    /// from the primary.
+    pub fn read_replica(mut self, pool: Pool, max_lag: std::time::Duration) -> Self {
+        self.reads = self.reads.with_replica(pool, max_lag);
+        self
     }
 
     /// The embedder's user table, for names beside user ids.

@@ -8,7 +8,9 @@
 //! [`CommitFeed`]'s head, and waits for the head to move: every server on
 //! the database sees every commit, and a lost notification only delays.
 //! The database is the buffer: a slow reader falls behind in `seq`, not in
-//! memory. Each subscriber holds at most `buffer_events` events; one whose
+//! memory. A read served by the read replica stops at the `seq` the replica
+//! has replayed, and the rest is read once it has: no record is passed over.
+//! Each subscriber holds at most `buffer_events` events; one whose
 //! buffer stays full for `stall` gets `event: lagged` with the last id sent
 //! and is closed, and can resume from there.
 //!
@@ -22,7 +24,6 @@ use std::time::Duration;
 
 use actix_web::{HttpRequest, HttpResponse, get, web};
 use bytes::Bytes;
-use deadpool_postgres::Pool;
 use nox_audit_metrics::{AUDIT_STREAM_LAGGED_TOTAL, AUDIT_STREAMS_OPEN};
 use nox_audit_model::ActionRecord;
 use nox_audit_query::StreamQuery;
@@ -36,6 +37,7 @@ use crate::AuditApi;
 use crate::authorize::{Access, Authenticated};
 use crate::error::{ErrorBody, WebError};
 use crate::query_params::QueryParams;
+use crate::reads::{ReadSource, Reads};
 
 /// The most records one database read returns.
 const READ_ROWS: usize = 500;
@@ -176,11 +178,11 @@ pub async fn stream(
     let (events, received) = mpsc::channel(limits.buffer_events);
     let lagged = Arc::new(OnceLock::new());
     let subscriber = Subscriber {
-        pool: api.pool.clone(),
+        reads: api.reads.clone(),
         query,
         position: from,
         head: feed.subscribe(),
-        reads: Arc::clone(&streams.reads),
+        turns: Arc::clone(&streams.reads),
         limits,
         events,
         lagged: Arc::clone(&lagged),
@@ -238,13 +240,14 @@ const KEEP_ALIVE: &[u8] = b": keep-alive\n\n";
 
 /// One stream's reader of the database.
 struct Subscriber {
-    pool: Pool,
+    reads: Reads,
     query: StreamQuery,
     /// Every row up to this `seq` has been considered.
     position: i64,
     /// Fails once the feed is closed: the stream ends.
     head: watch::Receiver<Option<i64>>,
-    reads: Arc<Semaphore>,
+    /// Database reads running at once, all streams together.
+    turns: Arc<Semaphore>,
     limits: StreamLimits,
     events: mpsc::Sender<Event>,
     /// Set (to the last id sent) when the client is cut off.
@@ -281,7 +284,7 @@ impl Subscriber {
                     return Stop::Closing;
                 }
                 match self.read(head).await {
-                    Ok(records) => {
+                    Ok((records, behind)) => {
                         for (seq, record) in records {
                             match timeout(self.limits.stall, self.events.send(record)).await {
                                 Ok(Ok(())) => self.last_sent = Some(seq),
@@ -290,6 +293,14 @@ impl Subscriber {
                             }
                         }
                         next_heartbeat = Instant::now() + self.limits.heartbeat;
+                        if behind {
+                            // The replica has not replayed up to the head
+                            // yet: ask again shortly.
+                            tokio::select! {
+                                _ = sleep(self.limits.min_read_interval) => {}
+                                _ = self.events.closed() => return Stop::ClientGone,
+                            }
+                        }
                     }
                     Err(error) => {
                         tracing::warn!(%error, "an audit stream's read failed; retrying");
@@ -321,20 +332,33 @@ impl Subscriber {
     }
 
     /// The next matching records up to `head`, as events; advances the
-    /// position past what the read considered.
-    async fn read(&mut self, head: i64) -> Result<Vec<(i64, Event)>, WebError> {
-        let _turn = self.reads.acquire().await.expect("never closed");
-        let client = self.pool.get().await?;
+    /// position past what the read considered. `true` with them when a
+    /// replica served the read and has not replayed up to `head`.
+    async fn read(&mut self, head: i64) -> Result<(Vec<(i64, Event)>, bool), WebError> {
+        let _turn = self.turns.acquire().await.expect("never closed");
+        let read = self.reads.connection().await?;
+        let upto = match read.source {
+            ReadSource::Primary => head,
+            // The head is the primary's: reading past what the replica has
+            // replayed would pass over rows it does not have yet, for good.
+            ReadSource::Replica { .. } => {
+                head.min(nox_audit_query::replayed_head(&read.client).await?)
+            }
+        };
+        if upto <= self.position {
+            return Ok((Vec::new(), true));
+        }
         let page = self
             .query
-            .read(&client, self.position, head, READ_ROWS)
+            .read(&read.client, self.position, upto, READ_ROWS)
             .await?;
         self.position = page.scanned_to;
-        Ok(page
+        let records = page
             .records
             .iter()
             .map(|(seq, record)| (*seq, record_event(*seq, record)))
-            .collect())
+            .collect();
+        Ok((records, self.position == upto && upto < head))
     }
 }
 

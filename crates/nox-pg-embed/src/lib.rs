@@ -39,6 +39,7 @@ use nix::unistd::{Gid, Uid, User};
 
 mod binaries;
 mod password;
+mod replica;
 mod service_user;
 
 pub use binaries::Binaries;
@@ -78,6 +79,8 @@ pub enum EmbedError {
         "the PostgreSQL binary directory {0} lacks initdb, pg_ctl, postgres or pg_isready: install PostgreSQL or set DATABASE_URL"
     )]
     BinariesNotFoundIn(PathBuf),
+    #[error("the PostgreSQL binary directory {0} has no {1}")]
+    ToolNotFound(PathBuf, &'static str),
     #[error(
         "the PostgreSQL data directory {data_dir} is not reachable by the user '{user}' that must run the cluster: {blocked} is not traversable for it; choose a NOX_DATA_DIR outside it (for example /var/lib/nox) or set DATABASE_URL"
     )]
@@ -129,7 +132,11 @@ pub struct Cluster {
 }
 
 /// Extra settings for a cluster whose data does not need to survive a crash.
-const EPHEMERAL_SETTINGS: &str = "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n";
+/// The test harness streams replicas from such a cluster
+/// ([`Cluster::start_ephemeral_replica`]): WAL for them (PostgreSQL's
+/// default, stated), and kept a while, or a checkpoint (another replica's
+/// base backup makes one) can remove what a new replica still needs.
+const EPHEMERAL_SETTINGS: &str = "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nwal_level = replica\nmax_wal_senders = 10\nwal_keep_size = 256MB\n";
 
 impl Cluster {
     /// Starts (creating it on first use) the persistent cluster in `data_dir`
@@ -190,17 +197,26 @@ impl Cluster {
         let mut cluster =
             Cluster::prepare(data_dir, None, EPHEMERAL_SETTINGS, Password::generate()?)?;
         cluster.require_password()?;
-        let log = fs::File::create(cluster.data_dir.join("server.log"))
+        cluster.spawn_child(&[])?;
+        Ok(cluster)
+    }
+
+    /// Runs `postgres` on this stopped cluster as a direct child (with
+    /// `extra_args`), logging to `server.log`, and waits until it accepts
+    /// connections. See [`Cluster::start_ephemeral`] for the thread rule.
+    fn spawn_child(&mut self, extra_args: &[String]) -> Result<(), EmbedError> {
+        let log = fs::File::create(self.data_dir.join("server.log"))
             .map_err(io_err("creating the PostgreSQL log file"))?;
-        cluster.hand_over(&cluster.data_dir.join("server.log"))?;
-        let mut command = Command::new(cluster.binaries.tool("postgres"));
+        self.hand_over(&self.data_dir.join("server.log"))?;
+        let mut command = Command::new(self.binaries.tool("postgres"));
         command
             .arg("-D")
-            .arg(&cluster.data_dir)
+            .arg(&self.data_dir)
+            .args(extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io_err("cloning a file handle"))?)
             .stderr(log);
-        if let Some(run_as) = &cluster.run_as {
+        if let Some(run_as) = &self.run_as {
             run_as.apply(&mut command);
         }
         // SAFETY: prctl is async-signal-safe and touches no memory of ours.
@@ -217,10 +233,9 @@ impl Cluster {
         let child = command
             .spawn()
             .map_err(io_err("starting the postgres server process"))?;
-        cluster.child = Some(child);
-        cluster.owned = true;
-        cluster.wait_ready()?;
-        Ok(cluster)
+        self.child = Some(child);
+        self.owned = true;
+        self.wait_ready()
     }
 
     /// Checks binaries, the service user, paths and permissions, and runs
@@ -229,6 +244,20 @@ impl Cluster {
         data_dir: &Path,
         bin_dir: Option<&Path>,
         extra_settings: &str,
+        password: Password,
+    ) -> Result<Cluster, EmbedError> {
+        let cluster = Cluster::locate(data_dir, bin_dir, password)?;
+        if !cluster.data_dir.join("PG_VERSION").exists() {
+            cluster.init(extra_settings)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Checks binaries, the service user, paths and permissions; creates
+    /// `data_dir` if needed.
+    fn locate(
+        data_dir: &Path,
+        bin_dir: Option<&Path>,
         password: Password,
     ) -> Result<Cluster, EmbedError> {
         let binaries = Binaries::find(bin_dir)?;
@@ -251,9 +280,6 @@ impl Cluster {
         };
         if let Some(run_as) = &cluster.run_as {
             cluster.check_reachable(run_as)?;
-        }
-        if !cluster.data_dir.join("PG_VERSION").exists() {
-            cluster.init(extra_settings)?;
         }
         Ok(cluster)
     }

@@ -284,3 +284,65 @@ fn a_throwaway_cluster_requires_its_password_too() {
     );
     cluster.stop().expect("stop");
 }
+
+/// `query`'s output (unaligned, tuples only) through psql with the password.
+fn sql(cluster: &Cluster, query: &str) -> String {
+    let mut command = Command::new(cluster.binaries.tool("psql"));
+    command
+        .args(["-X", "-w", "-A", "-t", "-h"])
+        .arg(cluster.socket_dir())
+        .args(["-p", &SOCKET_PORT.to_string(), "-U", SUPERUSER, "-d"])
+        .args(["postgres", "-c", query])
+        .env("PGPASSWORD", cluster.password())
+        .env("PGPASSFILE", "/nonexistent")
+        .stdin(Stdio::null());
+    let output = command.output().expect("run psql");
+    assert!(
+        output.status.success(),
+        "{query}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+#[test]
+fn a_replica_streams_the_primarys_commits() {
+    if !have_postgres() {
+        return;
+    }
+    let root = root_dir();
+    let mut primary = Cluster::start_ephemeral(&root.path().join("primary")).expect("primary");
+    let (replica, logs) = with_logs(|| {
+        Cluster::start_ephemeral_replica(
+            &root.path().join("replica"),
+            primary.socket_dir(),
+            primary.password(),
+        )
+    });
+    let mut replica = match replica {
+        Err(EmbedError::ToolNotFound(dir, tool)) => {
+            eprintln!("skipped: {} has no {tool}", dir.display());
+            return;
+        }
+        result => result.expect("replica"),
+    };
+    assert_password_required(&replica);
+    assert_secret_kept(&replica, &logs);
+    assert_eq!(sql(&replica, "SELECT pg_is_in_recovery()"), "t");
+    sql(&primary, "CREATE TABLE streamed AS SELECT 42 AS answer");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sql(
+        &replica,
+        "SELECT count(*) FROM pg_class WHERE relname = 'streamed'",
+    ) != "1"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the replica never replayed the table"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sql(&replica, "SELECT answer FROM streamed"), "42");
+    replica.stop().expect("stop the replica");
+    primary.stop().expect("stop the primary");
+}

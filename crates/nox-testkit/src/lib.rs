@@ -11,12 +11,17 @@
 //! Each test database is cloned from a template database that has every
 //! migration applied (`CREATE DATABASE … TEMPLATE`, about 0.1 s), and is
 //! dropped when the [`TestDb`] is.
+//!
+//! [`Replicated`] gives a test a database on a primary of the harness's own
+//! with a streaming replica of it.
 
 mod app;
+mod replica;
 mod server;
 
 pub use app::{
     TEST_ADMIN_TOKEN, TestApp, TestUser, sandbox_launcher, send, spawn_app, spawn_app_on,
     spawn_app_with,
 };
+pub use replica::Replicated;
 pub use server::{TestDb, conninfo};

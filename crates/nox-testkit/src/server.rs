@@ -53,24 +53,36 @@ async fn choose_server() -> anyhow::Result<Config> {
     eprintln!(
         "nox-testkit: no DATABASE_URL and no PostgreSQL on 127.0.0.1:5432; starting a throwaway cluster"
     );
-    let (socket_dir, password) = tokio::task::spawn_blocking(start_throwaway_cluster).await??;
+    let (socket_dir, password) =
+        tokio::task::spawn_blocking(|| start_throwaway_cluster("")).await??;
+    Ok(cluster_config(&socket_dir, &password))
+}
+
+/// How to reach a cluster started here, as its superuser.
+pub(crate) fn cluster_config(socket_dir: &Path, password: &str) -> Config {
     let mut config = Config::new();
     config
-        .host_path(&socket_dir)
+        .host_path(socket_dir)
         .port(nox_pg_embed::SOCKET_PORT)
         .user(nox_pg_embed::SUPERUSER)
         .password(password)
         .dbname("postgres");
-    Ok(config)
+    config
 }
 
-/// Starts a cluster in `/tmp/nox-testpg-<pid>` on a thread that lives as
+/// `/tmp/nox-testpg-<pid><suffix>`: removed by a later test process once
+/// this one is gone.
+pub(crate) fn cluster_dir(suffix: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("nox-testpg-{}{suffix}", std::process::id()))
+}
+
+/// Starts a cluster in [`cluster_dir`]`(suffix)` on a thread that lives as
 /// long as the process, so the cluster gets its shutdown signal exactly when
 /// the test process exits (see `Cluster::start_ephemeral`). Returns its
 /// socket directory and password.
-fn start_throwaway_cluster() -> anyhow::Result<(PathBuf, String)> {
+pub(crate) fn start_throwaway_cluster(suffix: &str) -> anyhow::Result<(PathBuf, String)> {
     remove_stale_clusters();
-    let dir = std::env::temp_dir().join(format!("nox-testpg-{}", std::process::id()));
+    let dir = cluster_dir(suffix);
     let (sender, receiver) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("nox-test-postgres".into())
@@ -107,6 +119,7 @@ fn remove_stale_clusters() {
         let Some(pid) = name
             .to_str()
             .and_then(|n| n.strip_prefix("nox-testpg-"))
+            .and_then(|rest| rest.split('-').next())
             .and_then(|p| p.parse::<i32>().ok())
         else {
             continue;
@@ -182,6 +195,8 @@ async fn connect(config: &Config) -> anyhow::Result<Client> {
 pub struct TestDb {
     pub name: String,
     pub config: Config,
+    /// Its server's `postgres` database, to drop it from.
+    server: Config,
 }
 
 impl TestDb {
@@ -200,6 +215,13 @@ impl TestDb {
         }
     }
 
+    /// A migrated database on another server than the harness's, given by
+    /// its `postgres` database (its role needs `CREATEDB`).
+    pub async fn on_server(server: &Config) -> anyhow::Result<TestDb> {
+        let template = ensure_template(server).await?;
+        TestDb::create(server, &template).await
+    }
+
     async fn try_new() -> anyhow::Result<TestDb> {
         let harness = harness().await?;
         TestDb::try_new_from(&harness.template).await
@@ -207,14 +229,22 @@ impl TestDb {
 
     async fn try_new_from(template: &str) -> anyhow::Result<TestDb> {
         let harness = harness().await?;
+        TestDb::create(&harness.admin, template).await
+    }
+
+    async fn create(server: &Config, template: &str) -> anyhow::Result<TestDb> {
         let name = format!("nox_test_{}", uuid::Uuid::new_v4().simple());
-        let client = connect(&harness.admin).await?;
+        let client = connect(server).await?;
         client
             .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
             .await?;
-        let mut config = harness.admin.clone();
+        let mut config = server.clone();
         config.dbname(&name);
-        Ok(TestDb { name, config })
+        Ok(TestDb {
+            name,
+            config,
+            server: server.clone(),
+        })
     }
 
     /// A connection string for this database (libpq key/value form, which
@@ -252,8 +282,7 @@ impl TestDb {
     /// Drops the database now (terminating its connections), as a test of
     /// "the database went away" needs.
     pub async fn drop_now(&self) -> anyhow::Result<()> {
-        let harness = harness().await?;
-        let client = connect(&harness.admin).await?;
+        let client = connect(&self.server).await?;
         client
             .batch_execute(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
@@ -267,14 +296,14 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();
+        let server = self.server.clone();
         // Drop cannot await: do it on a thread with its own small runtime.
         let result = std::thread::spawn(move || -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             runtime.block_on(async {
-                let harness = harness().await?;
-                let client = connect(&harness.admin).await?;
+                let client = connect(&server).await?;
                 client
                     .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                     .await?;
