@@ -38,6 +38,7 @@ pub const MIGRATIONS: &[Migration] = &[
     RUN_UIDS,
     nox_audit_store::schema::AUDIT_COMMIT_NOTIFY,
     nox_audit_store::schema::AUDIT_VERIFICATIONS,
+    nox_audit_store::schema::AUDIT_SESSIONS_SHARED,
 ];
 
 #[cfg(test)]
