@@ -366,7 +366,7 @@ async fn a_failed_batch_leaves_nothing_and_the_next_one_gets_a_clean_connection(
         .await
         .expect("first batch");
     // A session the schema refuses fails the batch's first round trip
-    // (BEGIN, session upsert, head lock, COPY start); a repeated id fails
+    // (BEGIN, head lock, session changes, COPY start); a repeated id fails
     // the last (COPY end, head update, COMMIT).
     let now = time::OffsetDateTime::now_utc();
     let bad_session = SessionRow {
@@ -379,6 +379,7 @@ async fn a_failed_batch_leaves_nothing_and_the_next_one_gets_a_clean_connection(
         last_activity: now,
         ended_at: None,
         is_active: true,
+        idle_before: None,
     };
     insert(
         &pool,

@@ -50,6 +50,7 @@ pub const MIGRATIONS: &[Migration] = &[
     RUN_UIDS,
     nox_audit_store::schema::AUDIT_COMMIT_NOTIFY,
     nox_audit_store::schema::AUDIT_VERIFICATIONS,
+    nox_audit_store::schema::AUDIT_SESSIONS_SHARED,
     ADMIN_CHANGE_NOTIFY,
     SERVERS,
 ];

@@ -146,7 +146,10 @@ pub fn describe() {
         AUDIT_QUOTA_VIOLATIONS_TOTAL,
         "Audited quota and rate-limit refusals by user (bounded) and quota type."
     );
-    describe_counter!(AUDIT_SESSIONS_TOTAL, "Audit sessions opened.");
+    describe_counter!(
+        AUDIT_SESSIONS_TOTAL,
+        "Audit sessions this server opened (found open by another server: not counted)."
+    );
     describe_gauge!(AUDIT_QUEUE_DEPTH, "Audit records waiting for the writer.");
     describe_counter!(
         AUDIT_ROWS_WRITTEN_TOTAL,

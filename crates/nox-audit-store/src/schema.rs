@@ -52,6 +52,12 @@ pub const AUDIT_VERIFICATIONS: Migration = Migration {
     sql: include_str!("../migrations/0011_audit_verifications.sql"),
 };
 
+pub const AUDIT_SESSIONS_SHARED: Migration = Migration {
+    version: 13,
+    name: "audit_sessions_shared",
+    sql: include_str!("../migrations/0013_audit_sessions_shared.sql"),
+};
+
 /// Every audit migration, in version order.
 pub const MIGRATIONS: &[Migration] = &[
     ADMIN_ACTIONS,
@@ -62,4 +68,5 @@ pub const MIGRATIONS: &[Migration] = &[
     AUDIT_COMMAND_TEXT,
     AUDIT_COMMIT_NOTIFY,
     AUDIT_VERIFICATIONS,
+    AUDIT_SESSIONS_SHARED,
 ];

@@ -2,6 +2,9 @@
 //! chain head and sending the rows by binary `COPY` (two round trips), or,
 //! for a small batch after a known head, `BEGIN` to `COMMIT` in one round
 //! trip with the rows as `unnest` arrays and the head's move guarded.
+//! Session changes are written after the head is locked: every writer
+//! takes the head first, then session rows in one order, so two servers
+//! writing the same sessions cannot deadlock.
 
 use std::collections::HashSet;
 use std::pin::pin;
@@ -9,7 +12,6 @@ use std::sync::LazyLock;
 use std::time::{Duration as StdDuration, Instant};
 
 use deadpool_postgres::Pool;
-use time::OffsetDateTime;
 use tokio::{join, try_join};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::ToSql;
@@ -21,6 +23,8 @@ use uuid::Uuid;
 use crate::checkpoints;
 use crate::row::{ActionColumns, COLUMN_TYPES, ChainHead, row_values, written_columns};
 use crate::sessions::SessionRow;
+
+use super::sessions::{WRITE_SESSIONS, write_sessions};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InsertTarget {
@@ -70,22 +74,12 @@ const HEAD_MOVED: &str = "NX001";
 /// whose per-row cost is lower.
 const ONE_ROUND_TRIP_MAX_ROWS: usize = 64;
 
-const UPSERT_SESSIONS: &str = "INSERT INTO audit_sessions
-        (id, user_id, session_token_hash, client_ip, user_agent,
-         started_at, last_activity, ended_at, is_active)
-     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::inet[], $5::text[],
-                          $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::bool[])
-     ON CONFLICT (id) DO UPDATE SET
-        last_activity = greatest(audit_sessions.last_activity, EXCLUDED.last_activity),
-        ended_at = coalesce(audit_sessions.ended_at, EXCLUDED.ended_at),
-        is_active = audit_sessions.is_active AND EXCLUDED.is_active";
-
 /// Writes sessions and records in one transaction, appending the records to
 /// the actions chain in the order given.
 ///
 /// A durable request waits for this transaction, so it is built for few
 /// round trips: statements are prepared once per connection (deadpool's
-/// cache); `BEGIN`, the session upsert, the head lock and the start of the
+/// cache); `BEGIN`, the head lock, the session changes and the start of the
 /// `COPY` travel together, and so do the end of the `COPY`, the head update
 /// and `COMMIT`. Two round trips per batch (a replay adds one, to read which
 /// rows exist).
@@ -168,7 +162,7 @@ pub(super) async fn insert_batch(
     Ok(())
 }
 
-/// One round trip: `BEGIN`, the session upsert, the guarded head move, the
+/// One round trip: `BEGIN`, the guarded head move, the session changes, the
 /// rows as arrays and `COMMIT` travel together.
 async fn insert_after_known_head(
     pool: &Pool,
@@ -178,8 +172,8 @@ async fn insert_after_known_head(
 ) -> Result<ChainHead, InsertError> {
     let mut connection = CloseUnlessCommitted(Some(pool.get().await?));
     let client = connection.client();
-    let (upsert, advance, insert) = try_join!(
-        client.prepare_cached(UPSERT_SESSIONS),
+    let (write, advance, insert) = try_join!(
+        client.prepare_cached(WRITE_SESSIONS),
         client.prepare_cached(ADVANCE_HEAD),
         client.prepare_cached(&INSERT_ACTIONS),
     )?;
@@ -200,11 +194,11 @@ async fn insert_after_known_head(
     // Every reply is awaited: a failed statement makes PostgreSQL answer the
     // COMMIT with a rollback, after which the connection is idle and can go
     // back to the pool (a moved head is routine with several servers).
-    let (begin, upsert, advance, insert, commit) = join!(
+    let (begin, advance, write, insert, commit) = join!(
         biased;
         client.batch_execute("BEGIN"),
-        upsert_sessions(client, &upsert, sessions),
         client.execute(&advance, &advance_params),
+        write_sessions(client, &write, sessions),
         client.execute(&insert, &column_params),
         client.batch_execute("COMMIT"),
     );
@@ -214,25 +208,11 @@ async fn insert_after_known_head(
     // The first failure in statement order is the cause; the later ones
     // only say the transaction was aborted.
     begin?;
-    upsert?;
     advance?;
+    write?;
     insert?;
     commit?;
     Ok(new_head)
-}
-
-/// Runs [`UPSERT_SESSIONS`] for `sessions` (nothing when there are none).
-async fn upsert_sessions(
-    client: &deadpool_postgres::Object,
-    upsert: &tokio_postgres::Statement,
-    sessions: &[SessionRow],
-) -> Result<u64, tokio_postgres::Error> {
-    if sessions.is_empty() {
-        return Ok(0);
-    }
-    client
-        .execute(upsert, &SessionColumns::new(sessions).params())
-        .await
 }
 
 /// Each record's `(seq, row_hash)` on the chain after `head`, in order.
@@ -281,8 +261,8 @@ async fn insert_in_transaction(
     records: &[ActionRecord],
     target: InsertTarget,
 ) -> Result<Option<ChainHead>, InsertError> {
-    let (upsert, lock_head, copy, set_head) = try_join!(
-        client.prepare_cached(UPSERT_SESSIONS),
+    let (write, lock_head, copy, set_head) = try_join!(
+        client.prepare_cached(WRITE_SESSIONS),
         client.prepare_cached(checkpoints::LOCK_HEAD),
         client.prepare_cached(&COPY_ACTIONS),
         client.prepare_cached(checkpoints::SET_HEAD),
@@ -294,10 +274,9 @@ async fn insert_in_transaction(
     // `biased`: polled in order, so the requests go out in this order; the
     // COPY must be last, as the connection sends nothing else until its
     // rows, which need the head, have been written.
-    let ((), _, head, early_sink) = try_join!(
+    let ((), head, (), early_sink) = try_join!(
         biased;
         client.batch_execute("BEGIN"),
-        upsert_sessions(client, &upsert, sessions),
         async {
             if !chained {
                 return Ok(None);
@@ -305,6 +284,7 @@ async fn insert_in_transaction(
             let row = client.query_one(&lock_head, &[&ACTIONS_CHAIN]).await?;
             Ok(Some(checkpoints::head_of(&row)))
         },
+        write_sessions(client, &write, sessions),
         async {
             if !copy_early {
                 return Ok(None);
@@ -364,52 +344,6 @@ async fn insert_in_transaction(
         client.batch_execute("COMMIT"),
     )?;
     Ok(new_head.copied())
-}
-
-/// The session rows as the column arrays [`UPSERT_SESSIONS`] unnests.
-struct SessionColumns<'a> {
-    ids: Vec<Uuid>,
-    users: Vec<Uuid>,
-    hashes: Vec<&'a str>,
-    ips: Vec<Option<std::net::IpAddr>>,
-    agents: Vec<Option<&'a str>>,
-    started: Vec<OffsetDateTime>,
-    last: Vec<OffsetDateTime>,
-    ended: Vec<Option<OffsetDateTime>>,
-    active: Vec<bool>,
-}
-
-impl<'a> SessionColumns<'a> {
-    fn new(sessions: &'a [SessionRow]) -> Self {
-        SessionColumns {
-            ids: sessions.iter().map(|s| s.id).collect(),
-            users: sessions.iter().map(|s| s.user_id).collect(),
-            hashes: sessions
-                .iter()
-                .map(|s| s.session_token_hash.as_str())
-                .collect(),
-            ips: sessions.iter().map(|s| s.client_ip).collect(),
-            agents: sessions.iter().map(|s| s.user_agent.as_deref()).collect(),
-            started: sessions.iter().map(|s| s.started_at).collect(),
-            last: sessions.iter().map(|s| s.last_activity).collect(),
-            ended: sessions.iter().map(|s| s.ended_at).collect(),
-            active: sessions.iter().map(|s| s.is_active).collect(),
-        }
-    }
-
-    fn params(&self) -> [&(dyn ToSql + Sync); 9] {
-        [
-            &self.ids,
-            &self.users,
-            &self.hashes,
-            &self.ips,
-            &self.agents,
-            &self.started,
-            &self.last,
-            &self.ended,
-            &self.active,
-        ]
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -14,9 +14,12 @@
 //! - `sink`: what callers hold ([`AuditSink`]), its status and settings;
 //! - `task`: the writer task ([`AuditWriter`]): batching, spooling, replay,
 //!   refused rows;
-//! - `insert`: the two ways a batch goes in (`COPY`, or one round trip).
+//! - `insert`: the two ways a batch goes in (`COPY`, or one round trip);
+//! - `sessions`: finding or opening sessions in the database, and writing
+//!   their changes in a batch's transaction.
 
 mod insert;
+mod sessions;
 mod sink;
 mod task;
 

@@ -13,6 +13,7 @@ use nox_audit_metrics::AuditMetrics;
 use nox_audit_model::{ActionRecord, Clock};
 
 use super::insert::{HeadCache, InsertError, InsertTarget, insert_batch};
+use super::sessions::open_sessions;
 use super::sink::{Ack, AuditSink, Message, SinkError, SinkStatus, WriterConfig};
 use crate::sessions::{SessionRow, SessionTracker};
 use crate::spool::Spool;
@@ -153,9 +154,12 @@ impl Task {
                     }
                 }
                 self.write_batch(late).await;
-                self.sessions.end_idle(self.clock.now());
-                self.write_batch(Vec::new()).await;
                 self.replay_spool().await;
+                // What the sessions' rows lag behind, replayed rows'
+                // included, is written before this server goes.
+                self.sessions.end_idle(self.clock.now());
+                self.sessions.flush();
+                self.write_batch(Vec::new()).await;
                 let _ = done.send(());
                 break;
             }
@@ -167,18 +171,16 @@ impl Task {
     async fn write_batch(&mut self, batch: Vec<(Box<ActionRecord>, Option<Ack>)>) {
         let mut records = Vec::with_capacity(batch.len());
         let mut acks = Vec::new();
-        for (mut record, ack) in batch {
-            self.sessions.assign(&mut record);
+        for (record, ack) in batch {
             records.push(*record);
             acks.extend(ack);
         }
+        let found = self.assign_sessions(&mut records).await;
         let sessions = self.sessions.take_changes();
         if records.is_empty() && sessions.is_empty() {
             return;
         }
-        let opened = self.sessions.opened();
-        let before = self.status.sessions_opened.swap(opened, Ordering::Relaxed);
-        nox_audit_metrics::record_sessions_opened(opened.saturating_sub(before));
+        self.report_sessions_opened();
         nox_audit_metrics::set_queue_depth(self.receiver.len());
         let started = std::time::Instant::now();
         let target = if self.config.chained {
@@ -186,10 +188,16 @@ impl Task {
         } else {
             InsertTarget::Unchained
         };
-        let result = match self
-            .insert_separating_refused(&sessions, &records, target)
-            .await
-        {
+        // The database that could not find the sessions takes no batch
+        // either: spooled at once, the records get their sessions on replay.
+        let written = match found {
+            Ok(()) => {
+                self.insert_separating_refused(&sessions, &records, target)
+                    .await
+            }
+            Err(error) => Err(error),
+        };
+        let result = match written {
             Ok(refused) => {
                 nox_audit_metrics::record_batch_written(
                     records.len(),
@@ -232,6 +240,34 @@ impl Task {
                 Err(()) => Err(SinkError::Unavailable),
             });
         }
+    }
+
+    /// Gives `records` their sessions: known ones from memory, the rest
+    /// found or opened in the database in one call (see
+    /// [`SessionTracker::assign_all`]). Errors when the database is
+    /// unreachable; records it refuses to open a session for (a bug if
+    /// reached: the values are the server's own) go without one.
+    async fn assign_sessions(&mut self, records: &mut [ActionRecord]) -> Result<(), InsertError> {
+        let (pool, idle) = (&self.pool, self.config.session_idle);
+        let found = self
+            .sessions
+            .assign_all(records, |requests| open_sessions(pool, idle, requests))
+            .await;
+        match found {
+            Err(error) if error.is_content_refused() => {
+                tracing::error!(%error, "audit sessions refused by the database; the rows go without");
+                Ok(())
+            }
+            found => found,
+        }
+    }
+
+    /// Adds the sessions opened since the last report to
+    /// `nox_audit_sessions_total` and the status.
+    fn report_sessions_opened(&self) {
+        let opened = self.sessions.opened();
+        let before = self.status.sessions_opened.swap(opened, Ordering::Relaxed);
+        nox_audit_metrics::record_sessions_opened(opened.saturating_sub(before));
     }
 
     async fn spool_batch(
@@ -281,7 +317,8 @@ impl Task {
         };
         for path in files {
             let read_path = path.clone();
-            let batch = match tokio::task::spawn_blocking(move || Spool::read(&read_path)).await {
+            let mut batch = match tokio::task::spawn_blocking(move || Spool::read(&read_path)).await
+            {
                 Ok(Ok(mut batch)) => {
                     // Files spooled by an older version may hold values
                     // PostgreSQL refuses.
@@ -307,13 +344,22 @@ impl Task {
                 }
                 Err(_) => return,
             };
+            // Records spooled without a session (the database was away when
+            // their batch was written) get theirs now.
+            if let Err(error) = self.assign_sessions(&mut batch.actions).await {
+                tracing::debug!(%error, "spool replay postponed: the database is still unreachable");
+                return;
+            }
+            self.report_sessions_opened();
+            let changes = self.sessions.take_changes();
+            let mut sessions = std::mem::take(&mut batch.sessions);
+            sessions.extend(changes.iter().cloned());
             let written = self
-                .insert_separating_refused(
-                    &batch.sessions,
-                    &batch.actions,
-                    InsertTarget::Idempotent,
-                )
+                .insert_separating_refused(&sessions, &batch.actions, InsertTarget::Idempotent)
                 .await;
+            if written.is_err() {
+                self.sessions.restore_changes(changes);
+            }
             match written {
                 Ok(refused) => {
                     if self.keep_rejected(refused, true).await.is_err() {
