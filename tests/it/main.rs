@@ -17,6 +17,7 @@ mod http_basics;
 mod identity;
 mod limits;
 mod migrations;
+mod multi_server_quotas;
 mod quotas;
 mod rollups;
 mod run;

@@ -24,6 +24,12 @@ const RUN_UIDS: Migration = Migration {
     sql: include_str!("../../../migrations/0009_run_uids.sql"),
 };
 
+const QUOTA_LEASES: Migration = Migration {
+    version: 12,
+    name: "quota_leases",
+    sql: include_str!("../../../migrations/0012_quota_leases.sql"),
+};
+
 /// Nox's own migrations and the audit crates', in version order. The test
 /// below checks this list against the files.
 pub const MIGRATIONS: &[Migration] = &[
@@ -38,6 +44,7 @@ pub const MIGRATIONS: &[Migration] = &[
     RUN_UIDS,
     nox_audit_store::schema::AUDIT_COMMIT_NOTIFY,
     nox_audit_store::schema::AUDIT_VERIFICATIONS,
+    QUOTA_LEASES,
 ];
 
 #[cfg(test)]

@@ -1,0 +1,263 @@
+//! Leases: blocks of requests a server reserves in `quota_usage` for a
+//! user's current UTC hour and day, so that servers sharing one database
+//! admit together at most the user's limit without a database round trip
+//! per request.
+//!
+//! A lease is one statement (`quota_lease`, migration 0012): it locks the
+//! hour row, then the day row, grants [`grant`] units (never more than both
+//! windows have left) and adds them to both rows. Requests then spend the
+//! units in memory. So `quota_usage.requests` counts the requests used plus
+//! those leased and not yet spent; it never exceeds the limit, whatever the
+//! number of servers.
+//!
+//! Unspent units are given back (subtracted) once their lease is older than
+//! [`LEASE_TTL`] (checked by the flush each second), when a window ends,
+//! and at shutdown. Blocks shrink with what is left ([`block_size`]): near
+//! the limit a server leases one request at a time. The price of that
+//! exactness is the other direction: a request can be refused while other
+//! servers hold unspent units, at most one block each, for at most
+//! [`LEASE_TTL`] plus a flush interval; and a server that was refused
+//! refuses locally for [`EXHAUSTED_RECHECK`] before asking again.
+
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::limits::Limits;
+
+/// The most units one lease takes.
+pub const MAX_BLOCK: u64 = 32;
+/// A lease takes this fraction of what is left (at least 1, at most
+/// [`MAX_BLOCK`]): what servers hold unspent is a small part of the rest.
+const BLOCK_DIVISOR: u64 = 16;
+/// Unspent units older than this are given back by the next flush.
+pub const LEASE_TTL: Duration = Duration::from_secs(1);
+/// After the database granted nothing, requests are refused in memory this
+/// long before a lease is asked for again: a user over quota costs each
+/// server a few statements a second, not one per request.
+pub const EXHAUSTED_RECHECK: Duration = Duration::from_millis(250);
+/// After a lease failed (database unreachable or too slow), requests are
+/// counted in memory this long before a lease is tried again.
+pub const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+/// A lease statement that takes longer counts as failed.
+pub const LEASE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How many units to ask for when `room` requests are left in the tighter
+/// window (as last seen here).
+pub fn block_size(room: u64) -> u64 {
+    (room / BLOCK_DIVISOR).clamp(1, MAX_BLOCK)
+}
+
+/// What is left in the tighter of the limited windows; `None`: neither the
+/// hour nor the day is limited.
+pub fn room(limits: &Limits, hour_requests: u64, day_requests: u64) -> Option<u64> {
+    [
+        (limits.req_hour, hour_requests),
+        (limits.req_day, day_requests),
+    ]
+    .into_iter()
+    .filter_map(|(limit, used)| limit.map(|limit| limit.saturating_sub(used)))
+    .min()
+}
+
+/// What `quota_lease` grants against the windows' totals (the SQL function
+/// computes the same with the rows locked).
+pub fn grant(wanted: u64, limits: &Limits, hour_requests: u64, day_requests: u64) -> u64 {
+    room(limits, hour_requests, day_requests).map_or(wanted, |room| wanted.min(room))
+}
+
+/// Units leased for one pair of windows and not yet spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub hour_start: OffsetDateTime,
+    pub day_start: OffsetDateTime,
+    pub units: u64,
+    /// When units were last granted: the unspent ones are given back
+    /// [`LEASE_TTL`] later.
+    pub granted_at: Instant,
+}
+
+impl Lease {
+    /// Spends one unit, if any is left.
+    pub fn spend(&mut self) -> bool {
+        let spent = self.units > 0;
+        self.units -= u64::from(spent);
+        spent
+    }
+
+    pub fn is_stale(&self, max_age: Duration) -> bool {
+        self.units > 0 && self.granted_at.elapsed() >= max_age
+    }
+}
+
+/// A lease's answer: the units granted and both windows' totals after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Granted {
+    pub units: u64,
+    pub hour_requests: u64,
+    pub day_requests: u64,
+}
+
+/// Runs `quota_lease` (one round trip, a prepared statement).
+pub async fn take(
+    pool: Pool,
+    user: Uuid,
+    hour_start: OffsetDateTime,
+    day_start: OffsetDateTime,
+    limits: Limits,
+    wanted: u64,
+) -> Result<Granted, String> {
+    let client = pool.get().await.map_err(|e| e.to_string())?;
+    let statement = client
+        .prepare_cached(
+            "SELECT granted, hour_requests, day_requests FROM quota_lease($1, $2, $3, $4, $5, $6)",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let as_i64 = |v: u64| v.min(i64::MAX as u64) as i64;
+    let row = client
+        .query_one(
+            &statement,
+            &[
+                &user,
+                &hour_start,
+                &day_start,
+                &limits.req_hour.map(as_i64),
+                &limits.req_day.map(as_i64),
+                &as_i64(wanted),
+            ],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let get = |i: usize| row.get::<_, i64>(i).max(0) as u64;
+    Ok(Granted {
+        units: get(0),
+        hour_requests: get(1),
+        day_requests: get(2),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(req_hour: Option<u64>, req_day: Option<u64>) -> Limits {
+        Limits {
+            req_hour,
+            req_day,
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn blocks_shrink_to_one_near_the_limit() {
+        assert_eq!(block_size(0), 1);
+        assert_eq!(block_size(10), 1);
+        assert_eq!(block_size(31), 1);
+        assert_eq!(block_size(32), 2);
+        assert_eq!(block_size(160), 10);
+        assert_eq!(block_size(512), MAX_BLOCK);
+        assert_eq!(block_size(u64::MAX), MAX_BLOCK);
+    }
+
+    #[test]
+    fn the_tighter_window_decides() {
+        assert_eq!(room(&limits(None, None), 5, 5), None);
+        assert_eq!(room(&limits(Some(10), None), 4, 900), Some(6));
+        assert_eq!(room(&limits(Some(100), Some(50)), 20, 45), Some(5));
+        assert_eq!(room(&limits(Some(10), Some(50)), 12, 12), Some(0));
+        assert_eq!(grant(8, &limits(Some(100), Some(50)), 20, 45), 5);
+        assert_eq!(grant(8, &limits(None, Some(50)), 20, 10), 8);
+        assert_eq!(grant(8, &limits(None, None), 20, 10), 8);
+        assert_eq!(grant(8, &limits(Some(10), None), 11, 10), 0);
+    }
+
+    #[test]
+    fn units_are_spent_once_and_age() {
+        let now = OffsetDateTime::now_utc();
+        let mut lease = Lease {
+            hour_start: now,
+            day_start: now,
+            units: 2,
+            granted_at: Instant::now(),
+        };
+        assert!(!lease.is_stale(LEASE_TTL), "fresh");
+        assert!(
+            lease.is_stale(Duration::ZERO),
+            "at shutdown every lease goes back"
+        );
+        assert!(lease.spend() && lease.spend());
+        assert!(!lease.spend(), "two units, two requests");
+        assert!(!lease.is_stale(Duration::ZERO), "nothing left to give back");
+    }
+
+    /// Servers sharing one row pair, modelled as the SQL function treats
+    /// them: each request spends a unit of its server's lease or asks for a
+    /// block; idle servers give unspent units back. Whatever the order, the
+    /// servers together admit at most the limit; once the units are given
+    /// back, exactly the limit; and while they are out, the refusals are
+    /// bounded by what the others hold.
+    #[test]
+    fn servers_together_admit_at_most_the_limit_and_exactly_it_after_returns() {
+        for (servers, limit, seed) in [(3, 10, 1), (3, 100, 7), (5, 1000, 42), (2, 37, 3)] {
+            let limits = limits(Some(limit), Some(limit * 3));
+            let (mut hour, mut day) = (0u64, 0u64);
+            let mut held = vec![0u64; servers];
+            let mut admitted = 0u64;
+            let mut rng = seed as u64;
+            let mut next = || {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (rng >> 33) as usize
+            };
+            for _ in 0..limit * 4 {
+                let s = next() % servers;
+                if held[s] == 0 {
+                    // The server's view of what is left is the rows' totals.
+                    let wanted = block_size(room(&limits, hour, day).unwrap_or(u64::MAX));
+                    let granted = grant(wanted, &limits, hour, day);
+                    assert!(granted <= MAX_BLOCK && granted <= wanted);
+                    hour += granted;
+                    day += granted;
+                    held[s] = granted;
+                }
+                if held[s] > 0 {
+                    held[s] -= 1;
+                    admitted += 1;
+                } else {
+                    // Refused: only while others hold units, at most a block each.
+                    let out: u64 = held.iter().sum();
+                    assert_eq!(admitted + out, limit, "refused with room left");
+                    assert!(out <= (servers as u64 - 1) * MAX_BLOCK);
+                }
+                assert!(admitted <= limit, "never more than the limit");
+                assert_eq!(hour, admitted + held.iter().sum::<u64>());
+                if next() % 7 == 0 {
+                    // A flush: one server gives its unspent units back.
+                    let s = next() % servers;
+                    hour -= held[s];
+                    day -= held[s];
+                    held[s] = 0;
+                }
+            }
+            for units in &mut held {
+                hour -= *units;
+                *units = 0;
+            }
+            let mut left = 0;
+            while grant(1, &limits, hour, day) == 1 {
+                hour += 1;
+                day += 1;
+                left += 1;
+            }
+            assert_eq!(
+                admitted + left,
+                limit,
+                "after the returns, exactly the limit"
+            );
+        }
+    }
+}
