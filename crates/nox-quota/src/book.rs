@@ -454,6 +454,8 @@ pub struct QuotaBook {
     /// Bumped by [`QuotaBook::install_overrides`]: a read that began before
     /// an override changed must not install what it read.
     overrides_generation: AtomicU64,
+    /// One flush at a time: two would both send the open windows' counts.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 fn seconds_until(now: OffsetDateTime, at: OffsetDateTime) -> u64 {
@@ -471,6 +473,7 @@ impl QuotaBook {
                 closed: Mutex::new(Vec::new()),
             }),
             overrides_generation: AtomicU64::new(0),
+            flushing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -735,6 +738,7 @@ impl QuotaBook {
     }
 
     async fn flush_releasing(&self, max_age: Duration) -> Result<(), String> {
+        let _one_at_a_time = self.flushing.lock().await;
         let now = self.now();
         // Closed windows and returned units leave the book now (and come
         // back if the write fails); open windows' counts are a snapshot,
