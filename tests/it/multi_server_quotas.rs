@@ -91,7 +91,10 @@ async fn a_hundred_requests_over_three_servers_against_ten_left_in_the_hour_admi
     set_quotas(&a, &alice, json!({"req_hour": 13})).await;
     // Each server knows the user (token, overrides) before the burst.
     for app in [&a, &b, &c] {
-        assert_eq!(app.get_as("/me", &alice.token).await.status(), StatusCode::OK);
+        assert_eq!(
+            app.get_as("/me", &alice.token).await.status(),
+            StatusCode::OK
+        );
     }
     let (admitted, refused) = burst(&[&a, &b, &c], &alice, 100).await;
     assert_eq!((admitted, refused.len()), (10, 90));
@@ -192,4 +195,48 @@ async fn a_stopping_server_gives_its_unspent_units_back() {
     }
     a.stop().await;
     assert_eq!(stored_requests(&b, &alice, "hour").await, 3);
+}
+
+/// The CPU quota stays a check against totals: a server learns another's
+/// CPU counts of a user with a request limit at its next lease.
+#[tokio::test]
+async fn cpu_spent_through_one_server_is_seen_by_the_others() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: runs need root (namespaces, cgroups, setuid)");
+        return;
+    }
+    let [a, b, _c] = three_servers(true).await;
+    let alice = a.new_user("alice").await;
+    set_quotas(&a, &alice, json!({"cpu_seconds": 1})).await;
+    assert_eq!(b.get_as("/me", &alice.token).await.status(), StatusCode::OK);
+    let burn = send(a.request(Method::POST, "/run", &alice.token).json(
+        &json!({"command": "python3 -c 'import time\nwhile time.process_time() < 1.1: pass'"}),
+    ))
+    .await;
+    assert_eq!(burn.status(), StatusCode::OK);
+    // b's requests keep leasing; one of its leases reads a's count.
+    let mut seen = 0.0;
+    for _ in 0..300 {
+        b.get_as("/me", &alice.token).await;
+        let usage: Value = b
+            .get_as("/quotas/my/usage", &alice.token)
+            .await
+            .json()
+            .await
+            .expect("json");
+        seen = usage["usage"]["cpu_seconds"].as_f64().expect("cpu");
+        if seen >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seen >= 1.0, "b never saw a's CPU: {seen}");
+    let refused = send(
+        b.request(Method::POST, "/run", &alice.token)
+            .json(&json!({"command": "true"})),
+    )
+    .await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = refused.json().await.expect("json");
+    assert_eq!(body["quota_type"], "cpu_seconds");
 }

@@ -424,8 +424,13 @@ impl Ledger {
             };
         }
         entry.lease_failed_at = None;
-        entry.hour.requests = granted.hour_requests + entry.hour.unflushed_requests;
-        entry.day.requests = granted.day_requests + entry.day.unflushed_requests;
+        for (window, requests, cpu_ms) in [
+            (&mut entry.hour, granted.hour_requests, granted.hour_cpu_ms),
+            (&mut entry.day, granted.day_requests, granted.day_cpu_ms),
+        ] {
+            window.requests = requests + window.unflushed_requests;
+            window.cpu_ms = cpu_ms + window.unflushed_cpu_ms;
+        }
         if granted.units == 0 {
             entry.exhausted_at = Some(Instant::now());
             return Outcome::Again;

@@ -98,6 +98,8 @@ pub struct Granted {
     pub units: u64,
     pub hour_requests: u64,
     pub day_requests: u64,
+    pub hour_cpu_ms: u64,
+    pub day_cpu_ms: u64,
 }
 
 /// Runs `quota_lease` (one round trip, a prepared statement).
@@ -112,7 +114,8 @@ pub async fn take(
     let client = pool.get().await.map_err(|e| e.to_string())?;
     let statement = client
         .prepare_cached(
-            "SELECT granted, hour_requests, day_requests FROM quota_lease($1, $2, $3, $4, $5, $6)",
+            "SELECT granted, hour_requests, day_requests, hour_cpu_ms, day_cpu_ms
+               FROM quota_lease($1, $2, $3, $4, $5, $6)",
         )
         .await
         .map_err(|e| e.to_string())?;
@@ -136,6 +139,8 @@ pub async fn take(
         units: get(0),
         hour_requests: get(1),
         day_requests: get(2),
+        hour_cpu_ms: get(3),
+        day_cpu_ms: get(4),
     })
 }
 
