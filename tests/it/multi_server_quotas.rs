@@ -139,9 +139,9 @@ async fn a_hundred_requests_over_three_servers_against_ten_left_in_the_day_admit
     assert_eq!(stored_requests(&a, &alice, "day").await, 13);
 }
 
-/// A server that leased a block and went idle gives the unspent units back,
-/// so another server can admit them: the limit is reached exactly, with no
-/// request beyond it.
+/// A server that leased a block and went idle gives the unspent units back
+/// once the others have used the rest, so they can admit them: the limit is
+/// reached exactly, with no request beyond it.
 #[tokio::test]
 async fn an_idle_servers_unspent_lease_goes_back_to_the_others() {
     let [a, b, _c] = three_servers(false).await;

@@ -7,7 +7,7 @@
 //! coming. A user without such a limit is counted in memory only. Either
 //! way the remaining counts (requests counted in memory, CPU) are flushed to
 //! `quota_usage` about once a second (and at shutdown) as deltas, with the
-//! leases' unspent units; each flush reads back the database's totals, so
+//! lease units given back; each flush reads back the database's totals, so
 //! servers see each other's counts within about a second.
 
 use std::collections::HashMap;
@@ -105,6 +105,9 @@ struct Entry {
     lease_failed_at: Option<Instant>,
     /// Bumped by a reset: a lease taken before it is not installed.
     epoch: u64,
+    /// The limits the last request was counted under: the flush gives the
+    /// lease back when the database has nothing left under them.
+    limits: Limits,
     overrides: Limits,
     /// When `overrides` were read; `None`: never, or to be read again.
     overrides_read: Option<Instant>,
@@ -133,6 +136,7 @@ impl Entry {
             exhausted_at: None,
             lease_failed_at: None,
             epoch: 0,
+            limits: Limits::default(),
             overrides: Limits::default(),
             overrides_read: None,
             overrides_read_started: None,
@@ -347,6 +351,7 @@ impl Ledger {
             .entry(user)
             .or_insert_with(|| Entry::new(now, (0, 0), (0, 0)));
         self.roll(entry, user, now);
+        entry.limits = *limits;
         if limits.req_hour.is_none() && limits.req_day.is_none() {
             return Step::Done(entry.count_in_memory(limits, now));
         }
@@ -440,10 +445,10 @@ impl Ledger {
             hour_start: asked.hour_start,
             day_start: asked.day_start,
             units: 0,
-            granted_at: Instant::now(),
+            last_used: Instant::now(),
         });
         lease.units += granted.units - 1;
-        lease.granted_at = Instant::now();
+        lease.last_used = Instant::now();
         Outcome::Admitted
     }
 }
@@ -730,20 +735,60 @@ impl QuotaBook {
             })
     }
 
-    /// Writes the counts not yet in the database and gives back the units
-    /// of leases older than `LEASE_TTL`, and reads back the totals (which
-    /// include other servers' counts).
+    /// Writes the counts not yet in the database and gives back unspent
+    /// lease units that another server may need (the database has nothing
+    /// left for their user) or that were not spent for `LEASE_IDLE`; reads
+    /// back the totals (which include other servers' counts).
     pub async fn flush(&self) -> Result<(), String> {
-        self.flush_releasing(lease::LEASE_TTL).await
+        let _one_at_a_time = self.flushing.lock().await;
+        self.give_back_where_nothing_is_left().await?;
+        self.flush_releasing(lease::LEASE_IDLE).await
     }
 
     /// [`QuotaBook::flush`], giving back every unspent unit: at shutdown.
     pub async fn flush_and_release(&self) -> Result<(), String> {
+        let _one_at_a_time = self.flushing.lock().await;
         self.flush_releasing(Duration::ZERO).await
     }
 
-    async fn flush_releasing(&self, max_age: Duration) -> Result<(), String> {
-        let _one_at_a_time = self.flushing.lock().await;
+    /// Reads the totals of the users this server holds unspent units for
+    /// (one statement), and releases the units of those with nothing left:
+    /// requests to other servers are refused until they are back.
+    async fn give_back_where_nothing_is_left(&self) -> Result<(), String> {
+        let now = self.now();
+        let (hour, day) = (Kind::Hour.start(now), Kind::Day.start(now));
+        let holding: Vec<Uuid> = self
+            .lock()
+            .iter()
+            .filter(|(_, entry)| {
+                entry.lease.is_some_and(|lease| {
+                    lease.units > 0 && lease.hour_start == hour && lease.day_start == day
+                })
+            })
+            .map(|(user, _)| *user)
+            .collect();
+        if holding.is_empty() {
+            return Ok(());
+        }
+        let pool = self.pool.clone();
+        let totals = self
+            .on_own_runtime(read_totals(pool, holding, hour, day))
+            .await?;
+        let mut users = self.lock();
+        let mut closed = self.ledger.closed();
+        for (user, (hour_requests, day_requests)) in totals {
+            if let Some(entry) = users.get_mut(&user)
+                && entry.hour.start == hour
+                && entry.day.start == day
+                && lease::must_give_back(&entry.limits, hour_requests, day_requests)
+            {
+                entry.release(user, &mut closed);
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush_releasing(&self, idle: Duration) -> Result<(), String> {
         let now = self.now();
         // Closed windows and returned units leave the book now (and come
         // back if the write fails); open windows' counts are a snapshot,
@@ -754,7 +799,7 @@ impl QuotaBook {
             let mut users = self.lock();
             for (user, entry) in users.iter_mut() {
                 self.ledger.roll(entry, *user, now);
-                if entry.lease.is_some_and(|lease| lease.is_stale(max_age)) {
+                if entry.lease.is_some_and(|lease| lease.is_idle(idle)) {
                     entry.release(*user, &mut moved);
                 }
                 for (kind, window) in [(Kind::Hour, &entry.hour), (Kind::Day, &entry.day)] {
@@ -938,6 +983,36 @@ async fn read(
         }
     }
     Ok((overrides, hour, day))
+}
+
+/// The requests totals of `users`' current windows, per user (hour, day).
+async fn read_totals(
+    pool: Pool,
+    users: Vec<Uuid>,
+    hour_start: OffsetDateTime,
+    day_start: OffsetDateTime,
+) -> Result<HashMap<Uuid, (u64, u64)>, String> {
+    let client = pool.get().await.map_err(|e| e.to_string())?;
+    let rows = client
+        .query(
+            "SELECT user_id, window_kind, requests FROM quota_usage
+              WHERE user_id = ANY($1) AND ((window_kind = 'hour' AND window_start = $2)
+                                        OR (window_kind = 'day' AND window_start = $3))",
+            &[&users, &hour_start, &day_start],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut totals: HashMap<Uuid, (u64, u64)> = HashMap::new();
+    for row in rows {
+        let requests = row.get::<_, i64>(2).max(0) as u64;
+        let user_totals = totals.entry(row.get(0)).or_default();
+        if row.get::<_, String>(1) == "hour" {
+            user_totals.0 = requests;
+        } else {
+            user_totals.1 = requests;
+        }
+    }
+    Ok(totals)
 }
 
 async fn write(pool: Pool, pending: Vec<Pending>) -> Result<Vec<(u64, u64)>, String> {
