@@ -19,6 +19,7 @@ mod identity;
 mod limits;
 mod migrations;
 mod multi_server;
+mod multi_server_quotas;
 mod multi_server_sessions;
 mod quotas;
 mod replica;

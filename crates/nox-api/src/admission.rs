@@ -302,7 +302,11 @@ pub async fn enforce_request_quota(
         && !is_exempt(&request)
     {
         let limits = limits_of(&state, &caller).await;
-        if let Err(violation) = state.quotas.try_count_request(caller.user_id, &limits) {
+        if let Err(violation) = state
+            .quotas
+            .try_count_request(caller.user_id, &limits)
+            .await
+        {
             record_violation(&request, &violation);
             let response = ApiError::QuotaExceeded(violation).error_response();
             return Ok(request.into_response(response).map_into_right_body());

@@ -24,6 +24,12 @@ const RUN_UIDS: Migration = Migration {
     sql: include_str!("../../../migrations/0009_run_uids.sql"),
 };
 
+const QUOTA_LEASES: Migration = Migration {
+    version: 12,
+    name: "quota_leases",
+    sql: include_str!("../../../migrations/0012_quota_leases.sql"),
+};
+
 const ADMIN_CHANGE_NOTIFY: Migration = Migration {
     version: 14,
     name: "admin_change_notify",
@@ -50,6 +56,7 @@ pub const MIGRATIONS: &[Migration] = &[
     RUN_UIDS,
     nox_audit_store::schema::AUDIT_COMMIT_NOTIFY,
     nox_audit_store::schema::AUDIT_VERIFICATIONS,
+    QUOTA_LEASES,
     nox_audit_store::schema::AUDIT_SESSIONS_SHARED,
     ADMIN_CHANGE_NOTIFY,
     SERVERS,

@@ -52,7 +52,8 @@ impl Background {
         if let Some(verifier) = self.verifier {
             verifier.shutdown().await;
         }
-        if let Err(error) = self.quotas.flush().await {
+        // With every lease's unspent units, so other servers can use them.
+        if let Err(error) = self.quotas.flush_and_release().await {
             tracing::error!(%error, "the last quota counts could not be written");
         }
         self.quotas.close();

@@ -2,8 +2,9 @@
 //! authenticated requests and per client address for the others (an IPv6
 //! client by its /64, since one host usually holds a whole /64; an
 //! IPv4-mapped IPv6 address as the IPv4 address it is); and quotas
-//! ([`limits`], [`book`]): requests per calendar UTC hour and day, CPU per
-//! day, memory per run, storage and files.
+//! ([`limits`], [`book`]): requests per calendar UTC hour and day (exact
+//! across servers sharing a database, through [`lease`]s), CPU per day,
+//! memory per run, storage and files.
 //!
 //! Build one [`RateLimits`] and one [`book::QuotaBook`] per process and share
 //! them: every worker must see the same counters. With several servers
@@ -12,6 +13,7 @@
 //! rate, so the user's total stays the configured one.
 
 pub mod book;
+pub mod lease;
 pub mod limits;
 pub mod store;
 

@@ -384,11 +384,14 @@ pub async fn admin_statistics(
         .map_err(ApiError::internal)?
         .get(0);
     tx.commit().await.map_err(ApiError::internal)?;
+    // The totals count leased requests; this server's unspent ones are not
+    // used (other servers' are at most a block per user, for a second).
+    let (unspent_hour, unspent_day) = state.quotas.unspent_leases();
     let statistics = Statistics {
         total_users: users.total,
         active_users: users.active,
-        requests_this_hour: usage.requests_this_hour,
-        requests_today: usage.requests_today,
+        requests_this_hour: (usage.requests_this_hour - unspent_hour as i64).max(0),
+        requests_today: (usage.requests_today - unspent_day as i64).max(0),
         cpu_seconds_today: usage.cpu_ms_today as f64 / 1000.0,
         violations_last_24h: violations,
     };
