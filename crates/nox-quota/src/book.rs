@@ -283,6 +283,9 @@ struct Ledger {
 /// What a request does next about its quota.
 enum Step {
     Done(Result<(), Violation>),
+    /// Admitted from the lease, whose units run low: the request starts the
+    /// next lease in the background, with the user's turn.
+    AdmittedRefilling(LeaseRequest, tokio::sync::OwnedMutexGuard<()>),
     Lease(LeaseRequest),
 }
 
@@ -293,6 +296,21 @@ struct LeaseRequest {
     day_start: OffsetDateTime,
     wanted: u64,
     epoch: u64,
+    /// Asked by a waiting request, which takes one unit (else a refill).
+    for_request: bool,
+}
+
+/// The next lease for `entry`'s windows, sized by what is left as last seen.
+fn lease_request(entry: &Entry, limits: &Limits, for_request: bool) -> LeaseRequest {
+    let room = lease::room(limits, entry.hour.requests, entry.day.requests);
+    LeaseRequest {
+        gate: Arc::clone(&entry.gate),
+        hour_start: entry.hour.start,
+        day_start: entry.day.start,
+        wanted: lease::block_size(room.unwrap_or(u64::MAX)),
+        epoch: entry.epoch,
+        for_request,
+    }
 }
 
 /// How a lease ended for the request that asked.
@@ -362,7 +380,16 @@ impl Ledger {
         if limits.req_hour.is_none() && limits.req_day.is_none() {
             return Step::Done(entry.count_in_memory(limits, now));
         }
-        if entry.lease.as_mut().is_some_and(Lease::spend) {
+        if let Some(lease) = entry.lease.as_mut()
+            && lease.spend()
+        {
+            if lease.wants_refill()
+                && !within(entry.exhausted_at, lease::EXHAUSTED_RECHECK)
+                && !within(entry.lease_failed_at, lease::RETRY_AFTER_FAILURE)
+                && let Ok(turn) = Arc::clone(&entry.gate).try_lock_owned()
+            {
+                return Step::AdmittedRefilling(lease_request(entry, limits, false), turn);
+            }
             return Step::Done(Ok(()));
         }
         if within(entry.exhausted_at, lease::EXHAUSTED_RECHECK)
@@ -373,14 +400,7 @@ impl Ledger {
         if within(entry.lease_failed_at, lease::RETRY_AFTER_FAILURE) {
             return Step::Done(entry.count_in_memory(limits, now));
         }
-        let room = lease::room(limits, entry.hour.requests, entry.day.requests);
-        Step::Lease(LeaseRequest {
-            gate: Arc::clone(&entry.gate),
-            hour_start: entry.hour.start,
-            day_start: entry.day.start,
-            wanted: lease::block_size(room.unwrap_or(u64::MAX)),
-            epoch: entry.epoch,
-        })
+        Step::Lease(lease_request(entry, limits, true))
     }
 
     fn count_in_memory(&self, user: Uuid, limits: &Limits) -> Result<(), Violation> {
@@ -419,17 +439,20 @@ impl Ledger {
             // delete is unknown, so they are neither spent nor given back.
             return Outcome::Again;
         }
+        // The asking request's unit, if any.
+        let taken = u64::from(asked.for_request && granted.units > 0);
         if entry.hour.start != asked.hour_start || entry.day.start != asked.day_start {
             // A window ended meanwhile: the asking request counts in the
             // old windows, the other units go back.
-            if granted.units > 1 {
+            let back = granted.units - taken;
+            if back > 0 {
                 let mut closed = self.closed();
                 for (kind, start) in [(Kind::Hour, asked.hour_start), (Kind::Day, asked.day_start)]
                 {
-                    closed.push(Pending::given_back(user, kind, start, granted.units - 1));
+                    closed.push(Pending::given_back(user, kind, start, back));
                 }
             }
-            return if granted.units > 0 {
+            return if taken > 0 {
                 Outcome::Admitted
             } else {
                 Outcome::Again
@@ -452,11 +475,17 @@ impl Ledger {
             hour_start: asked.hour_start,
             day_start: asked.day_start,
             units: 0,
+            block: 0,
             last_used: Instant::now(),
         });
-        lease.units += granted.units - 1;
+        lease.units += granted.units - taken;
+        lease.block = granted.units;
         lease.last_used = Instant::now();
-        Outcome::Admitted
+        if taken > 0 {
+            Outcome::Admitted
+        } else {
+            Outcome::Again
+        }
     }
 }
 
@@ -615,6 +644,10 @@ impl QuotaBook {
         for _ in 0..LEASE_ATTEMPTS {
             let asked = match self.ledger.step(user, limits) {
                 Step::Done(done) => return done,
+                Step::AdmittedRefilling(asked, turn) => {
+                    self.refill(user, *limits, asked, turn);
+                    return Ok(());
+                }
                 Step::Lease(asked) => asked,
             };
             let Ok(turn) =
@@ -626,9 +659,10 @@ impl QuotaBook {
                 return self.ledger.count_in_memory(user, limits);
             };
             // The lease before this request's turn may have left units, or
-            // found the quota spent.
+            // found the quota spent. (It holds the turn: no refill here.)
             let asked = match self.ledger.step(user, limits) {
                 Step::Done(done) => return done,
+                Step::AdmittedRefilling(..) => return Ok(()),
                 Step::Lease(asked) => asked,
             };
             if let Outcome::Admitted = self.lease(user, *limits, asked, turn).await {
@@ -648,8 +682,31 @@ impl QuotaBook {
         asked: LeaseRequest,
         turn: tokio::sync::OwnedMutexGuard<()>,
     ) -> Outcome {
+        self.start_lease(user, limits, asked, turn)
+            .await
+            .unwrap_or(Outcome::Again)
+    }
+
+    /// Leases the next block in the background.
+    fn refill(
+        &self,
+        user: Uuid,
+        limits: Limits,
+        asked: LeaseRequest,
+        turn: tokio::sync::OwnedMutexGuard<()>,
+    ) {
+        drop(self.start_lease(user, limits, asked, turn));
+    }
+
+    fn start_lease(
+        &self,
+        user: Uuid,
+        limits: Limits,
+        asked: LeaseRequest,
+        turn: tokio::sync::OwnedMutexGuard<()>,
+    ) -> tokio::task::JoinHandle<Outcome> {
         let (pool, ledger) = (self.pool.clone(), Arc::clone(&self.ledger));
-        let task = self.runtime.spawn(async move {
+        self.runtime.spawn(async move {
             let taken = lease::take(
                 pool,
                 user,
@@ -664,8 +721,7 @@ impl QuotaBook {
             let outcome = ledger.install(user, &asked, answer);
             drop(turn);
             outcome
-        });
-        task.await.unwrap_or(Outcome::Again)
+        })
     }
 
     /// Refuses a run while the day's CPU quota is spent.
@@ -752,9 +808,19 @@ impl QuotaBook {
         self.flush_releasing(lease::LEASE_IDLE).await
     }
 
-    /// [`QuotaBook::flush`], giving back every unspent unit: at shutdown.
+    /// [`QuotaBook::flush`], giving back every unspent unit: at shutdown,
+    /// once no request is served any more.
     pub async fn flush_and_release(&self) -> Result<(), String> {
         let _one_at_a_time = self.flushing.lock().await;
+        // Leases under way (refills) are installed first.
+        let gates: Vec<_> = self
+            .lock()
+            .values()
+            .map(|entry| Arc::clone(&entry.gate))
+            .collect();
+        for gate in gates {
+            let _turn = gate.lock().await;
+        }
         self.flush_releasing(Duration::ZERO).await
     }
 

@@ -15,8 +15,11 @@
 //! at the flush each second once the database has nothing left for their
 //! user ([`must_give_back`]: another server may be refused), once they have
 //! not been spent for [`LEASE_IDLE`], when a window ends, and at shutdown.
+//! A server leases the next block when a quarter of a large one is left
+//! ([`Lease::wants_refill`]), so a busy user's requests do not wait for it.
 //! So a request is refused early only while other servers hold unspent
-//! units, at most one block each, for at most about a flush interval (plus
+//! units, at most a block and a quarter each, for at most about a flush
+//! interval (plus
 //! [`EXHAUSTED_RECHECK`], which a refused server waits before it asks
 //! again). Units a server keeps spending stay with it: a user's leases cost
 //! a statement per block, not one per second.
@@ -35,6 +38,8 @@ pub const MAX_BLOCK: u64 = 64;
 /// A lease takes this fraction of what is left (at least 1, at most
 /// [`MAX_BLOCK`]): what servers hold unspent is a small part of the rest.
 const BLOCK_DIVISOR: u64 = 16;
+/// Blocks at least this large are refilled ahead ([`Lease::wants_refill`]).
+const REFILL_MIN_BLOCK: u64 = 8;
 /// Unspent units not spent for this long are given back by the next flush
 /// (only tidiness: units that another server needs go back sooner, see
 /// [`must_give_back`]). Shorter would cost users who send a request every
@@ -87,6 +92,8 @@ pub struct Lease {
     pub hour_start: OffsetDateTime,
     pub day_start: OffsetDateTime,
     pub units: u64,
+    /// The units the last lease granted.
+    pub block: u64,
     /// When units were last granted or spent.
     pub last_used: Instant,
 }
@@ -100,6 +107,14 @@ impl Lease {
             self.last_used = Instant::now();
         }
         spent
+    }
+
+    /// Whether to lease the next block now, so that the user's requests do
+    /// not wait for it: when a quarter of a large block is left. Small
+    /// blocks (near the limit) are not refilled ahead: the units would wait
+    /// here for requests that may go to other servers.
+    pub fn wants_refill(&self) -> bool {
+        self.block >= REFILL_MIN_BLOCK && self.units * 4 <= self.block
     }
 
     /// Holds units not spent for `idle` (zero: any unit).
@@ -203,6 +218,7 @@ mod tests {
             hour_start: now,
             day_start: now,
             units: 2,
+            block: 2,
             last_used: Instant::now() - Duration::from_secs(60),
         };
         assert!(lease.is_idle(LEASE_IDLE), "not spent for a minute");
@@ -215,6 +231,27 @@ mod tests {
         assert!(lease.spend());
         assert!(!lease.spend(), "two units, two requests");
         assert!(!lease.is_idle(Duration::ZERO), "nothing left to give back");
+    }
+
+    #[test]
+    fn large_blocks_are_refilled_when_a_quarter_is_left() {
+        let now = OffsetDateTime::now_utc();
+        let lease = |units, block| Lease {
+            hour_start: now,
+            day_start: now,
+            units,
+            block,
+            last_used: Instant::now(),
+        };
+        assert!(!lease(17, 64).wants_refill());
+        assert!(lease(16, 64).wants_refill());
+        assert!(lease(0, 64).wants_refill());
+        assert!(lease(2, 8).wants_refill());
+        assert!(
+            !lease(0, 7).wants_refill(),
+            "near the limit: no units ahead"
+        );
+        assert!(!lease(0, 1).wants_refill());
     }
 
     #[test]
@@ -237,62 +274,86 @@ mod tests {
         assert!(!must_give_back(&Limits::default(), 5, 5), "no limit");
     }
 
-    /// Servers sharing one row pair, modelled as the SQL function treats
-    /// them: each request spends a unit of its server's lease or asks for a
-    /// block; flushes give unspent units back when nothing is left. Whatever
-    /// the order, the servers together admit at most the limit; once the
-    /// units are given back, exactly the limit; and while they are out, the
-    /// refusals are bounded by what the others hold.
+    /// Servers sharing one row pair, modelled as the SQL function and the
+    /// book treat them: each request spends a unit of its server's lease or
+    /// asks for a block (the next one ahead when a quarter of a large one
+    /// is left); flushes give unspent units back when nothing is left.
+    /// Whatever the order, the servers together admit at most the limit;
+    /// once the units are given back, exactly the limit; and while they are
+    /// out, the refusals are bounded by what the others hold.
     #[test]
     fn servers_together_admit_at_most_the_limit_and_exactly_it_after_returns() {
-        for (servers, limit, seed) in [(3, 10, 1), (3, 100, 7), (5, 1000, 42), (2, 37, 3)] {
+        let now = OffsetDateTime::now_utc();
+        for (servers, limit, seed) in [
+            (3, 10, 1),
+            (3, 100, 7),
+            (5, 1000, 42),
+            (2, 37, 3),
+            (3, 5000, 9),
+        ] {
             let limits = limits(Some(limit), Some(limit * 3));
             let (mut hour, mut day) = (0u64, 0u64);
-            let mut held = vec![0u64; servers];
+            let mut leases = vec![
+                Lease {
+                    hour_start: now,
+                    day_start: now,
+                    units: 0,
+                    block: 0,
+                    last_used: Instant::now(),
+                };
+                servers
+            ];
             let mut admitted = 0u64;
-            let mut rng = seed as u64;
+            let mut rng: u64 = seed;
             let mut next = || {
                 rng = rng
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
                 (rng >> 33) as usize
             };
+            let take = |lease: &mut Lease, hour: &mut u64, day: &mut u64| {
+                // The server's view of what is left is the rows' totals.
+                let wanted = block_size(room(&limits, *hour, *day).unwrap_or(u64::MAX));
+                let granted = grant(wanted, &limits, *hour, *day);
+                assert!(granted <= MAX_BLOCK && granted <= wanted);
+                *hour += granted;
+                *day += granted;
+                lease.units += granted;
+                lease.block = granted;
+            };
             for _ in 0..limit * 4 {
                 let s = next() % servers;
-                if held[s] == 0 {
-                    // The server's view of what is left is the rows' totals.
-                    let wanted = block_size(room(&limits, hour, day).unwrap_or(u64::MAX));
-                    let granted = grant(wanted, &limits, hour, day);
-                    assert!(granted <= MAX_BLOCK && granted <= wanted);
-                    hour += granted;
-                    day += granted;
-                    held[s] = granted;
+                if leases[s].units == 0 {
+                    take(&mut leases[s], &mut hour, &mut day);
                 }
-                if held[s] > 0 {
-                    held[s] -= 1;
+                if leases[s].spend() {
                     admitted += 1;
+                    if leases[s].wants_refill() {
+                        take(&mut leases[s], &mut hour, &mut day);
+                    }
                 } else {
-                    // Refused: only while others hold units, at most a block each.
-                    let out: u64 = held.iter().sum();
+                    // Refused: only while others hold units, at most a
+                    // block and a quarter each.
+                    let out: u64 = leases.iter().map(|l| l.units).sum();
                     assert_eq!(admitted + out, limit, "refused with room left");
-                    assert!(out <= (servers as u64 - 1) * MAX_BLOCK);
+                    assert!(out <= (servers as u64 - 1) * (MAX_BLOCK + MAX_BLOCK / 4));
                 }
                 assert!(admitted <= limit, "never more than the limit");
-                assert_eq!(hour, admitted + held.iter().sum::<u64>());
+                assert_eq!(hour, admitted + leases.iter().map(|l| l.units).sum::<u64>());
                 if next() % 7 == 0 {
                     // A flush on one server: it gives its unspent units back
                     // if nothing is left (or, now and then, as idle).
                     let s = next() % servers;
                     if must_give_back(&limits, hour, day) || next() % 5 == 0 {
-                        hour -= held[s];
-                        day -= held[s];
-                        held[s] = 0;
+                        hour -= leases[s].units;
+                        day -= leases[s].units;
+                        leases[s].units = 0;
                     }
                 }
             }
-            for units in &mut held {
-                hour -= *units;
-                *units = 0;
+            for lease in &mut leases {
+                hour -= lease.units;
+                lease.units = 0;
             }
             let mut left = 0;
             while grant(1, &limits, hour, day) == 1 {
