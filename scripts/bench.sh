@@ -19,7 +19,7 @@ step() { # name command...
 }
 
 step "release build" cargo build --release --bins
-step "cargo bench (ingest, hot paths, encoding)" cargo bench --workspace --bench '*'
+step "cargo bench (ingest, durable writers, hot paths, encoding)" cargo bench --workspace --bench '*'
 step "audit modes, server on its own CPU" env DURATION=4 TOPOLOGIES=split scripts/bench-audit-modes.sh
 step "audit modes, shared CPUs" env DURATION=4 RUNS=2 TOPOLOGIES=shared scripts/bench-audit-modes.sh
 step "durable latency and RSS" env DURATION=3 scripts/bench-durable-latency.sh
@@ -27,6 +27,8 @@ step "token flood against a valid user" scripts/bench-abuse.sh
 step "3x overload: shedding and RSS" env DURATION=4 RUNS=1 CAPS=default scripts/bench-overload.sh
 step "/run overhead" scripts/bench-run-overhead.sh
 step "live streams: 100 idle, 10 following" env DURATION=4 RUNS=1 scripts/bench-stream.sh
+step "quota leases against in-memory counting" env DURATION=4 RUNS=1 scripts/bench-quota-share.sh
+step "one server against three behind HAProxy" env DURATION=4 RUNS=1 scripts/bench-haproxy.sh
 step "/logs and export on 5M rows" env DURATION=2 scripts/bench-audit-queries.sh
 
 echo "== wall time per step"
