@@ -29,6 +29,7 @@ for tool in wrk haproxy; do
 done
 systemctl stop haproxy 2>/dev/null || true
 build_load_tools
+cargo build --release -q -p nox-migrate
 WORK=$(mktemp -d)
 servers=() balancer=""
 stop_all() {
