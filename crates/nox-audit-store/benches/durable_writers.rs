@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use common::{median, records};
 use nox_audit_store::{AuditSink, AuditWriter, Spool, WriterConfig};
 use nox_testkit::TestDb;
+use uuid::Uuid;
 
 fn setting(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -91,18 +92,24 @@ async fn durable_rate(writers: usize, clients: usize, seconds: u64) -> (f64, f64
     let sinks: Vec<AuditSink> = started_writers.iter().map(AuditWriter::sink).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let committed = Arc::new(AtomicU64::new(0));
+    // The same 50 users throughout, as a busy service has: their sessions
+    // open once, not in every batch.
+    let template = Arc::new(records(50));
     let cpu_before = postgres_cpu_seconds();
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|client| {
-            let (sink, stop, committed) = (
+            let (sink, stop, committed, template) = (
                 sinks[client % writers].clone(),
                 Arc::clone(&stop),
                 Arc::clone(&committed),
+                Arc::clone(&template),
             );
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    for record in records(50) {
+                    for record in template.iter() {
+                        let mut record = record.clone();
+                        (record.id, record.request_id) = (Uuid::now_v7(), Uuid::now_v7());
                         sink.submit(record, true).await.expect("committed");
                         committed.fetch_add(1, Ordering::Relaxed);
                     }
