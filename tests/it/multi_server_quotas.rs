@@ -64,6 +64,16 @@ async fn burst(apps: &[&TestApp], user: &TestUser, n: usize) -> (usize, Vec<Valu
 
 /// The user's `requests` in `quota_usage` for the current `kind` window
 /// (as the servers' clocks have it): used plus leased and unspent.
+/// Each server knows the user (token, overrides) before a burst.
+async fn known_to(apps: &[&TestApp], user: &TestUser) {
+    for app in apps {
+        assert_eq!(
+            app.get_as("/me", &user.token).await.status(),
+            StatusCode::OK
+        );
+    }
+}
+
 async fn stored_requests(app: &TestApp, user: &TestUser, kind: &str) -> i64 {
     let now = app.clock.now();
     let start = if kind == "hour" {
@@ -89,13 +99,7 @@ async fn a_hundred_requests_over_three_servers_against_ten_left_in_the_hour_admi
     let [a, b, c] = three_servers(false).await;
     let alice = a.new_user("alice").await;
     set_quotas(&a, &alice, json!({"req_hour": 13})).await;
-    // Each server knows the user (token, overrides) before the burst.
-    for app in [&a, &b, &c] {
-        assert_eq!(
-            app.get_as("/me", &alice.token).await.status(),
-            StatusCode::OK
-        );
-    }
+    known_to(&[&a, &b, &c], &alice).await;
     let (admitted, refused) = burst(&[&a, &b, &c], &alice, 100).await;
     assert_eq!((admitted, refused.len()), (10, 90));
     for body in &refused {
@@ -124,12 +128,7 @@ async fn a_hundred_requests_over_three_servers_against_ten_left_in_the_day_admit
     let [a, b, c] = three_servers(true).await;
     let alice = a.new_user("alice").await;
     set_quotas(&a, &alice, json!({"req_day": 13})).await;
-    for app in [&a, &b, &c] {
-        assert_eq!(
-            app.get_as("/me", &alice.token).await.status(),
-            StatusCode::OK
-        );
-    }
+    known_to(&[&a, &b, &c], &alice).await;
     let (admitted, refused) = burst(&[&a, &b, &c], &alice, 100).await;
     assert_eq!((admitted, refused.len()), (10, 90));
     assert!(
