@@ -82,11 +82,15 @@ for i in 1 2 3; do
     port=$(free_port)
     SERVER_PORTS+=("$port")
     # What deploy/nox@.service shares: the database, the workspaces, the
-    # signing key; the balancer is the trusted proxy.
+    # signing key; the balancer is the trusted proxy. Each worker runs one
+    # command at a time, so a run slot per worker keeps the servers' 429
+    # (2 x cores slots) out of a load that must see only successes, even when
+    # round robin stacks every worker's run on one of the two left running.
     NOX_DATA_DIR=$WORK/server$i NOX_PORT=$port NOX_BIND_ADDR=127.0.0.1 \
         NOX_SANDBOX_DIR=$WORK/sandboxes NOX_AUDIT_SIGNING_KEY_FILE=$WORK/audit-signing.key \
         NOX_TRUSTED_PROXIES=127.0.0.1/32 NOX_ADMIN_TOKEN=$ADMIN_TOKEN NOX_AUDIT_MODE=durable \
         NOX_RATE_LIMIT_PER_USER=0 NOX_RATE_LIMIT_PER_IP=0 NOX_LOG_FORMAT=text RUST_LOG=warn \
+        NOX_RUN_MAX_CONCURRENT=$WORKERS \
         "$BIN/nox-server" --no-migrate >"$WORK/server$i.log" 2>&1 &
     PIDS+=($!)
     # The first creates the signing key and the admin; the others find them.
