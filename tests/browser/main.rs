@@ -339,6 +339,8 @@ async fn the_chart_and_the_integrity_panel_show_the_seeded_trail() {
         let status = request_as(&app, &carol, "/me", Uuid::new_v4()).await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     }
+    // Carol's rows in the rollups (they trail the commits by a step).
+    app.db.roll_up().await;
 
     run("chart_and_integrity", &app, async |page: &Session| {
         page.sign_in(&audrey.token).await;
@@ -367,19 +369,26 @@ async fn the_chart_and_the_integrity_panel_show_the_seeded_trail() {
         let bars = page.js("return document.querySelectorAll('#chart svg rect').length;", vec![]).await;
         assert_eq!(bars, json!(31 * 3), "31 days, three bars each");
 
-        // All users: every row written before the page asked, which is
-        // every row before the summaries request's own.
+        // All users: every row the rollups held when the page asked. The
+        // test holds the rollup state's lock meanwhile, so the servers'
+        // steps skip and that watermark stays put.
+        app.db.roll_up().await;
+        let mut db = app.db.client().await;
+        let hold = db.transaction().await.expect("transaction");
+        let watermark: i64 = hold
+            .query_one("SELECT rolled_seq FROM audit_rollup_state FOR UPDATE", &[])
+            .await
+            .expect("rollup state")
+            .get(0);
         page.select("#activity-user", "").await;
         page.click("#activity-show").await;
-        let db = app.db.client().await;
         wait_for("everyone's totals", || async {
             let shown = totals().await;
-            let row = db
+            let row = hold
                 .query_one(
                     "SELECT count(*), count(*) FILTER (WHERE NOT success), count(*) FILTER (WHERE quota_violation)
-                     FROM audit_actions
-                     WHERE seq < (SELECT max(seq) FROM audit_actions WHERE route = '/admin/audit/daily-summaries')",
-                    &[],
+                     FROM audit_actions WHERE seq <= $1",
+                    &[&watermark],
                 )
                 .await
                 .expect("counts");
@@ -391,6 +400,7 @@ async fn the_chart_and_the_integrity_panel_show_the_seeded_trail() {
             if shown == want { Ok(()) } else { Err(format!("{shown:?} != {want:?}")) }
         })
         .await;
+        hold.rollback().await.expect("release the rollup state");
 
         // Integrity: each chain's head as stored, the last checkpoint.
         page.view("integrity").await;

@@ -44,6 +44,14 @@ async fn auditors_read_status_stats_users_summaries_and_admin_actions() {
     assert!(status["rows_written"].as_u64().expect("rows") >= 5);
     assert_eq!(status["spool_rows"], 0);
     assert!(status["last_write_at"].is_string());
+    let rollup = &status["rollup"];
+    let (rolled, head) = (rollup["rolled_seq"].as_i64(), rollup["head_seq"].as_i64());
+    assert!(rolled.is_some() && head >= rolled, "{rollup}");
+    assert_eq!(
+        rollup["rows_behind"].as_i64(),
+        head.zip(rolled).map(|(h, r)| h - r)
+    );
+    assert!(rollup["lag_ms"].as_i64() >= Some(0), "{rollup}");
 
     let stats = json_of(app.get_as("/admin/stats", &audrey).await).await;
     assert!(stats["actions_today"].as_i64().expect("actions") >= 7);
@@ -102,6 +110,8 @@ async fn auditors_read_status_stats_users_summaries_and_admin_actions() {
             .all(|u| u["user_id"] != bob.id.as_str())
     );
 
+    // The rollups trail the commits by up to a step's interval.
+    app.db.roll_up().await;
     let summaries = json_of(
         app.get_as(
             &format!("/admin/audit/daily-summaries?days=1&user_id={}", alice.id),

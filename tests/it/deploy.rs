@@ -79,6 +79,7 @@ fn the_alert_rules_use_only_exported_metrics_and_cover_the_essentials() {
         "nox_quota_violations_total",
         "nox_audit_verify_failures_total",
         "nox_audit_verify_last_success_timestamp_seconds",
+        "nox_audit_rollup_lag_seconds",
     ] {
         assert!(watched.contains(essential), "no alert on {essential}");
     }

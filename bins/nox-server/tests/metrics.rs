@@ -176,6 +176,7 @@ async fn metrics_are_complete_exact_and_bounded() {
         ("nox_audit_streams_open", &[]),
         ("nox_audit_stream_lagged_total", &[]),
         ("nox_audit_read_fallback_total", &["reason"]),
+        ("nox_audit_rollup_lag_seconds", &[]),
         ("nox_http_shed_total", &[]),
         ("nox_sandbox_files", &[]),
         ("nox_sandbox_bytes", &[]),

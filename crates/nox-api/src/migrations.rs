@@ -60,6 +60,7 @@ pub const MIGRATIONS: &[Migration] = &[
     nox_audit_store::schema::AUDIT_SESSIONS_SHARED,
     ADMIN_CHANGE_NOTIFY,
     SERVERS,
+    nox_audit_store::schema::AUDIT_ROLLUP_AFTER_COMMIT,
 ];
 
 #[cfg(test)]

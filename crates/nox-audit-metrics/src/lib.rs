@@ -86,6 +86,7 @@ pub const AUDIT_VERIFY_INTERVAL: &str = "nox_audit_verify_interval_seconds";
 pub const AUDIT_STREAMS_OPEN: &str = "nox_audit_streams_open";
 pub const AUDIT_STREAM_LAGGED_TOTAL: &str = "nox_audit_stream_lagged_total";
 pub const AUDIT_READ_FALLBACK_TOTAL: &str = "nox_audit_read_fallback_total";
+pub const AUDIT_ROLLUP_LAG_SECONDS: &str = "nox_audit_rollup_lag_seconds";
 
 /// Every audit family, with its type. (A service exports its own families
 /// beside these: Nox's are in `nox_api::metrics`.)
@@ -111,6 +112,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     (AUDIT_STREAMS_OPEN, "gauge"),
     (AUDIT_STREAM_LAGGED_TOTAL, "counter"),
     (AUDIT_READ_FALLBACK_TOTAL, "counter"),
+    (AUDIT_ROLLUP_LAG_SECONDS, "gauge"),
 ];
 
 /// The outcomes `nox_audit_verify_runs_total` counts passes by.
@@ -200,6 +202,11 @@ pub fn describe() {
         "Seconds between this server's verification passes (absent when it does not verify)."
     );
     describe_gauge!(AUDIT_STREAMS_OPEN, "Live audit streams open.");
+    describe_gauge!(
+        AUDIT_ROLLUP_LAG_SECONDS,
+        Unit::Seconds,
+        "How far the daily rollups trail the committed audit rows (0: caught up), as this server last read it."
+    );
     describe_counter!(
         AUDIT_STREAM_LAGGED_TOTAL,
         "Live audit streams cut off because their client stopped reading."
@@ -403,6 +410,10 @@ pub fn set_queue_depth(depth: usize) {
 
 pub fn set_spool_rows(rows: u64) {
     gauge!(AUDIT_SPOOL_ROWS).set(rows as f64);
+}
+
+pub fn set_rollup_lag(seconds: f64) {
+    gauge!(AUDIT_ROLLUP_LAG_SECONDS).set(seconds);
 }
 
 /// Why a read meant for the read replica went to the primary.

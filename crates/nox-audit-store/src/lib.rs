@@ -14,7 +14,8 @@
 //!   checkpoint, results in `audit_verifications`).
 //! - [`writer`]: the batched, never-dropping writer of `audit_actions`, with
 //!   its [`spool`] and [`sessions`] tracking.
-//! - [`summaries`]: rebuilding and checking the daily rollups.
+//! - [`rollup`]: keeping the daily rollups current after commit (the
+//!   writer runs it); [`summaries`]: rebuilding and checking them.
 //! - [`seed`]: synthetic rows for benchmarks.
 //!
 //! A service runs the audit migrations (on a migrations table of its own,
@@ -90,6 +91,7 @@ pub mod listen;
 pub mod migrate;
 pub mod pool;
 pub mod retention;
+pub mod rollup;
 mod row;
 pub mod schema;
 pub mod seed;

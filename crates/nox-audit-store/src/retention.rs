@@ -9,6 +9,7 @@ use time::macros::format_description;
 use tokio_postgres::Client;
 
 use crate::checkpoints::{self, CheckpointError, Checkpointer};
+use crate::rollup;
 
 /// What a retention run dropped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +56,10 @@ pub async fn drop_months_before(
 ) -> Result<Dropped, RetentionError> {
     let tx = client.transaction().await?;
     checkpoints::lock_head(&tx, ACTIONS_CHAIN).await?;
+    // The rows to drop are in the rollups before they go.
+    tx.batch_execute("SELECT 1 FROM audit_rollup_state FOR UPDATE")
+        .await?;
+    rollup::step(&tx, None).await?;
     let partitions: Vec<String> = tx
         .query(
             "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid

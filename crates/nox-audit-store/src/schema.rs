@@ -58,6 +58,12 @@ pub const AUDIT_SESSIONS_SHARED: Migration = Migration {
     sql: include_str!("../migrations/0013_audit_sessions_shared.sql"),
 };
 
+pub const AUDIT_ROLLUP_AFTER_COMMIT: Migration = Migration {
+    version: 16,
+    name: "audit_rollup_after_commit",
+    sql: include_str!("../migrations/0016_audit_rollup_after_commit.sql"),
+};
+
 /// Every audit migration, in version order.
 pub const MIGRATIONS: &[Migration] = &[
     ADMIN_ACTIONS,
@@ -69,4 +75,5 @@ pub const MIGRATIONS: &[Migration] = &[
     AUDIT_COMMIT_NOTIFY,
     AUDIT_VERIFICATIONS,
     AUDIT_SESSIONS_SHARED,
+    AUDIT_ROLLUP_AFTER_COMMIT,
 ];

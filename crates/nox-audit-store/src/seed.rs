@@ -1,8 +1,8 @@
 //! Filling the audit tables with realistic synthetic rows, for the query and
 //! export benchmarks (`nox-migrate seed --rows N`).
 //!
-//! Rows go through the writer's own insert path (binary `COPY`, chained, the
-//! rollup trigger once per batch), so a seeded database verifies and its
+//! Rows go through the writer's own insert path (binary `COPY`, chained),
+//! each batch rolled up after it, so a seeded database verifies and its
 //! daily summaries match its rows.
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -14,6 +14,7 @@ use serde_json::json;
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
 
+use crate::rollup;
 use crate::writer::{InsertError, InsertTarget, insert};
 
 /// Rows per transaction.
@@ -175,6 +176,8 @@ pub async fn seed(
             .map(|i| synthetic(i + 1, rows, &mut mix, users, now, days))
             .collect();
         insert(pool, &[], &records, InsertTarget::Direct).await?;
+        let client = pool.get().await?;
+        rollup::step(&**client, None).await?;
         done = end;
         progress(done);
     }

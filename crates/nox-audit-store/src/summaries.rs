@@ -4,6 +4,8 @@ use time::Date;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
+use crate::rollup;
+
 /// The stored columns a recomputation must reproduce exactly.
 const COLUMNS: &str = "summary_date, user_id, total_actions, successful_actions, failed_actions, \
      file_operations, code_executions, admin_actions, quota_violations, total_cpu_us, \
@@ -11,16 +13,22 @@ const COLUMNS: &str = "summary_date, user_id, total_actions, successful_actions,
      max_response_time_ms, unique_sessions, first_activity, last_activity";
 
 /// Recomputes the rollups of the UTC days `from..=to` from `audit_actions`,
-/// replacing what is stored. Idempotent. Blocks audit inserts meanwhile, so
-/// the result is consistent; returns the number of summary rows written.
+/// replacing what is stored. Idempotent. Blocks audit inserts and rollup
+/// steps meanwhile, and first rolls up every row after the watermark (so
+/// days outside the range lose nothing when the watermark reaches the
+/// head); returns the number of summary rows written.
 pub async fn rebuild(
     client: &mut Client,
     from: Date,
     to: Date,
 ) -> Result<u64, tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    tx.batch_execute("LOCK TABLE audit_actions IN SHARE MODE")
-        .await?;
+    tx.batch_execute(
+        "LOCK TABLE audit_actions IN SHARE MODE;
+         SELECT 1 FROM audit_rollup_state FOR UPDATE;",
+    )
+    .await?;
+    rollup::step(&tx, None).await?;
     tx.execute(
         "DELETE FROM audit_daily_summaries WHERE summary_date BETWEEN $1 AND $2",
         &[&from, &to],
@@ -62,7 +70,10 @@ pub struct Mismatch {
     pub user_id: Option<Uuid>,
 }
 
-/// Compares the stored rollups of `from..=to` with a recomputation.
+/// Compares the stored rollups of `from..=to` with a recomputation of the
+/// rows they hold (those up to the rollup watermark, in the same snapshot),
+/// so the answer is exact whatever the rollups' lag; run
+/// [`rollup::catch_up`] first to check every committed row.
 pub async fn check(
     client: &Client,
     from: Date,
@@ -74,7 +85,8 @@ pub async fn check(
                 "WITH stored AS (
                      SELECT {COLUMNS} FROM audit_daily_summaries WHERE summary_date BETWEEN $1 AND $2
                  ), recomputed AS (
-                     SELECT * FROM audit_daily_summaries_recomputed($1, $2)
+                     SELECT * FROM audit_daily_summaries_recomputed(
+                         $1, $2, (SELECT rolled_seq FROM audit_rollup_state))
                  ), differences AS (
                      (SELECT * FROM stored EXCEPT SELECT * FROM recomputed)
                      UNION

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use actix_web::{HttpRequest, HttpResponse, get, web};
 use nox_audit_query::{ActivityQuery, LogsQuery, checkpoint_limit};
+use nox_audit_store::rollup::RollupState;
 use nox_audit_store::verify::{Outcome, VerificationStatus};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -29,12 +30,13 @@ pub async fn status(
 ) -> actix_web::Result<HttpResponse> {
     api.authorize.authorize(&request, Access::Read)?;
     let sink = api.sink.status();
-    let (chains, verification) = match api.pool.get().await {
+    let (chains, verification, rollup) = match api.pool.get().await {
         Ok(client) => (
             nox_audit_query::chain_state(&client).await.ok(),
             VerificationStatus::read(&client).await.ok(),
+            RollupState::read(&**client).await.ok(),
         ),
-        Err(_) => (None, None),
+        Err(_) => (None, None, None),
     };
     let connected = chains.is_some();
     let chains = chains.unwrap_or_default();
@@ -64,7 +66,24 @@ pub async fn status(
         "last_checkpoint_at": nox_audit_export::rfc3339_json(chains.last_checkpoint_at),
         "verification": verification_json(api.verification_interval, verification.as_ref()),
         "streams_open": api.streams.open_count(),
+        "rollup": rollup_json(rollup.as_ref()),
     })))
+}
+
+/// How far the daily rollups trail the committed rows (null when the
+/// database cannot be read): `lag_ms` 0 when none is missing, else the
+/// time since they last held every committed row.
+fn rollup_json(state: Option<&RollupState>) -> Value {
+    let Some(state) = state else {
+        return Value::Null;
+    };
+    json!({
+        "rolled_seq": state.rolled_seq,
+        "head_seq": state.head_seq,
+        "rows_behind": state.rows_behind(),
+        "lag_ms": state.lag(time::OffsetDateTime::now_utc()).whole_milliseconds() as i64,
+        "caught_up_at": nox_audit_export::rfc3339_json(Some(state.caught_up_at)),
+    })
 }
 
 /// The continuous verification: this server's interval (null: it does not

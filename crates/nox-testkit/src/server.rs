@@ -271,6 +271,20 @@ impl TestDb {
         )
     }
 
+    /// Rolls every committed audit row up into the daily summaries, as the
+    /// servers' rollup tasks do a few times a second; returns the new
+    /// watermark (the last seq rolled up).
+    pub async fn roll_up(&self) -> i64 {
+        let client = self.client().await;
+        nox_audit_store::rollup::catch_up(&client)
+            .await
+            .expect("rollup catch-up");
+        nox_audit_store::rollup::RollupState::read(&client)
+            .await
+            .expect("rollup state")
+            .rolled_seq
+    }
+
     /// The one `bigint` a query returns, such as a `count(*)`.
     pub async fn scalar(&self, sql: &str) -> i64 {
         match self.client().await.query_one(sql, &[]).await {

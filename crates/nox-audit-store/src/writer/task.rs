@@ -15,6 +15,7 @@ use nox_audit_model::{ActionRecord, Clock};
 use super::insert::{HeadCache, InsertError, InsertTarget, insert_batch};
 use super::sessions::open_sessions;
 use super::sink::{Ack, AuditSink, Message, SinkError, SinkStatus, WriterConfig};
+use crate::rollup::{RollupTask, RollupTrigger};
 use crate::sessions::{SessionRow, SessionTracker};
 use crate::spool::Spool;
 
@@ -23,6 +24,7 @@ use crate::spool::Spool;
 pub struct AuditWriter {
     sink: AuditSink,
     task: JoinHandle<()>,
+    rollup: RollupTask,
 }
 
 impl AuditWriter {
@@ -49,7 +51,9 @@ impl AuditWriter {
                 Ordering::Relaxed,
             );
         }
+        let rollup = RollupTask::start(pool.clone());
         let task = Task {
+            rollup: rollup.trigger(),
             pool,
             spool,
             clock,
@@ -68,6 +72,7 @@ impl AuditWriter {
                 metrics,
             },
             task: tokio::spawn(task.run()),
+            rollup,
         }
     }
 
@@ -76,13 +81,14 @@ impl AuditWriter {
     }
 
     /// Writes everything queued so far, replays the spool if the database is
-    /// reachable, and stops the task.
+    /// reachable, brings the rollups up to date, and stops the tasks.
     pub async fn shutdown(self) {
         let (done, finished) = oneshot::channel();
         if self.sink.sender.send(Message::Shutdown(done)).await.is_ok() {
             let _ = finished.await;
         }
         let _ = self.task.await;
+        self.rollup.shutdown().await;
     }
 }
 
@@ -95,6 +101,7 @@ struct Task {
     status: Arc<SinkStatus>,
     receiver: mpsc::Receiver<Message>,
     head: HeadCache,
+    rollup: RollupTrigger,
 }
 
 impl Task {
@@ -203,6 +210,7 @@ impl Task {
                     records.len(),
                     started.elapsed().as_secs_f64(),
                 );
+                self.rollup.rows_committed();
                 self.status.database_up.store(true, Ordering::Relaxed);
                 self.status.down.store(false, Ordering::Relaxed);
                 self.status
@@ -371,6 +379,7 @@ impl Task {
                     }
                     let rows = batch.actions.len() as u64;
                     tracing::info!(file = %path.display(), rows, "audit spool file replayed");
+                    self.rollup.rows_committed();
                     self.status.database_up.store(true, Ordering::Relaxed);
                     self.status.rows_written.fetch_add(rows, Ordering::Relaxed);
                     nox_audit_metrics::record_rows_replayed(rows as usize);
