@@ -38,6 +38,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/cpus.sh
 source scripts/lib/build.sh
+source scripts/lib/ticks.sh
 
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-8}
@@ -102,7 +103,6 @@ user_load() {
     awk -v t=$(($(ticks_of "$server") - ticks)) -v hz="$(getconf CLK_TCK)" -v ns=$(($(date +%s%N) - started)) \
         'BEGIN {printf "cpu %.0f\n", 100 * t / hz / (ns / 1e9)}'
 }
-ticks_of() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 cpu_of() { awk '$1 == "cpu" {print $2}' <<<"$1"; }
 p99_of() { sed -n '1s/.* p99 \([0-9.]*\) .*/\1/p' <<<"$1"; } # the 2xx answers' p99
 answers_of() { awk -v s="$2" '$1 == "status" && $2 == s":" {n = $3} END {print n + 0}' <<<"$1"; }

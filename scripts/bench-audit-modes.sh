@@ -25,6 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 source scripts/lib/cpus.sh
+source scripts/lib/ticks.sh
 
 RUNS=${RUNS:-3}
 TOPOLOGIES=${TOPOLOGIES:-"split shared"}
@@ -39,16 +40,6 @@ RELEASE=${CARGO_TARGET_DIR:-target}/release
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 [ -n "${NOX_SERVER_BIN:-}" ] || cargo build --release -q -p nox-server
 
-# CPU time (clock ticks) of a process, of every PostgreSQL process, and of
-# the whole machine (busy, all cores): where each request's CPU goes.
-ticks_of() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-postgres_ticks() {
-    local total=0 pid
-    for pid in $(pgrep -u postgres || true); do total=$((total + $(ticks_of "$pid"))); done
-    echo "$total"
-}
-busy_ticks() { awk '$1 == "cpu" {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
-TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
 run_mode() { # topology mode connections -> "rps p50 p99 server_us postgres_us other_us"
     local topology=$1

@@ -15,11 +15,13 @@
 # itself and the load generator and PostgreSQL the others (a CPU of their
 # own each when there are three or more); `shared` does not place anything
 # (scripts/lib/cpus.sh). RSS from /proc: after start-up
-# (idle) and in the middle of the durable load at the highest rate.
+# (idle) and in the middle of the durable load at the highest rate. CPU per
+# request: the server's and PostgreSQL's (all its processes) over the load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/cpus.sh
 source scripts/lib/build.sh
+source scripts/lib/ticks.sh
 
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-8}
@@ -63,6 +65,17 @@ load() { # rate
         --header "Authorization: Bearer $TOKEN" "$URL"
 }
 p99_of() { sed -n '1s/.* p99 \([0-9.]*\) .*/\1/p' <<<"$1"; } # the 2xx answers'; empty when none
+# The load, then the CPU the server and PostgreSQL spent per request sent
+# meanwhile (warm-up included: nox-load sends rate x (1 + DURATION)).
+measured_load() { # rate
+    local server0 pg0
+    server0=$(ticks_of "$server"); pg0=$(postgres_ticks)
+    load "$1"
+    awk -v r=$(($1 * (DURATION + 1))) -v t="$TICK_US" \
+        -v s=$(($(ticks_of "$server") - server0)) -v p=$(($(postgres_ticks) - pg0)) \
+        'BEGIN {printf "CPU per request: server %.0f us, PostgreSQL %.0f us, both %.0f us\n", s * t / r, p * t / r, (s + p) * t / r}'
+}
+cpu_of() { grep '^CPU per request' <<<"$1"; }
 
 echo "topology: $TOPOLOGY"
 for run in $(seq "$RUNS"); do
@@ -76,12 +89,12 @@ for run in $(seq "$RUNS"); do
     highest=${rates##* } # the last fraction's rate: RSS under load is read there
     for rate in $rates; do
         start_server off
-        off=$(load "$rate")
+        off=$(measured_load "$rate")
         stop_server
         start_server durable
         sleep 1
         idle=$(rss_mib "$server")
-        load "$rate" >"/tmp/nox-load-durable.$$" &
+        measured_load "$rate" >"/tmp/nox-load-durable.$$" &
         loader=$!
         sleep $((DURATION / 2 + 1))
         loaded=$(rss_mib "$server")
@@ -89,7 +102,9 @@ for run in $(seq "$RUNS"); do
         durable=$(cat "/tmp/nox-load-durable.$$"); rm -f "/tmp/nox-load-durable.$$"
         stop_server
         echo "  off     $(head -1 <<<"$off")"
+        echo "          $(cpu_of "$off")"
         echo "  durable $(head -1 <<<"$durable")"
+        echo "          $(cpu_of "$durable")"
         awk -v r="$rate" -v d="$(p99_of "$durable")" -v o="$(p99_of "$off")" \
             'BEGIN {if (d == "" || o == "") printf "  at %d req/s: no p99 (nothing answered)\n", r
                     else printf "  at %d req/s: p99 added by durable %.2f ms\n", r, d - o}'

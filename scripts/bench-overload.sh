@@ -41,6 +41,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/cpus.sh
 source scripts/lib/build.sh
+source scripts/lib/ticks.sh
 
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-8}
@@ -95,7 +96,6 @@ hold_the_slot() {
 trap 'kill -TERM $server $holder 2>/dev/null || true; restore_postgres; psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS $DB" 2>/dev/null' EXIT
 place_postgres "$TOPOLOGY"
 
-ticks_of() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 TICKS_PER_SECOND=$(getconf CLK_TCK)
 status_mib() { awk -v k="$2:" '$1 == k {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 # nox-load against the running server; sets `out` (its output), `busy` (%

@@ -32,6 +32,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/cpus.sh
 source scripts/lib/build.sh
+source scripts/lib/ticks.sh
 
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-8}
@@ -49,12 +50,6 @@ command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk;
 build_load_tools
 TOPOLOGY=$(usable_topology "$TOPOLOGY")
 
-ticks_of() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-postgres_ticks() {
-    local total=0 pid
-    for pid in $(pgrep -u postgres || true); do total=$((total + $(ticks_of "$pid"))); done
-    echo "$total"
-}
 # "pid ticks" of each backend connected to the benchmark's database: its
 # PostgreSQL CPU apart from other databases' (other work on a shared server)
 # and from the WAL writer's.
@@ -64,7 +59,6 @@ backend_ticks() {
         echo "$pid $(ticks_of "$pid")"
     done
 }
-TICK_US=$((1000000 / $(getconf CLK_TCK)))
 admin() { # method path [json]
     curl -sf -X "$1" "localhost:$PORT$2" -H "Authorization: Bearer $TOKEN" \
         -H 'Content-Type: application/json' ${3:+-d "$3"}
