@@ -560,3 +560,138 @@ async fn a_panicking_handler_is_answered_and_recorded_as_500() {
         Some("the request handler panicked")
     );
 }
+
+/// Durable submissions from many tasks at once, so the writer sends a batch
+/// before the one ahead of it is answered: `records_each` records per task,
+/// every `refuse_every`-th marked to be refused. Returns the ids submitted
+/// and how many were marked.
+async fn submit_durably_in_parallel(
+    sink: &nox_audit_store::AuditSink,
+    tasks: usize,
+    records_each: usize,
+    refuse_every: usize,
+) -> (Vec<Uuid>, usize) {
+    let mut set = tokio::task::JoinSet::new();
+    for task in 0..tasks {
+        let sink = sink.clone();
+        set.spawn(async move {
+            let mut ids = Vec::new();
+            let mut refused = 0;
+            for i in 0..records_each {
+                let mut record = record("/pipelined");
+                let refuse = (task * records_each + i).is_multiple_of(refuse_every);
+                refused += usize::from(refuse);
+                record.file_path = Some(if refuse {
+                    "refuse-me".into()
+                } else {
+                    format!("f{i}")
+                });
+                ids.push(record.id);
+                sink.submit(record, true).await.expect("acknowledged");
+            }
+            (ids, refused)
+        });
+    }
+    let (mut ids, mut refused) = (Vec::new(), 0);
+    while let Some(done) = set.join_next().await {
+        let (more, marked) = done.expect("task");
+        ids.extend(more);
+        refused += marked;
+    }
+    (ids, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_rows_in_batches_sent_ahead_leave_one_row_each_and_a_gapless_chain() {
+    let db = TestDb::new().await;
+    refuse_marked_rows(&db).await;
+    let spool_dir = tempfile::tempdir().expect("tempdir");
+    let writer = db.audit_writer(
+        Spool::open(spool_dir.path()).expect("spool"),
+        WriterConfig::default(),
+    );
+    let (ids, refused) = submit_durably_in_parallel(&writer.sink(), 32, 25, 37).await;
+    writer.shutdown().await;
+    let client = db.client().await;
+    let rows = client
+        .query(
+            "SELECT coalesce(metadata ? 'write_error', false) FROM audit_actions WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .expect("rows");
+    assert_eq!(rows.len(), 800, "one row per acknowledged record");
+    let minimal = rows.iter().filter(|row| row.get::<_, bool>(0)).count();
+    assert_eq!(minimal, refused, "each refused record in minimal form");
+    assert_eq!(
+        std::fs::read_dir(spool_dir.path()).expect("spool").count(),
+        0
+    );
+    let mut client = client;
+    let chains = verify(&mut client, &VerifyOptions::default())
+        .await
+        .expect("the chain verifies");
+    assert_eq!(chains[0].last_seq, 800, "{chains:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_with_batches_in_flight_loses_and_doubles_nothing() {
+    let db = TestDb::new().await;
+    let spool_dir = tempfile::tempdir().expect("tempdir");
+    let writer = db.audit_writer(
+        Spool::open(spool_dir.path()).expect("spool"),
+        WriterConfig::default(),
+    );
+    // Kills the connection the batches are sent on, again and again, while
+    // they are in flight (a batch may commit without its answer arriving).
+    let killer_db = db.client().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = std::sync::Arc::clone(&stop);
+    let killer = tokio::spawn(async move {
+        let mut killed = 0;
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            let row = killer_db
+                .query_one(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()
+                       AND query LIKE 'WITH inserted%'",
+                    &[],
+                )
+                .await
+                .expect("terminate");
+            killed += row.get::<_, i64>(0);
+            tokio::time::sleep(std::time::Duration::from_millis(15)).await;
+        }
+        killed
+    });
+    let (ids, _) = submit_durably_in_parallel(&writer.sink(), 32, 25, usize::MAX).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let killed = killer.await.expect("killer");
+    assert!(
+        killed > 0,
+        "no connection was killed: the test tested nothing"
+    );
+    writer.shutdown().await;
+    let client = db.client().await;
+    let distinct = client
+        .query_one(
+            "SELECT count(DISTINCT id), count(*) FROM audit_actions WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .expect("count");
+    assert_eq!(
+        (distinct.get::<_, i64>(0), distinct.get::<_, i64>(1)),
+        (800, 800),
+        "every acknowledged record once"
+    );
+    assert_eq!(
+        std::fs::read_dir(spool_dir.path()).expect("spool").count(),
+        0
+    );
+    let mut client = client;
+    let chains = verify(&mut client, &VerifyOptions::default())
+        .await
+        .expect("the chain verifies");
+    assert_eq!(chains[0].last_seq, 800, "{chains:?}");
+}

@@ -249,9 +249,10 @@ fn listener_config(database: &Database, name: &str) -> tokio_postgres::Config {
     pg_config
 }
 
-/// The writer needs one connection; a second lets a spool replay and a
-/// partition check overlap a slow batch.
-const AUDIT_WRITER_CONNECTIONS: usize = 2;
+/// The writer sends its batches on one connection; the others serve the
+/// batches written the reading way, session lookups, spool replays and the
+/// rollup steps beside them.
+const AUDIT_WRITER_CONNECTIONS: usize = 3;
 
 /// In buffered mode the writer waits this long for a batch to fill: records
 /// reach the database up to 10 ms later, and each transaction's fixed cost

@@ -1,7 +1,8 @@
 //! How a batch goes in: one transaction, either reading and locking the
 //! chain head and sending the rows by binary `COPY` (two round trips), or,
 //! for a small batch after a known head, `BEGIN` to `COMMIT` in one round
-//! trip with the rows as `unnest` arrays and the head's move guarded.
+//! trip with the rows as `unnest` arrays and the head's move guarded (one
+//! self-committing statement when the batch changes no session).
 //! Session changes are written after the head is locked: every writer
 //! takes the head first, then session rows in one order, so two servers
 //! writing the same sessions cannot deadlock.
@@ -58,6 +59,24 @@ static INSERT_ACTIONS: LazyLock<String> = LazyLock::new(|| {
     format!(
         "INSERT INTO audit_actions ({}) SELECT * FROM unnest({arrays})",
         written_columns()
+    )
+});
+
+/// A small batch without session changes as one statement, committed on
+/// its own (no `BEGIN`/`COMMIT` messages, one reply): the rows are
+/// inserted first, then the head is moved (its lock held only from there to
+/// the commit), after the aggregate has consumed every inserted row.
+static APPEND_ACTIONS: LazyLock<String> = LazyLock::new(|| {
+    let head = COLUMN_TYPES.len();
+    format!(
+        "WITH inserted AS ({} RETURNING 1) \
+         SELECT audit_chain_advance(${}, ${}, ${}, ${}, ${}) FROM (SELECT count(*) FROM inserted) AS rows",
+        *INSERT_ACTIONS,
+        head + 1,
+        head + 2,
+        head + 3,
+        head + 4,
+        head + 5
     )
 });
 
@@ -122,6 +141,89 @@ pub(super) struct HeadCache {
 /// How long a head moved by another server keeps batches on the reading path.
 const HEAD_CONTENDED_FOR: StdDuration = StdDuration::from_secs(10);
 
+impl HeadCache {
+    /// The head to link a small batch after, unless unknown or another
+    /// server has been moving it.
+    pub(super) fn usable(&self) -> Option<ChainHead> {
+        self.known.filter(|_| {
+            self.contended_until
+                .is_none_or(|until| Instant::now() >= until)
+        })
+    }
+
+    /// A batch linked after the known head committed and left `head`.
+    pub(super) fn committed(&mut self, head: ChainHead) {
+        self.known = Some(head);
+    }
+
+    /// A batch may or may not have moved the head: the next one reads it.
+    pub(super) fn forget(&mut self) {
+        self.known = None;
+    }
+
+    /// Another server moved the head: batches read it for a while.
+    pub(super) fn contended(&mut self) {
+        self.known = None;
+        self.contended_until = Some(Instant::now() + HEAD_CONTENDED_FOR);
+    }
+}
+
+/// Whether a batch of `records` can be linked after a known head and sent
+/// as one statement ([`append`]).
+pub(super) fn appendable(records: &[ActionRecord], target: InsertTarget) -> bool {
+    target == InsertTarget::Direct && (1..=ONE_ROUND_TRIP_MAX_ROWS).contains(&records.len())
+}
+
+/// A batch's rows linked after a head (which its statement checks).
+#[derive(Debug)]
+pub(super) struct LinkedBatch {
+    head: ChainHead,
+    links: Vec<ChainHead>,
+}
+
+impl LinkedBatch {
+    pub(super) fn new(records: &[ActionRecord], head: ChainHead) -> LinkedBatch {
+        let records: Vec<&ActionRecord> = records.iter().collect();
+        LinkedBatch {
+            head,
+            links: chain_links(&records, head),
+        }
+    }
+
+    /// The head the batch leaves once committed.
+    pub(super) fn new_head(&self) -> ChainHead {
+        *self.links.last().expect("a batch of at least one row")
+    }
+}
+
+/// Appends `records`, linked by `batch`, in one self-committing statement
+/// ([`APPEND_ACTIONS`]). It may be sent on the connection of the batch it
+/// was linked after before that one has committed: PostgreSQL runs them
+/// in order, and the head guard fails this one (`NX001`) if that batch did
+/// not leave the head it predicted.
+pub(super) async fn append(
+    client: &deadpool_postgres::Object,
+    records: &[ActionRecord],
+    batch: &LinkedBatch,
+) -> Result<(), InsertError> {
+    let append = client.prepare_cached(&APPEND_ACTIONS).await?;
+    let rows: Vec<&ActionRecord> = records.iter().collect();
+    let columns = ActionColumns::new(&rows, &batch.links);
+    let new_head = batch.new_head();
+    let (expected_hash, new_hash) = (batch.head.1.as_slice(), new_head.1.as_slice());
+    let advance_params: [&(dyn ToSql + Sync); 5] = [
+        &ACTIONS_CHAIN,
+        &batch.head.0,
+        &expected_hash,
+        &new_head.0,
+        &new_hash,
+    ];
+    let params: Vec<&(dyn ToSql + Sync)> =
+        columns.params().into_iter().chain(advance_params).collect();
+    client.execute(&append, &params).await?;
+    Ok(())
+}
+
 /// The writer's [`insert`]: given the head its previous batch left, a small
 /// batch of new rows goes in one round trip, its links computed from that
 /// head and the head's move guarded in the transaction; if another server
@@ -135,20 +237,15 @@ pub(super) async fn insert_batch(
     target: InsertTarget,
     cache: &mut HeadCache,
 ) -> Result<(), InsertError> {
+    let usable = cache.usable();
     let mut known = cache.known.take();
-    let one_round_trip = target == InsertTarget::Direct
-        && !records.is_empty()
-        && records.len() <= ONE_ROUND_TRIP_MAX_ROWS
-        && cache
-            .contended_until
-            .is_none_or(|until| Instant::now() >= until);
     let mut written = None;
-    if let Some(head) = known.filter(|_| one_round_trip) {
+    if let Some(head) = usable.filter(|_| appendable(records, target)) {
         match insert_after_known_head(pool, sessions, records, head).await {
             Err(error) if error.is_head_moved() => {
                 tracing::debug!("another server moved the audit chain's head; reading it");
                 known = None;
-                cache.contended_until = Some(Instant::now() + HEAD_CONTENDED_FOR);
+                cache.contended();
             }
             result => written = Some(result.map(Some)),
         }
@@ -163,20 +260,26 @@ pub(super) async fn insert_batch(
 }
 
 /// One round trip: `BEGIN`, the guarded head move, the session changes, the
-/// rows as arrays and `COMMIT` travel together.
+/// rows as arrays and `COMMIT` travel together; without session changes,
+/// one statement ([`APPEND_ACTIONS`]).
 async fn insert_after_known_head(
     pool: &Pool,
     sessions: &[SessionRow],
     records: &[ActionRecord],
     head: ChainHead,
 ) -> Result<ChainHead, InsertError> {
+    if sessions.is_empty() {
+        let batch = LinkedBatch::new(records, head);
+        let mut connection = CloseUnlessCommitted(Some(pool.get().await?));
+        let appended = append(connection.client(), records, &batch).await;
+        // The statement's own transaction ended with its reply, whatever
+        // that said.
+        connection.transaction_ended();
+        appended?;
+        return Ok(batch.new_head());
+    }
     let mut connection = CloseUnlessCommitted(Some(pool.get().await?));
     let client = connection.client();
-    let (write, advance, insert) = try_join!(
-        client.prepare_cached(WRITE_SESSIONS),
-        client.prepare_cached(ADVANCE_HEAD),
-        client.prepare_cached(&INSERT_ACTIONS),
-    )?;
     let records: Vec<&ActionRecord> = records.iter().collect();
     let links = chain_links(&records, head);
     let new_head = *links.last().expect("a batch of at least one row");
@@ -190,6 +293,11 @@ async fn insert_after_known_head(
         &new_head.0,
         &new_hash,
     ];
+    let (write, advance, insert) = try_join!(
+        client.prepare_cached(WRITE_SESSIONS),
+        client.prepare_cached(ADVANCE_HEAD),
+        client.prepare_cached(&INSERT_ACTIONS),
+    )?;
     // `biased`: polled in order, so the statements go out in this order.
     // Every reply is awaited: a failed statement makes PostgreSQL answer the
     // COMMIT with a rollback, after which the connection is idle and can go
@@ -352,6 +460,9 @@ pub enum InsertError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("{0}")]
     Database(#[from] tokio_postgres::Error),
+    /// The task sending the batch failed: it may have committed.
+    #[error("the task sending the batch failed")]
+    Lost,
 }
 
 impl InsertError {
@@ -363,7 +474,7 @@ impl InsertError {
             InsertError::Database(error) => error
                 .code()
                 .is_some_and(|code| matches!(&code.code()[..2], "22" | "23" | "54")),
-            InsertError::Pool(_) => false,
+            InsertError::Pool(_) | InsertError::Lost => false,
         }
     }
 
@@ -379,11 +490,23 @@ impl InsertError {
                 None => serde_json::json!({ "message": "database error" }),
             },
             InsertError::Pool(_) => serde_json::json!({ "message": "no connection" }),
+            InsertError::Lost => serde_json::json!({ "message": "write failed" }),
+        }
+    }
+
+    /// PostgreSQL answered with an error (or the pool had no connection):
+    /// the statement's transaction surely did not commit. Otherwise (a
+    /// connection lost mid-statement) it may have.
+    pub(super) fn surely_not_written(&self) -> bool {
+        match self {
+            InsertError::Database(error) => error.as_db_error().is_some(),
+            InsertError::Pool(_) => true,
+            InsertError::Lost => false,
         }
     }
 
     /// Another writer moved the chain head this batch was linked to.
-    fn is_head_moved(&self) -> bool {
+    pub(super) fn is_head_moved(&self) -> bool {
         matches!(self, InsertError::Database(error)
             if error.code().map(|code| code.code()) == Some(HEAD_MOVED))
     }
