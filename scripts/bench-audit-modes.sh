@@ -15,9 +15,11 @@
 #
 # Each line also splits the CPU the machine spent per request between the
 # server, PostgreSQL (its processes on this machine) and everything else
-# (mostly wrk). The summary at the end gives, per topology, each mode's
-# median req/s at each connection count, its peak (the best of those
-# medians) and the peak's ratio to `off`'s peak.
+# (mostly wrk), and gives the daily rollups' largest lag seen (the status
+# endpoint, read every 250 ms). The summary at the end gives, per topology,
+# each mode's median req/s at each connection count and its ratio to
+# `off`'s there, its peak (the best of those medians) and the peak's ratio
+# to `off`'s peak.
 #
 # Needs a PostgreSQL at DATABASE_ADMIN_URL (default: postgres@127.0.0.1:5432),
 # where it creates and drops the database nox_bench_modes.
@@ -51,10 +53,21 @@ run_mode() { # topology mode connections -> "rps p50 p99 server_us postgres_us o
     local server=$!
     for _ in $(seq 50); do curl -sf "localhost:$PORT/health" >/dev/null && break; sleep 0.1; done
     curl -sf -X PUT "localhost:$PORT/write?path=a.txt" -H "Authorization: Bearer $TOKEN" --data-binary hello >/dev/null
+    # The daily rollups' lag (GET /admin/audit/status), read every 250 ms.
+    local lags poller=""; lags=$(mktemp)
+    if [ "$1" != off ]; then
+        (while sleep 0.25; do
+            curl -sf "localhost:$PORT/admin/audit/status" -H "Authorization: Bearer $TOKEN" |
+                sed -n 's/.*"lag_ms":\([0-9]*\).*/\1/p'
+        done >"$lags") &
+        poller=$!
+    fi
     local server0 pg0 busy0
     server0=$(ticks_of "$server"); pg0=$(postgres_ticks); busy0=$(busy_ticks)
     local out; out=$($(client_cpus "$topology") wrk -t1 -c"$2" -d"${SECONDS_PER_RUN}s" --latency \
         -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$PORT/ls?path=.")
+    [ -z "$poller" ] || kill "$poller" 2>/dev/null || true
+    local lag; lag=$(sort -n "$lags" | tail -1); rm -f "$lags"
     local server_ticks=$(($(ticks_of "$server") - server0)) pg_ticks=$(($(postgres_ticks) - pg0))
     local busy=$(($(busy_ticks) - busy0))
     kill -TERM "$server"; wait "$server" || true
@@ -66,8 +79,8 @@ run_mode() { # topology mode connections -> "rps p50 p99 server_us postgres_us o
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
     # CPU µs per request: the server, PostgreSQL, everything else (wrk).
     awk -v r="$requests" -v t="$TICK_US" -v s="$server_ticks" -v p="$pg_ticks" -v b="$busy" \
-        -v rps="$rps" -v p50="$p50" -v p99="$p99" \
-        'BEGIN {printf "%s %s %s %.1f %.1f %.1f\n", rps, p50, p99, s * t / r, p * t / r, (b - s - p) * t / r}'
+        -v rps="$rps" -v p50="$p50" -v p99="$p99" -v lag="${lag:--}" \
+        'BEGIN {printf "%s %s %s %.1f %.1f %.1f %s\n", rps, p50, p99, s * t / r, p * t / r, (b - s - p) * t / r, lag}'
 }
 
 trap 'restore_postgres; psql -q "$ADMIN_URL" -c "DROP DATABASE IF EXISTS nox_bench_modes" 2>/dev/null' EXIT
@@ -82,9 +95,9 @@ for topology in $TOPOLOGIES; do
     for c in $CONNECTIONS; do
         for run in $(seq "$RUNS"); do
             for mode in off buffered durable; do
-                read -r rps p50 p99 server_us pg_us other_us <<<"$(run_mode "$topology" "$mode" "$c")"
+                read -r rps p50 p99 server_us pg_us other_us lag <<<"$(run_mode "$topology" "$mode" "$c")"
                 echo "topology=$topology connections=$c run=$run mode=$mode rps=$rps p50=$p50 p99=$p99" \
-                    "cpu_us_per_request: server=$server_us postgres=$pg_us other=$other_us"
+                    "cpu_us_per_request: server=$server_us postgres=$pg_us other=$other_us rollup_lag_max_ms=$lag"
                 echo "$topology $mode $c $rps" >>"$results"
             done
         done
@@ -104,6 +117,10 @@ for topology in $TOPOLOGIES; do
         done
         echo "$line"
     done
+    awk -v t="$topology" '$1 == t {m[$2 " " $3] = $4; if ($2 == "off") c[++n] = $3}
+        END {for (i = 1; i <= n; i++) if (m["off " c[i]])
+            printf "topology=%s c%s: buffered %.2f of off, durable %.2f of off\n",
+                t, c[i], m["buffered " c[i]] / m["off " c[i]], m["durable " c[i]] / m["off " c[i]]}' "$results.medians"
     awk -v t="$topology" '$1 == t {if ($4 > peak[$2]) peak[$2] = $4}
         END {if (peak["off"]) printf "topology=%s peak req/s: off %.0f, buffered %.0f (%.2f of off), durable %.0f (%.2f of off)\n",
             t, peak["off"], peak["buffered"], peak["buffered"] / peak["off"], peak["durable"], peak["durable"] / peak["off"]}' "$results.medians"

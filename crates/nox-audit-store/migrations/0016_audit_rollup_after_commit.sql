@@ -50,7 +50,10 @@ BEGIN
     END IF;
 
     WITH new_rows AS (
-        SELECT * FROM audit_actions WHERE seq > from_seq AND seq <= to_seq
+        -- Only what the rollups read: the CTE is materialised.
+        SELECT "timestamp", user_id, session_id, success, action_category, action_type,
+               quota_violation, cpu_time_ms, memory_peak_mb, files_affected, response_time_ms
+        FROM audit_actions WHERE seq > from_seq AND seq <= to_seq
     ), counted_sessions AS (
         INSERT INTO audit_daily_sessions (summary_date, user_id, session_id)
         SELECT DISTINCT ("timestamp" AT TIME ZONE 'UTC')::date, user_id, session_id
