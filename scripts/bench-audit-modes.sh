@@ -3,7 +3,7 @@
 # in one run: the same release server, database server and load (wrk, one
 # loopback client, bounded in time), once per mode, RUNS times each.
 #
-#   scripts/bench-audit-modes.sh            # RUNS=3 DURATION=8 CONNECTIONS="32 128"
+#   scripts/bench-audit-modes.sh            # RUNS=3 DURATION=8 CONNECTIONS="32 64 128"
 #                                           # TOPOLOGIES="split shared"
 #   NOX_SERVER_BIN=/tmp/nox-server-before scripts/bench-audit-modes.sh
 #                                           # another build (A/B), no rebuild
@@ -32,7 +32,7 @@ source scripts/lib/ticks.sh
 RUNS=${RUNS:-3}
 TOPOLOGIES=${TOPOLOGIES:-"split shared"}
 SECONDS_PER_RUN=${DURATION:-8}
-CONNECTIONS=${CONNECTIONS:-"32 128"}
+CONNECTIONS=${CONNECTIONS:-"32 64 128"}
 ADMIN_URL=${DATABASE_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 DB_URL=${ADMIN_URL%/*}/nox_bench_modes
 TOKEN=bench-admin-token-0123456789abcdef0123456789
@@ -59,6 +59,7 @@ run_mode() { # topology mode connections -> "rps p50 p99 server_us postgres_us o
         (while sleep 0.25; do
             curl -sf "localhost:$PORT/admin/audit/status" -H "Authorization: Bearer $TOKEN" |
                 sed -n 's/.*"lag_ms":\([0-9]*\).*/\1/p'
+            echo # the body has no newline of its own
         done >"$lags") &
         poller=$!
     fi

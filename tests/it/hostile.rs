@@ -561,10 +561,10 @@ async fn a_panicking_handler_is_answered_and_recorded_as_500() {
     );
 }
 
-/// Durable submissions from many tasks at once, so the writer sends a batch
-/// before the one ahead of it is answered: `records_each` records per task,
-/// every `refuse_every`-th marked to be refused. Returns the ids submitted
-/// and how many were marked.
+/// Durable submissions from many tasks at once (small batches, each one
+/// statement after the head the last one left): `records_each` records per
+/// task, every `refuse_every`-th marked to be refused. Returns the ids
+/// submitted and how many were marked.
 async fn submit_durably_in_parallel(
     sink: &nox_audit_store::AuditSink,
     tasks: usize,
@@ -601,8 +601,19 @@ async fn submit_durably_in_parallel(
     (ids, refused)
 }
 
+/// Nothing was left in the spool, and the actions chain verifies up to
+/// `last_seq`.
+async fn assert_spool_empty_and_chain_whole(db: &TestDb, spool: &Path, last_seq: i64) {
+    assert_eq!(std::fs::read_dir(spool).expect("spool").count(), 0);
+    let mut client = db.client().await;
+    let chains = verify(&mut client, &VerifyOptions::default())
+        .await
+        .expect("the chain verifies");
+    assert_eq!(chains[0].last_seq, last_seq, "{chains:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_rows_in_batches_sent_ahead_leave_one_row_each_and_a_gapless_chain() {
+async fn refused_rows_among_concurrent_durable_batches_leave_one_row_each_and_a_gapless_chain() {
     let db = TestDb::new().await;
     refuse_marked_rows(&db).await;
     let spool_dir = tempfile::tempdir().expect("tempdir");
@@ -623,27 +634,19 @@ async fn refused_rows_in_batches_sent_ahead_leave_one_row_each_and_a_gapless_cha
     assert_eq!(rows.len(), 800, "one row per acknowledged record");
     let minimal = rows.iter().filter(|row| row.get::<_, bool>(0)).count();
     assert_eq!(minimal, refused, "each refused record in minimal form");
-    assert_eq!(
-        std::fs::read_dir(spool_dir.path()).expect("spool").count(),
-        0
-    );
-    let mut client = client;
-    let chains = verify(&mut client, &VerifyOptions::default())
-        .await
-        .expect("the chain verifies");
-    assert_eq!(chains[0].last_seq, 800, "{chains:?}");
+    assert_spool_empty_and_chain_whole(&db, spool_dir.path(), 800).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_lost_with_batches_in_flight_loses_and_doubles_nothing() {
+async fn a_connection_lost_mid_batch_again_and_again_loses_and_doubles_nothing() {
     let db = TestDb::new().await;
     let spool_dir = tempfile::tempdir().expect("tempdir");
     let writer = db.audit_writer(
         Spool::open(spool_dir.path()).expect("spool"),
         WriterConfig::default(),
     );
-    // Kills the connection the batches are sent on, again and again, while
-    // they are in flight (a batch may commit without its answer arriving).
+    // Kills the connection batches are written on, again and again (a
+    // batch may commit without its answer arriving).
     let killer_db = db.client().await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stopped = std::sync::Arc::clone(&stop);
@@ -685,13 +688,5 @@ async fn a_connection_lost_with_batches_in_flight_loses_and_doubles_nothing() {
         (800, 800),
         "every acknowledged record once"
     );
-    assert_eq!(
-        std::fs::read_dir(spool_dir.path()).expect("spool").count(),
-        0
-    );
-    let mut client = client;
-    let chains = verify(&mut client, &VerifyOptions::default())
-        .await
-        .expect("the chain verifies");
-    assert_eq!(chains[0].last_seq, 800, "{chains:?}");
+    assert_spool_empty_and_chain_whole(&db, spool_dir.path(), 800).await;
 }

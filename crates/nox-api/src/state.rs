@@ -249,9 +249,8 @@ fn listener_config(database: &Database, name: &str) -> tokio_postgres::Config {
     pg_config
 }
 
-/// The writer sends its batches on one connection; the others serve the
-/// batches written the reading way, session lookups, spool replays and the
-/// rollup steps beside them.
+/// The writer needs one connection; a second lets a spool replay and a
+/// partition check overlap a slow batch; a third serves the rollup steps.
 const AUDIT_WRITER_CONNECTIONS: usize = 3;
 
 /// In buffered mode the writer waits this long for a batch to fill: records

@@ -126,7 +126,8 @@ $$;
 
 -- What the rollups hold in a given snapshot: a recomputation from the raw
 -- rows of the UTC days from_date to to_date that are rolled up (seq up to
--- rolled_seq, or outside the chain), so a check is exact whatever the lag.
+-- up_to_seq, or outside the chain; NULL: every row), so a check is exact
+-- whatever the lag.
 CREATE FUNCTION audit_daily_summaries_recomputed(from_date date, to_date date, up_to_seq bigint)
 RETURNS TABLE (
     summary_date date, user_id uuid, total_actions bigint, successful_actions bigint,
@@ -157,6 +158,19 @@ SELECT ("timestamp" AT TIME ZONE 'UTC')::date,
 FROM audit_actions
 WHERE "timestamp" >= from_date::timestamp AT TIME ZONE 'UTC'
   AND "timestamp" < (to_date + 1)::timestamp AT TIME ZONE 'UTC'
-  AND (seq IS NULL OR seq <= up_to_seq)
+  AND (up_to_seq IS NULL OR seq IS NULL OR seq <= up_to_seq)
 GROUP BY 1, 2
+$$;
+
+-- 0003's two-argument form (rebuilds: every row) is now this one.
+CREATE OR REPLACE FUNCTION audit_daily_summaries_recomputed(from_date date, to_date date)
+RETURNS TABLE (
+    summary_date date, user_id uuid, total_actions bigint, successful_actions bigint,
+    failed_actions bigint, file_operations bigint, code_executions bigint,
+    admin_actions bigint, quota_violations bigint, total_cpu_us bigint,
+    total_memory_kb bigint, files_created bigint, files_deleted bigint,
+    sum_response_time_us bigint, max_response_time_ms double precision,
+    unique_sessions bigint, first_activity timestamptz, last_activity timestamptz)
+LANGUAGE sql STABLE AS $$
+SELECT * FROM audit_daily_summaries_recomputed(from_date, to_date, NULL)
 $$;

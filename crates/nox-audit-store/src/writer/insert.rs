@@ -144,25 +144,15 @@ const HEAD_CONTENDED_FOR: StdDuration = StdDuration::from_secs(10);
 impl HeadCache {
     /// The head to link a small batch after, unless unknown or another
     /// server has been moving it.
-    pub(super) fn usable(&self) -> Option<ChainHead> {
+    fn usable(&self) -> Option<ChainHead> {
         self.known.filter(|_| {
             self.contended_until
                 .is_none_or(|until| Instant::now() >= until)
         })
     }
 
-    /// A batch linked after the known head committed and left `head`.
-    pub(super) fn committed(&mut self, head: ChainHead) {
-        self.known = Some(head);
-    }
-
-    /// A batch may or may not have moved the head: the next one reads it.
-    pub(super) fn forget(&mut self) {
-        self.known = None;
-    }
-
     /// Another server moved the head: batches read it for a while.
-    pub(super) fn contended(&mut self) {
+    fn contended(&mut self) {
         self.known = None;
         self.contended_until = Some(Instant::now() + HEAD_CONTENDED_FOR);
     }
@@ -170,19 +160,19 @@ impl HeadCache {
 
 /// Whether a batch of `records` can be linked after a known head and sent
 /// as one statement ([`append`]).
-pub(super) fn appendable(records: &[ActionRecord], target: InsertTarget) -> bool {
+fn appendable(records: &[ActionRecord], target: InsertTarget) -> bool {
     target == InsertTarget::Direct && (1..=ONE_ROUND_TRIP_MAX_ROWS).contains(&records.len())
 }
 
 /// A batch's rows linked after a head (which its statement checks).
 #[derive(Debug)]
-pub(super) struct LinkedBatch {
+struct LinkedBatch {
     head: ChainHead,
     links: Vec<ChainHead>,
 }
 
 impl LinkedBatch {
-    pub(super) fn new(records: &[ActionRecord], head: ChainHead) -> LinkedBatch {
+    fn new(records: &[ActionRecord], head: ChainHead) -> LinkedBatch {
         let records: Vec<&ActionRecord> = records.iter().collect();
         LinkedBatch {
             head,
@@ -191,17 +181,15 @@ impl LinkedBatch {
     }
 
     /// The head the batch leaves once committed.
-    pub(super) fn new_head(&self) -> ChainHead {
+    fn new_head(&self) -> ChainHead {
         *self.links.last().expect("a batch of at least one row")
     }
 }
 
 /// Appends `records`, linked by `batch`, in one self-committing statement
-/// ([`APPEND_ACTIONS`]). It may be sent on the connection of the batch it
-/// was linked after before that one has committed: PostgreSQL runs them
-/// in order, and the head guard fails this one (`NX001`) if that batch did
-/// not leave the head it predicted.
-pub(super) async fn append(
+/// ([`APPEND_ACTIONS`]); the head guard fails it (`NX001`) if the head is
+/// no longer where the batch was linked.
+async fn append(
     client: &deadpool_postgres::Object,
     records: &[ActionRecord],
     batch: &LinkedBatch,
@@ -460,9 +448,6 @@ pub enum InsertError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("{0}")]
     Database(#[from] tokio_postgres::Error),
-    /// The task sending the batch failed: it may have committed.
-    #[error("the task sending the batch failed")]
-    Lost,
 }
 
 impl InsertError {
@@ -474,7 +459,7 @@ impl InsertError {
             InsertError::Database(error) => error
                 .code()
                 .is_some_and(|code| matches!(&code.code()[..2], "22" | "23" | "54")),
-            InsertError::Pool(_) | InsertError::Lost => false,
+            InsertError::Pool(_) => false,
         }
     }
 
@@ -490,23 +475,11 @@ impl InsertError {
                 None => serde_json::json!({ "message": "database error" }),
             },
             InsertError::Pool(_) => serde_json::json!({ "message": "no connection" }),
-            InsertError::Lost => serde_json::json!({ "message": "write failed" }),
-        }
-    }
-
-    /// PostgreSQL answered with an error (or the pool had no connection):
-    /// the statement's transaction surely did not commit. Otherwise (a
-    /// connection lost mid-statement) it may have.
-    pub(super) fn surely_not_written(&self) -> bool {
-        match self {
-            InsertError::Database(error) => error.as_db_error().is_some(),
-            InsertError::Pool(_) => true,
-            InsertError::Lost => false,
         }
     }
 
     /// Another writer moved the chain head this batch was linked to.
-    pub(super) fn is_head_moved(&self) -> bool {
+    fn is_head_moved(&self) -> bool {
         matches!(self, InsertError::Database(error)
             if error.code().map(|code| code.code()) == Some(HEAD_MOVED))
     }

@@ -1,26 +1,21 @@
 //! The writer task: batches the queue, writes each batch (or spools it),
 //! replays the spool, and keeps what PostgreSQL refuses.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use deadpool_postgres::Pool;
 use time::{Duration, OffsetDateTime};
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::{JoinError, JoinHandle};
+use tokio::task::JoinHandle;
 
 use nox_audit_metrics::AuditMetrics;
 use nox_audit_model::{ActionRecord, Clock};
 
-use super::insert::{
-    HeadCache, InsertError, InsertTarget, LinkedBatch, append, appendable, insert_batch,
-};
+use super::insert::{HeadCache, InsertError, InsertTarget, insert_batch};
 use super::sessions::open_sessions;
 use super::sink::{Ack, AuditSink, Message, SinkError, SinkStatus, WriterConfig};
 use crate::rollup::{RollupTask, RollupTrigger};
-use crate::row::ChainHead;
 use crate::sessions::{SessionRow, SessionTracker};
 use crate::spool::Spool;
 
@@ -67,8 +62,6 @@ impl AuditWriter {
             status: Arc::clone(&status),
             receiver,
             head: HeadCache::default(),
-            in_flight: VecDeque::with_capacity(MAX_IN_FLIGHT),
-            pipeline: None,
         };
         nox_audit_metrics::set_spool_rows(status.spool_rows());
         let metrics = Arc::new(AuditMetrics::new(task.config.max_user_labels));
@@ -109,10 +102,6 @@ struct Task {
     receiver: mpsc::Receiver<Message>,
     head: HeadCache,
     rollup: RollupTrigger,
-    /// Batches sent and not yet answered, oldest first.
-    in_flight: VecDeque<InFlight>,
-    /// The connection they are sent on.
-    pipeline: Option<Arc<deadpool_postgres::Object>>,
 }
 
 impl Task {
@@ -123,14 +112,8 @@ impl Task {
         let mut last_partition_check = self.clock.now();
         loop {
             let first = tokio::select! {
-                biased;
-                result = front_finished(&mut self.in_flight) => {
-                    self.finish_front(result).await;
-                    continue;
-                }
-                // Before the queue, which a steady load keeps ready.
+                message = self.receiver.recv() => message,
                 _ = tick.tick() => {
-                    self.settle_in_flight().await;
                     self.sessions.end_idle(self.clock.now());
                     self.write_batch(Vec::new()).await;
                     self.replay_spool().await;
@@ -141,7 +124,6 @@ impl Task {
                     }
                     continue;
                 }
-                message = self.receiver.recv(), if self.in_flight.len() < MAX_IN_FLIGHT => message,
             };
             let Some(first) = first else { break };
             if !self.config.linger.is_zero()
@@ -163,9 +145,8 @@ impl Task {
                     Err(_) => break,
                 }
             }
-            self.dispatch(batch).await;
+            self.write_batch(batch).await;
             if let Some(done) = shutdown {
-                self.settle_in_flight().await;
                 // Records queued after the shutdown request (a dropped
                 // request's, a full queue's late sender) are written too.
                 self.receiver.close();
@@ -193,62 +174,8 @@ impl Task {
     }
 
     /// Writes one batch (and any changed sessions) to the database, or else
-    /// to the spool, and answers every waiting sender; any batch in flight
-    /// is settled first.
+    /// to the spool, and answers every waiting sender.
     async fn write_batch(&mut self, batch: Vec<(Box<ActionRecord>, Option<Ack>)>) {
-        self.settle_in_flight().await;
-        if let Some(prepared) = self.prepare(batch).await {
-            self.write_prepared(prepared).await;
-        }
-    }
-
-    /// A batch from the queue: sent at once, before the batches in flight
-    /// are answered, when it can be linked after the head they will leave
-    /// (a few new rows, no session changes, the head known; at most
-    /// [`MAX_IN_FLIGHT`] at a time); otherwise written once they settle.
-    async fn dispatch(&mut self, batch: Vec<(Box<ActionRecord>, Option<Ack>)>) {
-        let Some(prepared) = self.prepare(batch).await else {
-            return;
-        };
-        let head = self
-            .in_flight
-            .back()
-            .map(|batch| batch.new_head)
-            .or_else(|| self.head.usable());
-        match head {
-            Some(head)
-                if prepared.found.is_ok()
-                    && prepared.sessions.is_empty()
-                    && self.config.chained
-                    && appendable(&prepared.records, InsertTarget::Direct) =>
-            {
-                match self.pipeline_connection().await {
-                    Some(connection) => self.launch(prepared, head, connection),
-                    None => self.write_prepared(prepared).await,
-                }
-            }
-            _ => {
-                self.settle_in_flight().await;
-                self.write_prepared(prepared).await;
-            }
-        }
-    }
-
-    /// The connection batches are sent ahead on (one, so PostgreSQL runs
-    /// them in the order sent); `None` when the pool has none to give, with
-    /// nothing in flight.
-    async fn pipeline_connection(&mut self) -> Option<Arc<deadpool_postgres::Object>> {
-        if let Some(connection) = self.pipeline.as_ref().filter(|c| !c.is_closed()) {
-            return Some(Arc::clone(connection));
-        }
-        self.settle_in_flight().await;
-        self.pipeline = self.pool.get().await.ok().map(Arc::new);
-        self.pipeline.clone()
-    }
-
-    /// Gives a batch's records their sessions and takes the session changes
-    /// to write with them; `None` when there is nothing to write.
-    async fn prepare(&mut self, batch: Vec<(Box<ActionRecord>, Option<Ack>)>) -> Option<Prepared> {
         let mut records = Vec::with_capacity(batch.len());
         let mut acks = Vec::new();
         for (record, ack) in batch {
@@ -258,130 +185,11 @@ impl Task {
         let found = self.assign_sessions(&mut records).await;
         let sessions = self.sessions.take_changes();
         if records.is_empty() && sessions.is_empty() {
-            return None;
+            return;
         }
         self.report_sessions_opened();
         nox_audit_metrics::set_queue_depth(self.receiver.len());
-        Some(Prepared {
-            records,
-            acks,
-            sessions,
-            found,
-            started: Instant::now(),
-        })
-    }
-
-    /// Sends a batch linked after `head` (see [`append`]) on a task of its
-    /// own; [`Task::finish_front`] answers it.
-    fn launch(
-        &mut self,
-        prepared: Prepared,
-        head: ChainHead,
-        connection: Arc<deadpool_postgres::Object>,
-    ) {
-        let linked = LinkedBatch::new(&prepared.records, head);
-        let new_head = linked.new_head();
-        let records = Arc::new(prepared.records);
-        let rows = Arc::clone(&records);
-        let sending = tokio::spawn(async move { append(&connection, &rows, &linked).await });
-        self.in_flight.push_back(InFlight {
-            records,
-            acks: prepared.acks,
-            started: prepared.started,
-            new_head,
-            sending,
-        });
-    }
-
-    /// Waits for every batch in flight and answers it, and gives the
-    /// pipeline's connection back to the pool (so a small pool still
-    /// serves the other users: each tick settles).
-    async fn settle_in_flight(&mut self) {
-        while let Some(front) = self.in_flight.front_mut() {
-            let result = (&mut front.sending).await;
-            self.finish_front(result).await;
-        }
-        self.pipeline = None;
-    }
-
-    /// Answers the oldest batch in flight, which has finished. When it
-    /// failed, the batches behind it (linked after the head it would have
-    /// left) are waited for, and each one that failed is written again in
-    /// order the usual way, or spooled when it may have committed.
-    async fn finish_front(&mut self, result: Result<Result<(), InsertError>, JoinError>) {
-        let batch = self
-            .in_flight
-            .pop_front()
-            .expect("the front batch finished");
-        let error = match result {
-            Ok(Ok(())) => {
-                self.head.committed(batch.new_head);
-                self.batch_written(batch.records.len(), batch.started);
-                for ack in batch.acks {
-                    let _ = ack.send(Ok(()));
-                }
-                return;
-            }
-            Ok(Err(error)) => error,
-            Err(error) => {
-                tracing::error!(%error, "an audit batch's task failed");
-                InsertError::Lost
-            }
-        };
-        if error.is_head_moved() {
-            // The batch before it committed: another server moved the head.
-            tracing::debug!("another server moved the audit chain's head; reading it");
-            self.head.contended();
-        } else {
-            self.head.forget();
-        }
-        if !error.surely_not_written() {
-            self.pipeline = None;
-        }
-        let mut failed = vec![(batch, error)];
-        while let Some(mut next) = self.in_flight.pop_front() {
-            match (&mut next.sending).await {
-                // Possible only if the batch before it did commit after all.
-                Ok(Ok(())) => {
-                    self.batch_written(next.records.len(), next.started);
-                    for ack in next.acks {
-                        let _ = ack.send(Ok(()));
-                    }
-                }
-                Ok(Err(error)) => failed.push((next, error)),
-                Err(_) => failed.push((next, InsertError::Lost)),
-            }
-        }
-        for (batch, error) in failed {
-            let records = Arc::try_unwrap(batch.records).unwrap_or_else(|shared| (*shared).clone());
-            let prepared = Prepared {
-                records,
-                acks: batch.acks,
-                sessions: Vec::new(),
-                // A batch that may have committed goes to the spool, whose
-                // replay skips the rows already written.
-                found: if error.surely_not_written() {
-                    Ok(())
-                } else {
-                    Err(error)
-                },
-                started: batch.started,
-            };
-            self.write_prepared(prepared).await;
-        }
-    }
-
-    /// Writes a prepared batch the usual way (the head read unless known,
-    /// refused rows separated), or else to the spool, and answers its
-    /// senders.
-    async fn write_prepared(&mut self, prepared: Prepared) {
-        let Prepared {
-            records,
-            acks,
-            sessions,
-            found,
-            started,
-        } = prepared;
+        let started = std::time::Instant::now();
         let target = if self.config.chained {
             InsertTarget::Direct
         } else {
@@ -398,7 +206,21 @@ impl Task {
         };
         let result = match written {
             Ok(refused) => {
-                self.batch_written(records.len(), started);
+                nox_audit_metrics::record_batch_written(
+                    records.len(),
+                    started.elapsed().as_secs_f64(),
+                );
+                self.rollup.rows_committed();
+                self.status.database_up.store(true, Ordering::Relaxed);
+                self.status.down.store(false, Ordering::Relaxed);
+                self.status
+                    .rows_written
+                    .fetch_add(records.len() as u64, Ordering::Relaxed);
+                *self
+                    .status
+                    .last_write_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(OffsetDateTime::now_utc());
                 self.keep_rejected(refused, false).await
             }
             Err(error) => {
@@ -426,22 +248,6 @@ impl Task {
                 Err(()) => Err(SinkError::Unavailable),
             });
         }
-    }
-
-    /// Counts a batch the database took.
-    fn batch_written(&self, rows: usize, started: Instant) {
-        nox_audit_metrics::record_batch_written(rows, started.elapsed().as_secs_f64());
-        self.rollup.rows_committed();
-        self.status.database_up.store(true, Ordering::Relaxed);
-        self.status.down.store(false, Ordering::Relaxed);
-        self.status
-            .rows_written
-            .fetch_add(rows as u64, Ordering::Relaxed);
-        *self
-            .status
-            .last_write_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(OffsetDateTime::now_utc());
     }
 
     /// Gives `records` their sessions: known ones from memory, the rest
@@ -514,7 +320,6 @@ impl Task {
     /// that cannot be read, and rows refused even in minimal form, go to
     /// `rejected/`: neither blocks the files after it.
     async fn replay_spool(&mut self) {
-        self.settle_in_flight().await;
         let Ok(files) = self.spool.pending() else {
             return;
         };
@@ -703,30 +508,6 @@ impl Task {
     }
 }
 
-/// The most batches sent before the first is answered: the next one is
-/// already at PostgreSQL when the one before it commits.
-const MAX_IN_FLIGHT: usize = 2;
-
-/// A batch with its sessions given, ready to write.
-struct Prepared {
-    records: Vec<ActionRecord>,
-    acks: Vec<Ack>,
-    sessions: Vec<SessionRow>,
-    /// Whether the sessions could be found (else the batch is spooled).
-    found: Result<(), InsertError>,
-    started: Instant,
-}
-
-/// A batch sent and not yet answered.
-struct InFlight {
-    records: Arc<Vec<ActionRecord>>,
-    acks: Vec<Ack>,
-    started: Instant,
-    /// The head it leaves once committed: the next batch links after it.
-    new_head: ChainHead,
-    sending: JoinHandle<Result<(), InsertError>>,
-}
-
 /// What PostgreSQL refused of a batch.
 #[derive(Debug, Default)]
 struct Refused {
@@ -734,17 +515,6 @@ struct Refused {
     reduced: usize,
     /// Rows refused even so.
     rejected: Vec<ActionRecord>,
-}
-
-/// The oldest batch in flight's outcome, once it has one (never, when
-/// none is in flight).
-async fn front_finished(
-    in_flight: &mut VecDeque<InFlight>,
-) -> Result<Result<(), InsertError>, JoinError> {
-    match in_flight.front_mut() {
-        Some(front) => (&mut front.sending).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Creates this month's and next month's partitions.
