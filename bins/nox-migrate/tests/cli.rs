@@ -160,6 +160,12 @@ async fn summaries_check_catches_a_corrupted_rollup_and_rebuild_repairs_it() {
     let check = nox_migrate(&db, &["summaries", "check"]);
     assert!(check.status.success(), "{}", stdout(&check));
     assert!(stdout(&check).contains("match"), "{}", stdout(&check));
+    assert_eq!(
+        db.scalar("SELECT sum(total_actions)::bigint FROM audit_daily_summaries")
+            .await,
+        40,
+        "the check rolled the rows up"
+    );
 
     client
         .batch_execute(

@@ -23,6 +23,11 @@ pub const MAX_FILE_PATH_CHARS: usize = 4096;
 /// The whole command as run: `POST /run` accepts no longer one.
 pub const MAX_COMMAND_TEXT_CHARS: usize = 10_000;
 pub const MAX_ERROR_DETAILS_CHARS: usize = 1000;
+/// Largest magnitude of a measure (milliseconds, mebibytes): the daily
+/// rollups sum them as integer micro-units, which a larger value, or one
+/// that is not finite, would overflow and stop.
+pub const MAX_MEASURE: f64 = 1e12;
+
 /// Largest JSON value (metadata, quota facts) in its compact form.
 pub const MAX_JSON_BYTES: usize = 16 * 1024;
 
@@ -153,12 +158,32 @@ fn replace_nul_in_json(value: &mut Value) -> bool {
 impl ActionRecord {
     /// Makes every field storable (see the module's documentation) and
     /// notes in `metadata` what was altered. Idempotent.
+    /// A measure that is not finite or past [`MAX_MEASURE`] is dropped
+    /// (the response time, which is not optional, becomes 0).
+    fn sanitize_measures(&mut self, changes: &mut Alterations) {
+        let storable = |value: f64| value.is_finite() && value.abs() <= MAX_MEASURE;
+        if !storable(self.response_time_ms) {
+            self.response_time_ms = 0.0;
+            changes.sanitized.push("response_time_ms");
+        }
+        for (field, value) in [
+            ("cpu_time_ms", &mut self.cpu_time_ms),
+            ("memory_peak_mb", &mut self.memory_peak_mb),
+        ] {
+            if value.is_some_and(|v| !storable(v)) {
+                *value = None;
+                changes.sanitized.push(field);
+            }
+        }
+    }
+
     pub fn make_storable(&mut self) {
         let mut changes = Alterations::default();
         // The columns flagged in the declaration (`action_columns!`); the
         // metadata is the last JSON column, so the notes about the other
         // fields fit in it.
         self.sanitize_columns(&mut changes);
+        self.sanitize_measures(&mut changes);
         if let Some(token_hash) = &mut self.session_token_hash {
             // Ours (16 hex digits); a longer one would fail the session row.
             token_hash.retain(|c| c.is_ascii_hexdigit());
@@ -283,6 +308,27 @@ mod tests {
         assert_eq!(original["bytes"], command.len());
         assert_eq!(original["sha256"], sha256_hex(command.as_bytes()));
         assert_eq!(sanitized(&long), ["command_text"]);
+    }
+
+    #[test]
+    fn measures_the_rollups_could_not_sum_are_dropped_and_noted() {
+        let mut odd = record();
+        odd.response_time_ms = f64::NAN;
+        odd.cpu_time_ms = Some(f64::INFINITY);
+        odd.memory_peak_mb = Some(MAX_MEASURE * 2.0);
+        odd.make_storable();
+        assert_eq!(
+            (odd.response_time_ms, odd.cpu_time_ms, odd.memory_peak_mb),
+            (0.0, None, None)
+        );
+        assert_eq!(
+            sanitized(&odd),
+            ["response_time_ms", "cpu_time_ms", "memory_peak_mb"]
+        );
+        let mut fine = record();
+        fine.cpu_time_ms = Some(MAX_MEASURE);
+        fine.make_storable();
+        assert_eq!(fine.cpu_time_ms, Some(MAX_MEASURE));
     }
 
     #[test]

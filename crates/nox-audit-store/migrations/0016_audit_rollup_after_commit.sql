@@ -36,16 +36,19 @@ DECLARE
     from_seq bigint;
     head_seq bigint;
     to_seq bigint;
+    head_read_at timestamptz;
 BEGIN
     SELECT rolled_seq INTO from_seq FROM audit_rollup_state FOR UPDATE SKIP LOCKED;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
+    -- Every row committed before this moment is at or below the head read.
+    head_read_at := clock_timestamp();
     SELECT seq INTO head_seq FROM audit_chain_heads WHERE chain = 'audit_actions';
     to_seq := CASE WHEN max_rows IS NULL THEN head_seq
                    ELSE least(head_seq, from_seq + max_rows) END;
     IF to_seq <= from_seq THEN
-        UPDATE audit_rollup_state SET caught_up_at = clock_timestamp();
+        UPDATE audit_rollup_state SET caught_up_at = head_read_at;
         RETURN 0;
     END IF;
 
@@ -119,7 +122,7 @@ BEGIN
 
     UPDATE audit_rollup_state
     SET rolled_seq = to_seq,
-        caught_up_at = CASE WHEN to_seq = head_seq THEN clock_timestamp() ELSE caught_up_at END;
+        caught_up_at = CASE WHEN to_seq = head_seq THEN head_read_at ELSE caught_up_at END;
     RETURN to_seq - from_seq;
 END
 $$;

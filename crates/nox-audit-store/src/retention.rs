@@ -55,6 +55,11 @@ pub async fn drop_months_before(
     checkpointer: &Checkpointer,
 ) -> Result<Dropped, RetentionError> {
     let tx = client.transaction().await?;
+    // The table before the head, as every writer takes them (no batch can
+    // hold the table waiting for the head while this holds the head
+    // waiting to drop a partition). Reads go on.
+    tx.batch_execute("LOCK TABLE audit_actions IN SHARE ROW EXCLUSIVE MODE")
+        .await?;
     checkpoints::lock_head(&tx, ACTIONS_CHAIN).await?;
     // The rows to drop are in the rollups before they go.
     tx.batch_execute("SELECT 1 FROM audit_rollup_state FOR UPDATE")

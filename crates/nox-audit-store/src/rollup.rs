@@ -29,7 +29,8 @@ pub const INTERVAL: Duration = Duration::from_millis(250);
 /// A step is run this often even when this server wrote nothing.
 pub const IDLE_STEP_EVERY: Duration = Duration::from_secs(5);
 
-/// How long [`catch_up`] waits for steps other sessions are running.
+/// How long [`catch_up`] waits for steps other sessions are running, and
+/// a stopping writer for its last catch-up.
 const CATCH_UP_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Adds at most `max_rows` rows after the watermark (`None`: all) to the
@@ -80,13 +81,20 @@ pub struct RollupState {
     /// When a step last reached the head: the rollups hold every row
     /// committed before then.
     pub caught_up_at: OffsetDateTime,
+    /// How stale the rollups may be (the database's clock, so a server's
+    /// own clock does not skew it): zero when no committed row is missing
+    /// from them, else the time since they last held every row.
+    pub lag: time::Duration,
 }
 
 impl RollupState {
     pub async fn read(client: &impl GenericClient) -> Result<Self, tokio_postgres::Error> {
         let row = client
             .query_one(
-                "SELECT r.rolled_seq, h.seq, r.caught_up_at
+                "SELECT r.rolled_seq, h.seq, r.caught_up_at,
+                        CASE WHEN h.seq > r.rolled_seq
+                             THEN greatest(extract(epoch FROM clock_timestamp() - r.caught_up_at), 0)
+                             ELSE 0 END::float8
                  FROM audit_rollup_state r, audit_chain_heads h
                  WHERE h.chain = 'audit_actions'",
                 &[],
@@ -96,20 +104,12 @@ impl RollupState {
             rolled_seq: row.get(0),
             head_seq: row.get(1),
             caught_up_at: row.get(2),
+            lag: time::Duration::seconds_f64(row.get(3)),
         })
     }
 
     pub fn rows_behind(&self) -> i64 {
         (self.head_seq - self.rolled_seq).max(0)
-    }
-
-    /// How stale the rollups may be at `now`: zero when no committed row is
-    /// missing from them, else the time since they last held every row.
-    pub fn lag(&self, now: OffsetDateTime) -> time::Duration {
-        if self.rows_behind() == 0 {
-            return time::Duration::ZERO;
-        }
-        (now - self.caught_up_at).max(time::Duration::ZERO)
     }
 }
 
@@ -158,6 +158,7 @@ async fn run(pool: Pool, due: Arc<AtomicBool>, mut stopped: oneshot::Receiver<()
     let mut tick = tokio::time::interval(INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_step: Option<Instant> = None;
+    let mut last_warning: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -174,19 +175,39 @@ async fn run(pool: Pool, due: Arc<AtomicBool>, mut stopped: oneshot::Receiver<()
             Ok(false) => due.store(true, Ordering::Relaxed),
             Ok(true) => {}
             Err(error) => {
-                tracing::debug!(%error, "audit rollup step postponed");
+                // Each step fails alike until its cause is fixed: said once
+                // a minute, and the lag still published (it grows).
+                if last_warning.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                    tracing::warn!(%error, "the audit rollups cannot advance");
+                    last_warning = Some(Instant::now());
+                }
+                publish_lag(&pool).await;
                 due.store(true, Ordering::Relaxed);
             }
         }
     }
-    let result = async {
+    let result = tokio::time::timeout(CATCH_UP_PATIENCE, async {
         let object = pool.get().await.map_err(|e| e.to_string())?;
         let client: &tokio_postgres::Client = &object;
         catch_up(client).await.map_err(|e| e.to_string())
-    }
-    .await;
+    })
+    .await
+    .unwrap_or_else(|_| Err("it took too long".to_owned()));
     if let Err(error) = result {
         tracing::warn!(%error, "audit rollups not caught up at shutdown (the next step will)");
+    }
+}
+
+/// How often a rollup that keeps failing is logged.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Publishes the rollups' lag, if the database can say it.
+async fn publish_lag(pool: &Pool) {
+    if let Ok(object) = pool.get().await {
+        let client: &tokio_postgres::Client = &object;
+        if let Ok(state) = RollupState::read(client).await {
+            nox_audit_metrics::set_rollup_lag(state.lag.as_seconds_f64());
+        }
     }
 }
 
@@ -206,6 +227,6 @@ async fn steps_until_caught_up(pool: &Pool) -> Result<bool, String> {
         }
     };
     let state = RollupState::read(client).await.map_err(|e| e.to_string())?;
-    nox_audit_metrics::set_rollup_lag(state.lag(OffsetDateTime::now_utc()).as_seconds_f64());
+    nox_audit_metrics::set_rollup_lag(state.lag.as_seconds_f64());
     Ok(caught_up)
 }

@@ -3,9 +3,11 @@
 //! for a small batch after a known head, `BEGIN` to `COMMIT` in one round
 //! trip with the rows as `unnest` arrays and the head's move guarded (one
 //! self-committing statement when the batch changes no session).
-//! Session changes are written after the head is locked: every writer
-//! takes the head first, then session rows in one order, so two servers
-//! writing the same sessions cannot deadlock.
+//! Locks are taken in one order by every writer, so none can deadlock
+//! another: `audit_actions`' table lock (`ROW EXCLUSIVE`: a statement
+//! inserting rows takes it when it starts), then the chain head's row, then
+//! session rows in one order. Retention takes its stronger table lock
+//! before the head too.
 
 use std::collections::HashSet;
 use std::pin::pin;
@@ -88,6 +90,10 @@ const ADVANCE_HEAD: &str = "SELECT audit_chain_advance($1, $2, $3, $4, $5)";
 /// The SQLSTATE `audit_chain_advance` raises when another writer moved the
 /// head first.
 const HEAD_MOVED: &str = "NX001";
+
+/// Opens a batch that reads the head: the table's lock first, as the
+/// one-statement batch takes it (see the module's doc).
+const BEGIN_LOCKING_TABLE: &str = "BEGIN; LOCK TABLE audit_actions IN ROW EXCLUSIVE MODE";
 
 /// The largest batch written in one round trip; larger ones use `COPY`,
 /// whose per-row cost is lower.
@@ -290,12 +296,14 @@ async fn insert_after_known_head(
     // Every reply is awaited: a failed statement makes PostgreSQL answer the
     // COMMIT with a rollback, after which the connection is idle and can go
     // back to the pool (a moved head is routine with several servers).
-    let (begin, advance, write, insert, commit) = join!(
+    // The rows (and the table's lock) before the head: the order every
+    // writer takes them in (see the module's doc).
+    let (begin, insert, advance, write, commit) = join!(
         biased;
         client.batch_execute("BEGIN"),
+        client.execute(&insert, &column_params),
         client.execute(&advance, &advance_params),
         write_sessions(client, &write, sessions),
-        client.execute(&insert, &column_params),
         client.batch_execute("COMMIT"),
     );
     if commit.is_ok() {
@@ -304,9 +312,9 @@ async fn insert_after_known_head(
     // The first failure in statement order is the cause; the later ones
     // only say the transaction was aborted.
     begin?;
+    insert?;
     advance?;
     write?;
-    insert?;
     commit?;
     Ok(new_head)
 }
@@ -372,7 +380,7 @@ async fn insert_in_transaction(
     // rows, which need the head, have been written.
     let ((), head, (), early_sink) = try_join!(
         biased;
-        client.batch_execute("BEGIN"),
+        client.batch_execute(if chained { BEGIN_LOCKING_TABLE } else { "BEGIN" }),
         async {
             if !chained {
                 return Ok(None);
