@@ -253,8 +253,8 @@ pub(super) async fn insert_batch(
     Ok(())
 }
 
-/// One round trip: `BEGIN`, the guarded head move, the session changes, the
-/// rows as arrays and `COMMIT` travel together; without session changes,
+/// One round trip: `BEGIN`, the rows as arrays, the guarded head move, the
+/// session changes and `COMMIT` travel together; without session changes,
 /// one statement ([`APPEND_ACTIONS`]).
 async fn insert_after_known_head(
     pool: &Pool,
