@@ -197,6 +197,38 @@ async fn summaries_check_catches_a_corrupted_rollup_and_rebuild_repairs_it() {
     let check = nox_migrate(&db, &["summaries", "check"]);
     assert!(check.status.success(), "{}", stdout(&check));
 
+    // A read-only role cannot roll up what trails: it still checks what
+    // the rollups hold, and says how far that goes.
+    client
+        .batch_execute(
+            "INSERT INTO audit_actions (id, \"timestamp\", request_id, endpoint, route,
+                 http_method, action_type, action_category, status_code, success, response_time_ms,
+                 seq, row_hash)
+             SELECT gen_random_uuid(), timestamptz '2026-05-02 10:00:00+00', gen_random_uuid(),
+                    '/ls', '/ls', 'GET', 'file_read', 'filesystem', 200, true, 1, i,
+                    sha256(i::text::bytea)
+             FROM generate_series(41, 45) AS i;
+             UPDATE audit_chain_heads SET seq = 45 WHERE chain = 'audit_actions';",
+        )
+        .await
+        .expect("rows not rolled up");
+    let read_only = Command::new(env!("CARGO_BIN_EXE_nox-migrate"))
+        .args(["summaries", "check"])
+        .env(
+            "DATABASE_URL",
+            format!("{} options='-c default_transaction_read_only=on'", db.url()),
+        )
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run nox-migrate");
+    let said = stdout(&read_only);
+    assert!(read_only.status.success(), "{said}");
+    assert!(said.contains("not brought up to date"), "{said}");
+    assert!(
+        said.contains("checked the rows up to seq 40 (5 committed since"),
+        "{said}"
+    );
+
     let bad = nox_migrate(&db, &["summaries", "rebuild", "--from", "May 1st"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("YYYY-MM-DD"));
