@@ -37,6 +37,8 @@
 //!     .await?;
 //! println!("applied {applied:?}");
 //!
+//! // At least 2 connections: the writer's batches, and the rollup steps
+//! // it runs beside them (Nox gives it 3).
 //! let pool = build_pool(pg_config, &PoolOptions::default())?;
 //! let spool = Spool::open("/var/lib/my-service/audit-spool")?;
 //! let writer = AuditWriter::start(pool, spool, Arc::new(SystemClock), WriterConfig::default());
