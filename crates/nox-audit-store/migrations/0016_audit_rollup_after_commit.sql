@@ -165,15 +165,5 @@ WHERE "timestamp" >= from_date::timestamp AT TIME ZONE 'UTC'
 GROUP BY 1, 2
 $$;
 
--- 0003's two-argument form (rebuilds: every row) is now this one.
-CREATE OR REPLACE FUNCTION audit_daily_summaries_recomputed(from_date date, to_date date)
-RETURNS TABLE (
-    summary_date date, user_id uuid, total_actions bigint, successful_actions bigint,
-    failed_actions bigint, file_operations bigint, code_executions bigint,
-    admin_actions bigint, quota_violations bigint, total_cpu_us bigint,
-    total_memory_kb bigint, files_created bigint, files_deleted bigint,
-    sum_response_time_us bigint, max_response_time_ms double precision,
-    unique_sessions bigint, first_activity timestamptz, last_activity timestamptz)
-LANGUAGE sql STABLE AS $$
-SELECT * FROM audit_daily_summaries_recomputed(from_date, to_date, NULL)
-$$;
+-- It replaces 0003's two-argument form (NULL: every row).
+DROP FUNCTION audit_daily_summaries_recomputed(date, date);

@@ -53,7 +53,7 @@ pub async fn rebuild(
         .execute(
             &format!(
                 "INSERT INTO audit_daily_summaries ({COLUMNS})
-                 SELECT * FROM audit_daily_summaries_recomputed($1, $2)"
+                 SELECT * FROM audit_daily_summaries_recomputed($1, $2, NULL)"
             ),
             &[&from, &to],
         )

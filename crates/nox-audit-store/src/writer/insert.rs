@@ -159,7 +159,6 @@ impl HeadCache {
 
     /// Another server moved the head: batches read it for a while.
     fn contended(&mut self) {
-        self.known = None;
         self.contended_until = Some(Instant::now() + HEAD_CONTENDED_FOR);
     }
 }
